@@ -1,0 +1,23 @@
+//! # kizuna-fhir
+//!
+//! The FHIR R4 foundation of kizuna: resources stay JSON (`serde_json::Value`) and everything about
+//! their shape comes from the definitions themselves.
+//!
+//! - [`package`]: FHIR NPM packages and the base R4 definitions, in a [`Registry`] keyed by canonical URL.
+//! - [`model`]: the type table (elements, choice types, cardinality) derived from StructureDefinitions.
+//! - [`fhirpath`]: the FHIRPath engine used by validation, search and views.
+//! - [`xml`]: FHIR XML read and written through the type table.
+//! - [`validate`]: the profile validator producing an [`OperationOutcome`](outcome::OperationOutcome).
+//! - [`terminology`]: CodeSystem/ValueSet membership, the JLAC code sets, and importers for official masters.
+
+pub mod conformance;
+pub mod fhirpath;
+pub mod model;
+pub mod outcome;
+pub mod package;
+pub mod terminology;
+pub mod validate;
+pub mod xhtml;
+pub mod xml;
+
+pub use package::Registry;

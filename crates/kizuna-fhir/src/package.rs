@@ -1,0 +1,348 @@
+//! FHIR NPM packages (`.tgz`) and the base R4 definitions, gathered into one registry keyed by canonical URL.
+//!
+//! The registry is what makes profiles data: the validator, FHIRPath `conformsTo`, terminology and search
+//! all resolve definitions here by `url` or `url|version`.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::{Arc, OnceLock};
+
+use serde_json::Value;
+
+use crate::model::TypeModel;
+
+/// Why a package or definition file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    /// The archive or gzip stream is damaged.
+    #[error("パッケージを読めません / cannot read package: {0}")]
+    Io(#[from] std::io::Error),
+    /// A JSON file inside is not valid JSON.
+    #[error("JSON が不正です / invalid JSON in {file}: {source}")]
+    Json {
+        /// The file inside the package.
+        file: String,
+        /// The parser's error.
+        source: serde_json::Error,
+    },
+    /// `package/package.json` is missing.
+    #[error("package.json がありません / package.json missing")]
+    NoManifest,
+}
+
+/// What a loaded package was: name, version and how many resources it brought.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PackageSummary {
+    /// NPM package name (`jp-eCSCLINS.r4`).
+    pub name: String,
+    /// Package version.
+    pub version: String,
+    /// Canonical base URL of the package.
+    pub canonical: Option<String>,
+    /// Number of conformance resources registered from it.
+    pub resources: usize,
+    /// Number of example instances it carries.
+    pub examples: usize,
+}
+
+/// A package read from a `.tgz`: its manifest and its resources.
+#[derive(Debug)]
+pub struct Package {
+    /// The package's name, version and counts.
+    pub summary: PackageSummary,
+    /// Conformance resources (those with a `url`): StructureDefinition, ValueSet, CodeSystem …
+    pub definitions: Vec<Value>,
+    /// Other resources in the package (examples).
+    pub examples: Vec<Value>,
+}
+
+/// Resource types that are definitions, registered by canonical URL.
+const DEFINITION_TYPES: &[&str] = &[
+    "StructureDefinition",
+    "ValueSet",
+    "CodeSystem",
+    "SearchParameter",
+    "CompartmentDefinition",
+    "OperationDefinition",
+    "CapabilityStatement",
+    "ConceptMap",
+    "NamingSystem",
+    "ImplementationGuide",
+];
+
+/// Reads an NPM FHIR package from the bytes of its `.tgz`.
+pub fn read_package_tgz(bytes: &[u8]) -> Result<Package, PackageError> {
+    let gz = flate2::read::GzDecoder::new(bytes);
+    let mut archive = tar::Archive::new(gz);
+    let mut manifest: Option<Value> = None;
+    let mut definitions = Vec::new();
+    let mut examples = Vec::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.to_string_lossy().to_string();
+        if !path.ends_with(".json") {
+            continue;
+        }
+        let file_name = path.rsplit('/').next().unwrap_or("").to_string();
+        let mut buf = Vec::with_capacity(entry.size() as usize);
+        entry.read_to_end(&mut buf)?;
+        if file_name == "package.json" {
+            manifest = Some(parse_json(&buf, &path)?);
+            continue;
+        }
+        if file_name.starts_with('.') || path.contains("/other/") || path.contains("/openapi/") {
+            continue;
+        }
+        let mut v = parse_json(&buf, &path)?;
+        let rt = v.get("resourceType").and_then(Value::as_str).unwrap_or("");
+        if DEFINITION_TYPES.contains(&rt) && v.get("url").is_some() {
+            compact_definition(&mut v);
+            definitions.push(v);
+        } else if !rt.is_empty() {
+            examples.push(v);
+        }
+    }
+    let manifest = manifest.ok_or(PackageError::NoManifest)?;
+    let s = |k: &str| manifest.get(k).and_then(Value::as_str).map(str::to_string);
+    Ok(Package {
+        summary: PackageSummary {
+            name: s("name").unwrap_or_default(),
+            version: s("version").unwrap_or_default(),
+            canonical: s("canonical").or_else(|| s("url")),
+            resources: definitions.len(),
+            examples: examples.len(),
+        },
+        definitions,
+        examples,
+    })
+}
+
+/// Reads a gzipped FHIR Bundle (the base definitions ship this way) and returns its entries' resources.
+pub fn read_bundle_gz(bytes: &[u8], name: &str) -> Result<Vec<Value>, PackageError> {
+    let mut gz = flate2::read::GzDecoder::new(bytes);
+    let mut buf = Vec::new();
+    gz.read_to_end(&mut buf)?;
+    let v = parse_json(&buf, name)?;
+    let mut out = Vec::new();
+    if let Some(Value::Array(entries)) = v.get("entry") {
+        for e in entries {
+            if let Some(r) = e.get("resource") {
+                let mut r = r.clone();
+                compact_definition(&mut r);
+                out.push(r);
+            }
+        }
+    } else {
+        out.push(v);
+    }
+    Ok(out)
+}
+
+fn parse_json(buf: &[u8], file: &str) -> Result<Value, PackageError> {
+    // Some packages carry a UTF-8 byte-order mark.
+    let buf = buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(buf);
+    serde_json::from_slice(buf).map_err(|source| PackageError::Json {
+        file: file.to_string(),
+        source,
+    })
+}
+
+/// Drops the parts of a definition no code path reads (narrative, mappings, differential), to keep memory
+/// and start-up small.
+fn compact_definition(v: &mut Value) {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("text");
+        if o.get("resourceType").and_then(Value::as_str) == Some("StructureDefinition")
+            && o.contains_key("snapshot")
+        {
+            o.remove("differential");
+        }
+        o.remove("mapping");
+        if let Some(Value::Array(els)) = o.get_mut("snapshot").and_then(|s| s.get_mut("element")) {
+            for el in els {
+                if let Some(eo) = el.as_object_mut() {
+                    eo.remove("mapping");
+                    eo.remove("requirements");
+                    eo.remove("comment");
+                    eo.remove("alias");
+                }
+            }
+        }
+    }
+}
+
+/// The vendored base R4 definitions and JP packages, compiled into the binary so a clone needs nothing else.
+pub mod builtin {
+    /// Base R4 resource StructureDefinitions (Bundle, gzipped).
+    pub const PROFILES_RESOURCES: &[u8] = include_bytes!("../data/profiles-resources.json.gz");
+    /// Base R4 data-type StructureDefinitions.
+    pub const PROFILES_TYPES: &[u8] = include_bytes!("../data/profiles-types.json.gz");
+    /// Base R4 ValueSets and CodeSystems.
+    pub const VALUESETS: &[u8] = include_bytes!("../data/valuesets.json.gz");
+    /// Base R4 SearchParameters.
+    pub const SEARCH_PARAMETERS: &[u8] = include_bytes!("../data/search-parameters.json.gz");
+    /// The Patient compartment definition.
+    pub const COMPARTMENT_PATIENT: &[u8] =
+        include_bytes!("../data/compartmentdefinition-patient.json.gz");
+    /// JP Core 1.1.2 (the `-url` variant JP-CLINS validates with).
+    pub const JP_CORE: &[u8] = include_bytes!("../data/jp-core.r4-1.1.2-url.tgz");
+    /// JP-CLINS 1.10.0 (電子カルテ情報共有サービス).
+    pub const JP_CLINS: &[u8] = include_bytes!("../data/jp-eCSCLINS.r4-1.10.0-snap.tgz");
+    /// eCheckupReport 1.5.0 (健診結果報告書).
+    pub const JP_CHECKUP: &[u8] = include_bytes!("../data/jp-eCheckupReport.r4-1.5.0-snap.tgz");
+}
+
+/// All loaded definitions, by canonical URL, plus the type model derived from the base types.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_url: HashMap<String, Arc<Value>>,
+    model: TypeModel,
+    packages: Vec<PackageSummary>,
+    examples: Vec<Arc<Value>>,
+}
+
+impl Registry {
+    /// The base R4 definitions plus JP Core, JP-CLINS and eCheckupReport, loaded once per process.
+    pub fn builtin() -> &'static Registry {
+        static REG: OnceLock<Registry> = OnceLock::new();
+        REG.get_or_init(|| match Registry::load_builtin() {
+            Ok(r) => r,
+            Err(e) => {
+                // The data is compiled in; failing here means a broken build, not bad input.
+                tracing::error!(error = %e, "builtin FHIR definitions failed to load");
+                Registry::default()
+            }
+        })
+    }
+
+    /// Loads the vendored definitions (two threads: the resource definitions are most of the bytes).
+    pub fn load_builtin() -> Result<Registry, PackageError> {
+        use builtin::*;
+        let (resources, rest) = std::thread::scope(|s| {
+            let h = s.spawn(|| read_bundle_gz(PROFILES_RESOURCES, "profiles-resources.json"));
+            let rest = (|| -> Result<_, PackageError> {
+                let types = read_bundle_gz(PROFILES_TYPES, "profiles-types.json")?;
+                let vs = read_bundle_gz(VALUESETS, "valuesets.json")?;
+                let sp = read_bundle_gz(SEARCH_PARAMETERS, "search-parameters.json")?;
+                let cp = read_bundle_gz(COMPARTMENT_PATIENT, "compartmentdefinition-patient.json")?;
+                let pk = vec![
+                    read_package_tgz(JP_CORE)?,
+                    read_package_tgz(JP_CLINS)?,
+                    read_package_tgz(JP_CHECKUP)?,
+                ];
+                Ok((types, vs, sp, cp, pk))
+            })();
+            let resources = h.join().unwrap_or_else(|_| Ok(Vec::new()));
+            (resources, rest)
+        });
+        let resources = resources?;
+        let (types, vs, sp, cp, pk) = rest?;
+        let mut reg = Registry {
+            model: TypeModel::from_structure_definitions(types.iter().chain(resources.iter())),
+            ..Registry::default()
+        };
+        let base_count = types.len() + resources.len() + vs.len() + sp.len() + cp.len();
+        for r in types
+            .into_iter()
+            .chain(resources)
+            .chain(vs)
+            .chain(sp)
+            .chain(cp)
+        {
+            reg.add_definition(r);
+        }
+        reg.packages.push(PackageSummary {
+            name: "hl7.fhir.r4.core".into(),
+            version: "4.0.1".into(),
+            canonical: Some("http://hl7.org/fhir".into()),
+            resources: base_count,
+            examples: 0,
+        });
+        for p in pk {
+            reg.add_package(p);
+        }
+        Ok(reg)
+    }
+
+    /// Adds a package's definitions and examples.
+    pub fn add_package(&mut self, p: Package) {
+        for d in p.definitions {
+            self.add_definition(d);
+        }
+        self.examples.extend(p.examples.into_iter().map(Arc::new));
+        self.packages.push(p.summary);
+    }
+
+    /// Registers one definition under `url` and `url|version`; the first one registered for a URL wins.
+    pub fn add_definition(&mut self, r: Value) {
+        let Some(url) = r.get("url").and_then(Value::as_str).map(str::to_string) else {
+            return;
+        };
+        let version = r.get("version").and_then(Value::as_str).map(str::to_string);
+        let r = Arc::new(r);
+        if let Some(v) = version {
+            self.by_url
+                .entry(format!("{url}|{v}"))
+                .or_insert_with(|| r.clone());
+        }
+        self.by_url.entry(url).or_insert(r);
+    }
+
+    /// Finds a definition by canonical URL, with or without `|version`. An unknown version falls back to
+    /// the unversioned URL only when no version of it matches.
+    pub fn resolve(&self, canonical: &str) -> Option<&Arc<Value>> {
+        if let Some(r) = self.by_url.get(canonical) {
+            return Some(r);
+        }
+        let (url, _) = canonical.split_once('|')?;
+        self.by_url.get(url)
+    }
+
+    /// A StructureDefinition by canonical URL or, for base types, by type name.
+    pub fn structure_definition(&self, url_or_name: &str) -> Option<&Arc<Value>> {
+        if url_or_name.contains('/') {
+            self.resolve(url_or_name)
+        } else {
+            self.by_url.get(&format!(
+                "http://hl7.org/fhir/StructureDefinition/{url_or_name}"
+            ))
+        }
+    }
+
+    /// All definitions of one resource type (each once).
+    pub fn definitions_of<'s>(
+        &'s self,
+        resource_type: &'s str,
+    ) -> impl Iterator<Item = &'s Arc<Value>> + 's {
+        self.by_url
+            .iter()
+            .filter(|(k, _)| !k.contains('|'))
+            .map(|(_, v)| v)
+            .filter(move |v| v.get("resourceType").and_then(Value::as_str) == Some(resource_type))
+    }
+
+    /// The type model of the base types.
+    pub fn model(&self) -> &TypeModel {
+        &self.model
+    }
+
+    /// The packages loaded, in load order.
+    pub fn packages(&self) -> &[PackageSummary] {
+        &self.packages
+    }
+
+    /// Example instances carried by the loaded packages.
+    pub fn examples(&self) -> &[Arc<Value>] {
+        &self.examples
+    }
+
+    /// Number of canonical URLs registered (unversioned).
+    pub fn len(&self) -> usize {
+        self.by_url.keys().filter(|k| !k.contains('|')).count()
+    }
+
+    /// True when nothing is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.by_url.is_empty()
+    }
+}

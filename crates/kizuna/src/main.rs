@@ -1,0 +1,111 @@
+//! `kizuna`: the one binary of the kizuna health-data infrastructure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+mod validate_cmd;
+
+/// kizuna (絆) — 電子カルテ情報共有サービスと医療等情報の二次利用基盤
+/// / Japan's EHR information sharing service and secondary-use platform.
+#[derive(Parser)]
+#[command(name = "kizuna", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// FHIR リソースを検証する / Validate FHIR resources (JSON, NDJSON, XML) against their profiles.
+    Validate(validate_cmd::ValidateArgs),
+    /// 適合性テストを実行する / Run a conformance suite.
+    Conformance {
+        #[command(subcommand)]
+        suite: Suite,
+    },
+    /// 読み込んだ FHIR パッケージを表示する / List the loaded FHIR packages and their load time.
+    Packages,
+}
+
+#[derive(Subcommand)]
+enum Suite {
+    /// HL7 FHIRPath テストスイート / The HL7 FHIRPath test suite (tests-fhir-r4.xml).
+    Fhirpath {
+        /// tests-fhir-r4.xml のパス / path to tests-fhir-r4.xml
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("エラー / error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Validate(args) => validate_cmd::run(args),
+        Command::Conformance {
+            suite: Suite::Fhirpath { file },
+        } => {
+            let reg = kizuna_fhir::Registry::builtin();
+            let term = kizuna_fhir::terminology::Terminology::builtin();
+            let validator = kizuna_fhir::validate::Validator::builtin();
+            let results =
+                kizuna_fhir::conformance::run_fhirpath_suite(&file, reg, term, Some(validator))
+                    .with_context(|| format!("{}", file.display()))?;
+            let mut passed = 0;
+            let mut failed = 0;
+            for r in &results {
+                if r.passed {
+                    passed += 1;
+                } else {
+                    failed += 1;
+                    println!(
+                        "FAIL {}/{}: {} — {}",
+                        r.test.group,
+                        r.test.name,
+                        r.test.expression.trim(),
+                        r.detail
+                    );
+                }
+            }
+            println!("{passed} passed, {failed} failed");
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Packages => {
+            let t = std::time::Instant::now();
+            let reg = kizuna_fhir::Registry::load_builtin()?;
+            let elapsed = t.elapsed();
+            for p in reg.packages() {
+                println!(
+                    "{}@{}\t{} definitions\t{} examples",
+                    p.name, p.version, p.resources, p.examples
+                );
+            }
+            println!(
+                "{} canonical URLs, {} types; 読み込み時間 / load time {:.0} ms",
+                reg.len(),
+                reg.model().len(),
+                elapsed.as_secs_f64() * 1000.0
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
