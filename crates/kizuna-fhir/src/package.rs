@@ -196,6 +196,8 @@ pub mod builtin {
 #[derive(Debug, Default)]
 pub struct Registry {
     by_url: HashMap<String, Arc<Value>>,
+    /// Every version registered for a URL (packages may carry different editions of one CodeSystem).
+    all_versions: HashMap<String, Vec<Arc<Value>>>,
     model: TypeModel,
     packages: Vec<PackageSummary>,
     examples: Vec<Arc<Value>>,
@@ -280,6 +282,10 @@ impl Registry {
         };
         let version = r.get("version").and_then(Value::as_str).map(str::to_string);
         let r = Arc::new(r);
+        self.all_versions
+            .entry(url.clone())
+            .or_default()
+            .push(r.clone());
         if let Some(v) = version {
             self.by_url
                 .entry(format!("{url}|{v}"))
@@ -296,6 +302,11 @@ impl Registry {
         }
         let (url, _) = canonical.split_once('|')?;
         self.by_url.get(url)
+    }
+
+    /// Every loaded version of a definition.
+    pub fn versions(&self, url: &str) -> &[Arc<Value>] {
+        self.all_versions.get(url).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// A StructureDefinition by canonical URL or, for base types, by type name.

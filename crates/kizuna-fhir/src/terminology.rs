@@ -224,6 +224,17 @@ impl Terminology {
             return None;
         }
         let mut t = CodeTable::from_code_system(cs);
+        // Packages may carry different editions of one code system: accept the codes of any of them.
+        for other in self.registry.versions(system).iter().skip(1) {
+            let o = CodeTable::from_code_system(other);
+            for (k, v) in o.codes {
+                t.codes.entry(k).or_insert(v);
+            }
+            for (k, v) in o.parents {
+                t.parents.entry(k).or_insert(v);
+            }
+            t.complete &= o.complete;
+        }
         t.system = system.to_string();
         let t = Arc::new(t);
         if let Ok(mut w) = self.tables.write() {

@@ -634,8 +634,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 } else {
                     format!("(?s){pat}")
                 };
-                let re = regex::Regex::new(&pattern)
-                    .map_err(|e| exec(format!("正規表現が不正です / invalid regex: {e}")))?;
+                let re = cached_regex(&pattern)?;
                 if name == "replaceMatches" {
                     arity(name, args, 2, 2)?;
                     let Some(rep) = single_str(&self.arg(&args[1], s)?, model)? else {
@@ -922,7 +921,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             // Utility
             "trace" => Ok(input),
             "now" => {
-                let n = self.ctx.now;
+                let n = self.now();
                 let s = n.format("%Y-%m-%dT%H:%M:%S%.3f%:z").to_string();
                 Ok(DateTime::parse(&s, false)
                     .map(Item::DateTime)
@@ -930,14 +929,14 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                     .collect())
             }
             "today" => {
-                let s = self.ctx.now.format("%Y-%m-%d").to_string();
+                let s = self.now().format("%Y-%m-%d").to_string();
                 Ok(DateTime::parse(&s, false)
                     .map(Item::Date)
                     .into_iter()
                     .collect())
             }
             "timeOfDay" => {
-                let s = self.ctx.now.format("%H:%M:%S%.3f").to_string();
+                let s = self.now().format("%H:%M:%S%.3f").to_string();
                 Ok(Time::parse(&s, false).map(Item::Time).into_iter().collect())
             }
             "type" => Ok(input
@@ -1202,6 +1201,12 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         }
     }
 
+    fn now(&self) -> chrono::DateTime<chrono::FixedOffset> {
+        self.ctx
+            .now
+            .unwrap_or_else(|| chrono::Local::now().fixed_offset())
+    }
+
     fn conv(&self, name: &str, v: Option<Item<'a>>) -> R<Coll<'a>> {
         if name.starts_with("convertsTo") {
             bool1(v.is_some())
@@ -1214,14 +1219,14 @@ impl<'c, 'a> Evaluator<'c, 'a> {
     /// entry of the root Bundle by `fullUrl` or `Type/id`.
     fn resolve_reference(&self, r: &str) -> Option<&'a Value> {
         if let Some(id) = r.strip_prefix('#') {
-            let res = self.ctx.resource?;
+            let res = self.ctx.root_resource.or(self.ctx.resource)?;
             return res
                 .get("contained")?
                 .as_array()?
                 .iter()
                 .find(|c| c.get("id").and_then(Value::as_str) == Some(id));
         }
-        let root = self.ctx.root_resource?;
+        let root = self.ctx.bundle.or(self.ctx.root_resource)?;
         let entries = root.get("entry")?.as_array()?;
         for e in entries {
             let Some(res) = e.get("resource") else {
@@ -1269,4 +1274,27 @@ fn json_unescape(s: &str) -> String {
         }
     }
     out
+}
+
+/// Compiled regular expressions by pattern: invariants run the same `matches()` on every resource.
+fn cached_regex(pattern: &str) -> R<std::sync::Arc<regex::Regex>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, OnceLock, RwLock};
+    static CACHE: OnceLock<RwLock<HashMap<String, Arc<regex::Regex>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| RwLock::new(HashMap::new()));
+    if let Some(r) = cache.read().ok().and_then(|c| c.get(pattern).cloned()) {
+        return Ok(r);
+    }
+    let re = Arc::new(
+        regex::Regex::new(pattern)
+            .map_err(|e| exec(format!("正規表現が不正です / invalid regex: {e}")))?,
+    );
+    if let Ok(mut c) = cache.write() {
+        // Bounded: patterns come from profiles, but expressions can come from users too.
+        if c.len() > 4096 {
+            c.clear();
+        }
+        c.insert(pattern.to_string(), re.clone());
+    }
+    Ok(re)
 }

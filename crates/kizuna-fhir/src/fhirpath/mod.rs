@@ -131,8 +131,10 @@ pub struct EvalContext<'a> {
     pub model: &'a TypeModel,
     /// `%resource`: the resource containing the input.
     pub resource: Option<&'a Value>,
-    /// `%rootResource`: the outermost resource (a Bundle, for `resolve()` across entries).
+    /// `%rootResource`: the resource containing `%resource` when that one is contained, else `%resource`.
     pub root_resource: Option<&'a Value>,
+    /// The Bundle around the resource, where `resolve()` looks for entries.
+    pub bundle: Option<&'a Value>,
     /// `%name` variables set by the caller.
     pub vars: HashMap<String, Vec<Item<'a>>>,
     /// Terminology for `memberOf()`.
@@ -141,8 +143,8 @@ pub struct EvalContext<'a> {
     pub profiles: Option<&'a dyn ConformsTo>,
     /// Unknown root type names are errors instead of empty results.
     pub strict: bool,
-    /// The instant `now()` returns, fixed for one evaluation.
-    pub now: chrono::DateTime<chrono::FixedOffset>,
+    /// The instant `now()` returns; `None` reads the clock when asked (tests and replays fix it).
+    pub now: Option<chrono::DateTime<chrono::FixedOffset>>,
 }
 
 impl<'a> EvalContext<'a> {
@@ -152,11 +154,12 @@ impl<'a> EvalContext<'a> {
             model,
             resource: None,
             root_resource: None,
+            bundle: None,
             vars: HashMap::new(),
             terminology: None,
             profiles: None,
             strict: false,
-            now: chrono::Local::now().fixed_offset(),
+            now: None,
         }
     }
 
@@ -172,6 +175,12 @@ impl<'a> EvalContext<'a> {
     /// Sets `%rootResource`.
     pub fn with_root(mut self, r: &'a Value) -> Self {
         self.root_resource = Some(r);
+        self
+    }
+
+    /// Sets the Bundle `resolve()` searches.
+    pub fn with_bundle(mut self, b: &'a Value) -> Self {
+        self.bundle = Some(b);
         self
     }
 }

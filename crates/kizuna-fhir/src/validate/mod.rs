@@ -1,0 +1,1471 @@
+//! The profile validator: checks a resource against the StructureDefinitions it claims (or one named by the
+//! caller) and reports every problem as an [`OperationOutcome`] issue with the element's FHIRPath.
+//!
+//! What it checks: unknown elements, cardinality, JSON shape (array or not), types and choice types,
+//! primitive formats, fixed and pattern values, slicing (value, pattern, type, profile and exists
+//! discriminators; open and closed), extensions against their own definitions, bindings (required and
+//! extensible) and codes in local CodeSystems, every FHIRPath invariant (including the JP-CLINS numbered
+//! rules), `meta.profile` with or without version, profiles of Bundle entries, contained resources, and
+//! references inside a Bundle.
+
+mod primitive;
+pub mod profile;
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use serde_json::{Map, Value};
+
+use crate::fhirpath::{ConformsTo, EvalContext, Item, Node};
+use crate::model::choice_suffix;
+use crate::outcome::{Issue, OperationOutcome, Severity};
+use crate::package::Registry;
+use crate::terminology::{Membership, Terminology};
+use profile::{compile, ElDef, Profile};
+
+/// Limits how deep resources may nest (contained, Bundle in Bundle), so hostile input cannot exhaust the stack.
+const MAX_DEPTH: usize = 48;
+
+/// Validates resources; holds compiled profiles, shared across threads.
+pub struct Validator {
+    registry: &'static Registry,
+    terminology: &'static Terminology,
+    profiles: RwLock<HashMap<String, Option<Arc<Profile>>>>,
+}
+
+impl Validator {
+    /// The validator over the builtin registry and terminology.
+    pub fn builtin() -> &'static Validator {
+        static V: OnceLock<Validator> = OnceLock::new();
+        V.get_or_init(|| Validator::new(Registry::builtin(), Terminology::builtin()))
+    }
+
+    /// A validator over a registry and terminology.
+    pub fn new(registry: &'static Registry, terminology: &'static Terminology) -> Validator {
+        Validator {
+            registry,
+            terminology,
+            profiles: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The registry the validator resolves profiles in.
+    pub fn registry(&self) -> &'static Registry {
+        self.registry
+    }
+
+    /// A compiled profile by canonical URL (with or without `|version`), or by base type name.
+    pub fn profile(&self, url: &str) -> Option<Arc<Profile>> {
+        if let Some(p) = self.profiles.read().ok().and_then(|m| m.get(url).cloned()) {
+            return p;
+        }
+        let compiled = self
+            .registry
+            .structure_definition(url)
+            .filter(|sd| {
+                sd.get("resourceType").and_then(Value::as_str) == Some("StructureDefinition")
+            })
+            .and_then(|sd| compile(sd))
+            .map(Arc::new);
+        if let Ok(mut m) = self.profiles.write() {
+            m.insert(url.to_string(), compiled.clone());
+        }
+        compiled
+    }
+
+    /// Validates a resource against the profiles it claims in `meta.profile`, or its base definition.
+    pub fn validate(&self, resource: &Value) -> OperationOutcome {
+        self.validate_with(resource, &[])
+    }
+
+    /// Validates a resource against the given profiles (and those it claims).
+    pub fn validate_with(&self, resource: &Value, profiles: &[String]) -> OperationOutcome {
+        let mut run = Run {
+            v: self,
+            issues: Vec::new(),
+            root: resource,
+            container: None,
+            depth: 0,
+        };
+        let rt = resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if !resource.is_object() {
+            run.error(
+                "structure",
+                "",
+                "リソースは JSON オブジェクトである必要があります",
+                "a resource must be a JSON object",
+            );
+        } else if rt.is_empty() || !self.registry.model().is_resource(rt) {
+            run.error(
+                "structure",
+                "",
+                &format!("resourceType が不明です ({rt})"),
+                &format!("unknown or missing resourceType ({rt})"),
+            );
+        } else {
+            run.resource(resource, rt, profiles, rt, resource);
+        }
+        OperationOutcome { issues: run.issues }
+    }
+}
+
+impl ConformsTo for Validator {
+    fn conforms_to(&self, resource: &Value, profile: &str) -> Option<bool> {
+        let p = self.profile(profile)?;
+        let rt = resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if !self.registry.model().is_subtype(rt, &p.type_name) {
+            return Some(false);
+        }
+        let mut run = Run {
+            v: self,
+            issues: Vec::new(),
+            root: resource,
+            container: None,
+            depth: 0,
+        };
+        run.against_profile(resource, &p, rt, resource);
+        Some(!run.issues.iter().any(|i| i.severity <= Severity::Error))
+    }
+}
+
+struct Run<'v> {
+    v: &'v Validator,
+    issues: Vec<Issue>,
+    root: &'v Value,
+    /// The resource that contains the current one, while validating a contained resource.
+    container: Option<&'v Value>,
+    depth: usize,
+}
+
+fn is_resource_type(v: &Validator, ty: &str) -> bool {
+    ty == "Resource" || ty == "DomainResource" || v.registry.model().is_resource(ty)
+}
+
+/// True when `value` contains everything in `pattern` (FHIR pattern matching).
+pub fn matches_pattern(value: &Value, pattern: &Value) -> bool {
+    match (value, pattern) {
+        (Value::Object(v), Value::Object(p)) => p
+            .iter()
+            .all(|(k, pv)| v.get(k).map(|vv| matches_pattern(vv, pv)).unwrap_or(false)),
+        (Value::Array(v), Value::Array(p)) => p
+            .iter()
+            .all(|pi| v.iter().any(|vi| matches_pattern(vi, pi))),
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (a, b) => a == b,
+    }
+}
+
+impl<'v> Run<'v> {
+    fn push(&mut self, sev: Severity, code: &'static str, path: &str, ja: &str, en: &str) {
+        self.issues.push(Issue::new(sev, code, path, ja, en));
+    }
+
+    fn error(&mut self, code: &'static str, path: &str, ja: &str, en: &str) {
+        self.push(Severity::Error, code, path, ja, en);
+    }
+
+    fn warn(&mut self, code: &'static str, path: &str, ja: &str, en: &str) {
+        self.push(Severity::Warning, code, path, ja, en);
+    }
+
+    /// Validates a resource: against `explicit` profiles, its `meta.profile`, or its base definition.
+    fn resource(
+        &mut self,
+        res: &'v Value,
+        rt: &str,
+        explicit: &[String],
+        path: &str,
+        _container: &'v Value,
+    ) {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            self.error(
+                "structure",
+                path,
+                "入れ子が深すぎます",
+                "resources nested too deeply",
+            );
+            self.depth -= 1;
+            return;
+        }
+        let mut urls: Vec<String> = explicit.to_vec();
+        if let Some(Value::Array(ps)) = res.pointer("/meta/profile") {
+            for p in ps.iter().filter_map(Value::as_str) {
+                if !urls.iter().any(|u| u == p) {
+                    urls.push(p.to_string());
+                }
+            }
+        }
+        let mut validated_any = false;
+        let mut done: Vec<String> = Vec::new();
+        for url in &urls {
+            match self.v.profile(url) {
+                Some(p) => {
+                    if done.contains(&p.url) {
+                        continue;
+                    }
+                    done.push(p.url.clone());
+                    if !self.v.registry.model().is_subtype(rt, &p.type_name) {
+                        self.error(
+                            "invalid",
+                            path,
+                            &format!(
+                                "プロファイル {url} は {} 用で、{rt} には使えません",
+                                p.type_name
+                            ),
+                            &format!("profile {url} is for {}, not {rt}", p.type_name),
+                        );
+                        continue;
+                    }
+                    let before = self.issues.len();
+                    self.against_profile(res, &p, path, res);
+                    for i in &mut self.issues[before..] {
+                        if i.rule.is_none() {
+                            i.rule = Some(url.clone());
+                        }
+                    }
+                    validated_any = true;
+                }
+                None => self.warn(
+                    "not-found",
+                    &format!("{path}.meta.profile"),
+                    &format!("プロファイルが見つからないため検査できません: {url}"),
+                    &format!("profile not found, not checked: {url}"),
+                ),
+            }
+        }
+        if !validated_any {
+            match self.v.profile(rt) {
+                Some(p) => self.against_profile(res, &p, path, res),
+                None => self.error(
+                    "not-supported",
+                    path,
+                    &format!("{rt} の定義がありません"),
+                    &format!("no definition for {rt}"),
+                ),
+            }
+        }
+        self.depth -= 1;
+    }
+
+    fn against_profile(
+        &mut self,
+        value: &'v Value,
+        p: &Arc<Profile>,
+        path: &str,
+        resource: &'v Value,
+    ) {
+        let ty = p.type_name.clone();
+        self.element(value, None, &p.root, &ty, path, resource, p);
+    }
+
+    /// Validates one element value against its definition, as type `ty`.
+    #[allow(clippy::too_many_arguments)]
+    fn element(
+        &mut self,
+        value: &'v Value,
+        ext: Option<&'v Value>,
+        def: &ElDef,
+        ty: &str,
+        path: &str,
+        resource: &'v Value,
+        profile: &Arc<Profile>,
+    ) {
+        let model = self.v.registry.model();
+        if model.is_primitive(ty) {
+            if !value.is_null() {
+                if let Err((ja, en)) = primitive::check(ty, value) {
+                    self.error("value", path, &ja, &en);
+                    return;
+                }
+                if let (Some(max), Some(s)) = (def.max_length, value.as_str()) {
+                    if s.chars().count() > max {
+                        self.error(
+                            "value",
+                            path,
+                            &format!("{max} 文字を超えています"),
+                            &format!("longer than {max} characters"),
+                        );
+                    }
+                }
+            } else if ext.is_none() {
+                self.error(
+                    "required",
+                    path,
+                    "値も拡張もありません",
+                    "element has neither a value nor extensions (ele-1)",
+                );
+            }
+            if let Some(e) = ext {
+                self.primitive_extensions(e, path, resource);
+            }
+            self.fixed_pattern(value, def, path);
+            self.binding(value, def, ty, path);
+            self.constraints(value, ext, def, ty, path, resource);
+            return;
+        }
+        if is_resource_type(self.v, ty) && !std::ptr::eq(value, resource) {
+            self.nested_resource(value, def, path, resource);
+            return;
+        }
+        let Some(obj) = value.as_object() else {
+            self.error(
+                "structure",
+                path,
+                &format!("{ty} は JSON オブジェクトである必要があります"),
+                &format!("{ty} must be a JSON object"),
+            );
+            return;
+        };
+        if obj.is_empty() {
+            self.error(
+                "required",
+                path,
+                "空の要素は使えません",
+                "element has no value and no children (ele-1)",
+            );
+            return;
+        }
+        // A type profile on the element (extension definitions, datatype profiles) replaces the generic children.
+        let type_profile =
+            def.types
+                .iter()
+                .find(|t| t.code == ty)
+                .and_then(|t| t.profiles.first())
+                .filter(|p| {
+                    p.as_str() != profile.url
+                        && !def.children.iter().any(|c| {
+                            c.fixed.is_some() || c.pattern.is_some() || !c.slices.is_empty()
+                        })
+                });
+        if let Some(tp) = type_profile {
+            if let Some(p) = self.v.profile(tp) {
+                let p2 = p.clone();
+                self.element(value, None, &p2.root, ty, path, resource, &p2);
+                self.fixed_pattern(value, def, path);
+                self.binding(value, def, ty, path);
+                self.constraints(value, None, def, ty, path, resource);
+                return;
+            } else if ty == "Extension" {
+                self.warn(
+                    "not-found",
+                    path,
+                    &format!("拡張の定義が見つかりません: {tp}"),
+                    &format!("extension definition not found: {tp}"),
+                );
+            }
+        }
+        let owner = profile.clone();
+        let children: &[ElDef] = if let Some(cr) = &def.content_ref {
+            match owner.by_path.get(cr) {
+                Some(d) => &d.children,
+                None => &[],
+            }
+        } else if def.children.is_empty() {
+            match self.v.profile(ty) {
+                Some(base) => {
+                    let b = base.clone();
+                    self.element(value, None, &b.root, ty, path, resource, &b);
+                    self.fixed_pattern(value, def, path);
+                    self.binding(value, def, ty, path);
+                    self.constraints(value, None, def, ty, path, resource);
+                    return;
+                }
+                None => &[],
+            }
+        } else {
+            &def.children
+        };
+        self.unknown_keys(obj, children, ty, path);
+        let is_res = is_resource_type(self.v, ty);
+        for child in children {
+            self.child(obj, child, path, resource, profile, is_res);
+        }
+        if ty == "Extension" {
+            let has_value = obj.keys().any(|k| k.starts_with("value"));
+            let has_ext = obj
+                .get("extension")
+                .and_then(Value::as_array)
+                .map(|a| !a.is_empty())
+                .unwrap_or(false);
+            if has_value && has_ext {
+                self.error(
+                    "invariant",
+                    path,
+                    "拡張は値か入れ子の拡張のどちらか一方です (ext-1)",
+                    "an extension has either a value or nested extensions, not both (ext-1)",
+                );
+            }
+        }
+        if ty == "Reference" {
+            self.reference(obj, def, path, resource);
+        }
+        self.fixed_pattern(value, def, path);
+        self.binding(value, def, ty, path);
+        self.constraints(value, None, def, ty, path, resource);
+    }
+
+    fn primitive_extensions(&mut self, ext: &'v Value, path: &str, resource: &'v Value) {
+        let Some(obj) = ext.as_object() else {
+            self.error(
+                "structure",
+                path,
+                "_要素は JSON オブジェクトである必要があります",
+                "the _element must be a JSON object",
+            );
+            return;
+        };
+        if let Some(base) = self.v.profile("Element") {
+            for k in obj.keys() {
+                if k != "id" && k != "extension" {
+                    self.error(
+                        "structure",
+                        &format!("{path}.{k}"),
+                        "プリミティブの拡張に使えない要素です",
+                        "unknown element in a primitive's extension object",
+                    );
+                }
+            }
+            if let Some(extdef) = base.root.child("extension") {
+                let extdef = extdef.clone();
+                self.child(obj, &extdef, path, resource, &base, false);
+            }
+        }
+    }
+
+    /// Reports JSON keys that no child definition accounts for.
+    fn unknown_keys(&mut self, obj: &Map<String, Value>, children: &[ElDef], ty: &str, path: &str) {
+        if children.is_empty() {
+            return;
+        }
+        for key in obj.keys() {
+            if key == "resourceType" && is_resource_type(self.v, ty) {
+                continue;
+            }
+            if key == "fhir_comments" {
+                continue;
+            }
+            let bare = key.strip_prefix('_').unwrap_or(key);
+            let known = children
+                .iter()
+                .any(|c| c.json_keys.iter().any(|k| k.0 == bare));
+            if !known {
+                let choice_parent = children
+                    .iter()
+                    .find(|c| c.choice && bare.starts_with(c.name.as_str()));
+                match choice_parent {
+                    Some(c) => {
+                        let allowed: Vec<String> = c
+                            .types
+                            .iter()
+                            .map(|t| format!("{}{}", c.name, choice_suffix(&t.code)))
+                            .collect();
+                        self.error(
+                            "structure",
+                            &format!("{path}.{key}"),
+                            &format!(
+                                "この型は {}[x] に使えません (可能: {})",
+                                c.name,
+                                allowed.join(", ")
+                            ),
+                            &format!(
+                                "type not allowed for {}[x] (allowed: {})",
+                                c.name,
+                                allowed.join(", ")
+                            ),
+                        );
+                    }
+                    None => self.error(
+                        "structure",
+                        &format!("{path}.{key}"),
+                        &format!("不明な要素 {key} ({ty} にはありません)"),
+                        &format!("unknown element {key} (not in {ty})"),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Checks one child definition: gathers its values, cardinality, shape, slicing, and each item.
+    fn child(
+        &mut self,
+        obj: &'v Map<String, Value>,
+        def: &ElDef,
+        path: &str,
+        resource: &'v Value,
+        profile: &Arc<Profile>,
+        _parent_is_resource: bool,
+    ) {
+        // (value, ext, chosen type, json key)
+        let mut items: Vec<(&'v Value, Option<&'v Value>, String, String, bool)> = Vec::new();
+        static NULL: Value = Value::Null;
+        let present: Vec<&(String, String, String)> = if def.choice {
+            // Few keys per object, many types per choice: scan the object.
+            let name = def.name.as_str();
+            obj.keys()
+                .filter(|k| k.trim_start_matches('_').starts_with(name))
+                .filter_map(|k| {
+                    def.json_keys
+                        .iter()
+                        .find(|jk| jk.0 == k.trim_start_matches('_'))
+                })
+                .fold(Vec::new(), |mut acc, jk| {
+                    if !acc.iter().any(|x: &&(String, String, String)| x.0 == jk.0) {
+                        acc.push(jk);
+                    }
+                    acc
+                })
+        } else {
+            def.json_keys
+                .iter()
+                .filter(|jk| obj.contains_key(&jk.0) || obj.contains_key(&jk.1))
+                .collect()
+        };
+        if present.is_empty() {
+            if def.min > 0 {
+                let name_path = format!(
+                    "{path}.{}",
+                    if def.choice {
+                        format!("{}[x]", def.name)
+                    } else {
+                        def.name.clone()
+                    }
+                );
+                self.error(
+                    "required",
+                    &name_path,
+                    &format!(
+                        "必須要素がありません: {} は最低 {} 個必要です (現在 0)",
+                        def.name, def.min
+                    ),
+                    &format!(
+                        "minimum required = {}, but only found 0 ({})",
+                        def.min, def.name
+                    ),
+                );
+            }
+            for s in &def.slices {
+                if s.min > 0 {
+                    let name_path = format!("{path}.{}", def.name);
+                    self.slice_min_error(&name_path, s, 0);
+                }
+            }
+            return;
+        }
+        for (key, ext_key, ty) in present {
+            let (key, ty) = (key.clone(), ty.clone());
+            let val = obj.get(&key);
+            let ext = obj.get(ext_key);
+            let is_array = matches!(val, Some(Value::Array(_)))
+                || matches!((val, ext), (None, Some(Value::Array(_))));
+            // JSON shape follows the base element's cardinality, not the profile's.
+            let expect_array = def.base_many.unwrap_or(def.max != Some(1));
+            if is_array != expect_array {
+                if expect_array {
+                    self.error(
+                        "structure",
+                        &format!("{path}.{key}"),
+                        "配列である必要があります",
+                        "must be a JSON array",
+                    );
+                } else {
+                    self.error(
+                        "structure",
+                        &format!("{path}.{key}"),
+                        "配列は使えません (最大 1)",
+                        "must not be an array (max 1)",
+                    );
+                }
+                continue;
+            }
+            match (val, ext) {
+                (Some(Value::Array(vs)), e) => {
+                    let es = e.and_then(Value::as_array);
+                    if vs.is_empty() {
+                        self.error(
+                            "structure",
+                            &format!("{path}.{key}"),
+                            "空の配列は使えません",
+                            "arrays must not be empty",
+                        );
+                    }
+                    if let Some(es) = es {
+                        if es.len() != vs.len() {
+                            self.error(
+                                "structure",
+                                &format!("{path}._{key}"),
+                                "_配列の長さが値の配列と違います",
+                                "the _array must have the same length as the value array",
+                            );
+                        }
+                    }
+                    for (i, x) in vs.iter().enumerate() {
+                        let xe = es.and_then(|a| a.get(i)).filter(|v| !v.is_null());
+                        items.push((x, xe, ty.clone(), key.clone(), true));
+                    }
+                }
+                (None, Some(Value::Array(es))) => {
+                    for e in es {
+                        items.push((&NULL, Some(e), ty.clone(), key.clone(), true));
+                    }
+                }
+                (Some(x), e) => items.push((x, e, ty.clone(), key.clone(), false)),
+                (None, Some(e)) => items.push((&NULL, Some(e), ty.clone(), key.clone(), false)),
+                (None, None) => {}
+            }
+        }
+        let name_path = format!(
+            "{path}.{}",
+            if def.choice {
+                format!("{}[x]", def.name)
+            } else {
+                def.name.clone()
+            }
+        );
+        let n = items.len() as u32;
+        if n < def.min {
+            self.error(
+                "required",
+                &name_path,
+                &format!(
+                    "必須要素がありません: {} は最低 {} 個必要です (現在 {n})",
+                    def.name, def.min
+                ),
+                &format!(
+                    "minimum required = {}, but only found {n} ({})",
+                    def.min, def.name
+                ),
+            );
+        }
+        if let Some(max) = def.max {
+            if n > max {
+                self.error(
+                    "structure",
+                    &name_path,
+                    &format!("{} は最大 {max} 個までです (現在 {n})", def.name),
+                    &format!("maximum allowed = {max}, but found {n} ({})", def.name),
+                );
+            }
+        }
+        if items.is_empty() {
+            // Slices with a minimum still need checking when the element is absent.
+            for s in &def.slices {
+                if s.min > 0 {
+                    self.slice_min_error(&name_path, s, 0);
+                }
+            }
+            return;
+        }
+        // Assign items to slices.
+        let mut slice_of: Vec<Option<usize>> = vec![None; items.len()];
+        if let Some(slicing) = &def.slicing {
+            for (idx, (x, _, _, _, _)) in items.iter().enumerate() {
+                for (si, s) in def.slices.iter().enumerate() {
+                    if self.in_slice(x, s, &slicing.discriminators) {
+                        slice_of[idx] = Some(si);
+                        break;
+                    }
+                }
+            }
+            for (si, s) in def.slices.iter().enumerate() {
+                let count = slice_of.iter().filter(|x| **x == Some(si)).count() as u32;
+                if count < s.min {
+                    self.slice_min_error(&name_path, s, count);
+                }
+                if let Some(max) = s.max {
+                    if count > max {
+                        self.error(
+                            "structure",
+                            &name_path,
+                            &format!(
+                                "スライス {} は最大 {max} 個までです (現在 {count})",
+                                s.slice_name.as_deref().unwrap_or("")
+                            ),
+                            &format!(
+                                "slice {} allows at most {max}, found {count}",
+                                s.slice_name.as_deref().unwrap_or("")
+                            ),
+                        );
+                    }
+                }
+            }
+        } else if def.choice && !def.slices.is_empty() {
+            // Type slices of a choice element (`value[x]:valueQuantity`).
+            for (idx, (_, _, ty, _, _)) in items.iter().enumerate() {
+                slice_of[idx] = def.slices.iter().position(|s| s.allows_type(ty));
+            }
+        }
+        for (idx, (x, e, ty, key, in_array)) in items.into_iter().enumerate() {
+            let ipath = if in_array {
+                let i = obj
+                    .get(&key)
+                    .and_then(Value::as_array)
+                    .map(|_| idx)
+                    .unwrap_or(idx);
+                format!("{path}.{key}[{i}]")
+            } else {
+                format!("{path}.{key}")
+            };
+            match slice_of[idx] {
+                Some(si) => {
+                    self.element(x, e, &def.slices[si], &ty, &ipath, resource, profile);
+                }
+                None => {
+                    if let Some(sl) = &def.slicing {
+                        if sl.closed && !def.slices.is_empty() {
+                            let names: Vec<&str> = def
+                                .slices
+                                .iter()
+                                .filter_map(|s| s.slice_name.as_deref())
+                                .collect();
+                            self.error(
+                                "structure",
+                                &ipath,
+                                &format!(
+                                    "どのスライスにも一致しません (閉じたスライシング: {})",
+                                    names.join(", ")
+                                ),
+                                &format!(
+                                    "does not match any slice of a closed slicing ({})",
+                                    names.join(", ")
+                                ),
+                            );
+                            // Report why against the slices of the same type, to help the sender.
+                            self.explain_slice_mismatch(x, def, &ty, &ipath, profile);
+                            continue;
+                        }
+                    }
+                    self.element(x, e, def, &ty, &ipath, resource, profile);
+                }
+            }
+        }
+    }
+
+    fn slice_min_error(&mut self, name_path: &str, s: &ElDef, count: u32) {
+        let sn = s.slice_name.as_deref().unwrap_or("");
+        self.error(
+            "required",
+            name_path,
+            &format!("スライス {sn} が必要です: 最低 {} 個 (現在 {count})", s.min),
+            &format!("slice {sn} requires at least {}, found {count}", s.min),
+        );
+    }
+
+    fn explain_slice_mismatch(
+        &mut self,
+        x: &'v Value,
+        def: &ElDef,
+        ty: &str,
+        path: &str,
+        profile: &Arc<Profile>,
+    ) {
+        // For entries sliced by resource profile: validate against the slice whose resource type matches.
+        let rt = x.pointer("/resource/resourceType").and_then(Value::as_str);
+        if let Some(rt) = rt {
+            if let Some(s) = def.slices.iter().find(|s| {
+                s.child("resource")
+                    .map(|r| r.allows_type(rt))
+                    .unwrap_or(false)
+            }) {
+                self.element(x, None, s, ty, path, self.root, profile);
+                return;
+            }
+        }
+        let _ = (x, profile);
+    }
+
+    /// Does `item` belong to slice `s` by the discriminators?
+    fn in_slice(&self, item: &'v Value, s: &ElDef, discs: &[(String, String)]) -> bool {
+        if discs.is_empty() {
+            return false;
+        }
+        discs.iter().all(|(kind, dpath)| {
+            let (targets, sdef) = self.disc_values(item, s, dpath);
+            match kind.as_str() {
+                "value" | "pattern" => {
+                    // Extensions are told apart by the URL of their profile.
+                    let ext_url = if dpath == "url" {
+                        s.types
+                            .iter()
+                            .find_map(|t| t.profiles.first().cloned())
+                            .map(Value::String)
+                    } else {
+                        None
+                    };
+                    let Some(sdef) = sdef else {
+                        return ext_url
+                            .map(|u| targets.iter().any(|t| **t == u))
+                            .unwrap_or(false);
+                    };
+                    let want = sdef.implied_pattern.clone().or(ext_url);
+                    match want {
+                        Some(w) => targets.iter().any(|t| {
+                            if kind == "value" {
+                                **t == w || matches_pattern(t, &w)
+                            } else {
+                                matches_pattern(t, &w)
+                            }
+                        }),
+                        None => {
+                            // A required binding can discriminate too.
+                            match &sdef.binding {
+                                Some(b) if b.strength == "required" => targets.iter().any(|t| {
+                                    let code = t
+                                        .as_str()
+                                        .or_else(|| t.get("code").and_then(Value::as_str));
+                                    let sys = t.get("system").and_then(Value::as_str);
+                                    code.map(|c| {
+                                        self.v.terminology.validate_code(&b.value_set, sys, c)
+                                            == Membership::Member
+                                    })
+                                    .unwrap_or(false)
+                                }),
+                                _ => false,
+                            }
+                        }
+                    }
+                }
+                "type" => {
+                    let Some(sdef) = sdef else { return false };
+                    targets.iter().any(|t| {
+                        let rt = t.get("resourceType").and_then(Value::as_str);
+                        sdef.types.iter().any(|ty| Some(ty.code.as_str()) == rt)
+                    })
+                }
+                "profile" => {
+                    let Some(sdef) = sdef else { return false };
+                    // Through resolve(), a Reference's targetProfile names what the target must be.
+                    let profiles: Vec<&String> = sdef
+                        .types
+                        .iter()
+                        .flat_map(|t| {
+                            if t.code == "Reference" {
+                                t.target_profiles.iter()
+                            } else {
+                                t.profiles.iter()
+                            }
+                        })
+                        .collect();
+                    targets.iter().any(|t| {
+                        let rt = t.get("resourceType").and_then(Value::as_str).unwrap_or("");
+                        if !sdef.types.iter().any(|ty| {
+                            ty.code == rt || ty.code == "Resource" || ty.code == "Reference"
+                        }) {
+                            return false;
+                        }
+                        profiles.iter().any(|p| {
+                            let claimed = t
+                                .pointer("/meta/profile")
+                                .and_then(Value::as_array)
+                                .map(|a| {
+                                    a.iter().filter_map(Value::as_str).any(|c| {
+                                        c == p.as_str() || c.split('|').next() == Some(p.as_str())
+                                    })
+                                })
+                                .unwrap_or(false);
+                            claimed || self.v.conforms_to(t, p) == Some(true)
+                        })
+                    })
+                }
+                "exists" => {
+                    let present = !targets.is_empty();
+                    match sdef {
+                        Some(d) if d.max == Some(0) => !present,
+                        Some(d) if d.min > 0 => present,
+                        _ => present,
+                    }
+                }
+                _ => false,
+            }
+        })
+    }
+
+    /// Values at a discriminator path in an item, and the slice's definition at that path.
+    fn disc_values<'d>(
+        &self,
+        item: &'v Value,
+        s: &'d ElDef,
+        dpath: &str,
+    ) -> (Vec<&'v Value>, Option<&'d ElDef>) {
+        if dpath == "$this" {
+            return (vec![item], Some(s));
+        }
+        let mut vals = vec![item];
+        let mut def = Some(s);
+        for seg in dpath.split('.') {
+            let seg = seg.trim();
+            if seg.starts_with("ofType(") {
+                continue;
+            }
+            if seg == "resolve()" {
+                vals = vals
+                    .into_iter()
+                    .filter_map(|v| v.get("reference").and_then(Value::as_str))
+                    .filter_map(|r| resolve_in(self.root, self.root, r))
+                    .collect();
+                continue;
+            }
+            if let Some(url) = seg
+                .strip_prefix("extension('")
+                .and_then(|r| r.strip_suffix("')"))
+            {
+                vals = vals
+                    .into_iter()
+                    .filter_map(|v| v.get("extension").and_then(Value::as_array))
+                    .flatten()
+                    .filter(|e| e.get("url").and_then(Value::as_str) == Some(url))
+                    .collect();
+                def = def.and_then(|d| d.child("extension")).and_then(|e| {
+                    e.slices
+                        .iter()
+                        .find(|sl| sl.types.iter().any(|t| t.profiles.iter().any(|p| p == url)))
+                });
+                continue;
+            }
+            let mut next = Vec::new();
+            for v in vals {
+                match v.get(seg) {
+                    Some(Value::Array(a)) => next.extend(a.iter()),
+                    Some(x) => next.push(x),
+                    None => {
+                        // Choice: `value` matches `valueQuantity` etc.
+                        if let Some(o) = v.as_object() {
+                            for (k, x) in o {
+                                if k.starts_with(seg)
+                                    && k.len() > seg.len()
+                                    && k.as_bytes()[seg.len()].is_ascii_uppercase()
+                                {
+                                    next.push(x);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            vals = next;
+            def = def.and_then(|d| d.child(seg));
+        }
+        (vals, def)
+    }
+
+    fn nested_resource(&mut self, value: &'v Value, def: &ElDef, path: &str, container: &'v Value) {
+        let Some(rt) = value.get("resourceType").and_then(Value::as_str) else {
+            self.error(
+                "structure",
+                path,
+                "resourceType がありません",
+                "missing resourceType in nested resource",
+            );
+            return;
+        };
+        let model = self.v.registry.model();
+        if !model.is_resource(rt) {
+            self.error(
+                "structure",
+                path,
+                &format!("不明な resourceType: {rt}"),
+                &format!("unknown resourceType {rt}"),
+            );
+            return;
+        }
+        let allowed = def
+            .types
+            .iter()
+            .any(|t| t.code == "Resource" || t.code == "DomainResource" || t.code == rt);
+        if !allowed {
+            let names: Vec<&str> = def.types.iter().map(|t| t.code.as_str()).collect();
+            self.error(
+                "structure",
+                path,
+                &format!("{rt} はここに置けません (可能: {})", names.join(", ")),
+                &format!("{rt} is not allowed here (allowed: {})", names.join(", ")),
+            );
+            return;
+        }
+        let profiles: Vec<String> = def
+            .types
+            .iter()
+            .filter(|t| t.code == rt)
+            .flat_map(|t| t.profiles.iter().cloned())
+            .collect();
+        let saved = self.container;
+        if def.name == "contained" {
+            self.container = Some(container);
+        } else {
+            self.container = None;
+        }
+        self.resource(value, rt, &profiles, path, self.root);
+        self.container = saved;
+    }
+
+    fn reference(
+        &mut self,
+        obj: &Map<String, Value>,
+        def: &ElDef,
+        path: &str,
+        resource: &'v Value,
+    ) {
+        let Some(r) = obj.get("reference").and_then(Value::as_str) else {
+            return;
+        };
+        let target = if let Some(id) = r.strip_prefix('#') {
+            if id.is_empty() {
+                return;
+            }
+            let found = resource
+                .get("contained")
+                .and_then(Value::as_array)
+                .and_then(|c| {
+                    c.iter()
+                        .find(|x| x.get("id").and_then(Value::as_str) == Some(id))
+                });
+            if found.is_none() {
+                self.error(
+                    "not-found",
+                    &format!("{path}.reference"),
+                    &format!("contained に {r} がありません"),
+                    &format!("contained resource {r} not found"),
+                );
+                return;
+            }
+            found
+        } else if self.root.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+            let found = resolve_in(self.root, resource, r);
+            if found.is_none() && r.starts_with("urn:") {
+                self.error(
+                    "not-found",
+                    &format!("{path}.reference"),
+                    &format!("Bundle 内に参照先 {r} がありません"),
+                    &format!("reference {r} does not resolve to an entry of the Bundle"),
+                );
+                return;
+            }
+            found
+        } else {
+            None
+        };
+        let Some(t) = target else { return };
+        let rt = t.get("resourceType").and_then(Value::as_str).unwrap_or("");
+        let targets: Vec<&String> = def
+            .types
+            .iter()
+            .flat_map(|t| t.target_profiles.iter())
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let ok = targets.iter().any(|tp| {
+            let base = tp.rsplit('/').next().unwrap_or("");
+            base == rt
+                || base == "Resource"
+                || self
+                    .v
+                    .profile(tp)
+                    .map(|p| p.type_name == rt)
+                    .unwrap_or(false)
+        });
+        if !ok {
+            self.error(
+                "structure",
+                &format!("{path}.reference"),
+                &format!("参照先の型 {rt} は許可されていません"),
+                &format!("reference target type {rt} is not allowed here"),
+            );
+        }
+    }
+
+    /// dom-3: every contained resource is referenced from the rest of the resource (or refers to it with `#`).
+    fn dom3(&mut self, resource: &'v Value, path: &str) {
+        let Some(Value::Array(contained)) = resource.get("contained") else {
+            return;
+        };
+        let mut refs = Vec::new();
+        collect_refs(resource, &mut refs);
+        let mut in_contained = Vec::new();
+        for c in contained {
+            collect_refs(c, &mut in_contained);
+        }
+        let points_home = refs.contains(&"#") || in_contained.contains(&"#");
+        for (i, c) in contained.iter().enumerate() {
+            let id = c.get("id").and_then(Value::as_str).unwrap_or("");
+            let wanted = format!("#{id}");
+            if !points_home && !refs.iter().chain(in_contained.iter()).any(|r| *r == wanted) {
+                self.issues.push(
+                    Issue::new(
+                        Severity::Error,
+                        "invariant",
+                        format!("{path}.contained[{i}]"),
+                        "contained リソースがどこからも参照されていません (dom-3)",
+                        "a contained resource is not referenced from the containing resource (dom-3)",
+                    )
+                    .with_rule("dom-3"),
+                );
+            }
+        }
+    }
+
+    fn fixed_pattern(&mut self, value: &Value, def: &ElDef, path: &str) {
+        if value.is_null() {
+            return;
+        }
+        if let Some(f) = &def.fixed {
+            let equal = match (value, f) {
+                (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+                _ => value == f,
+            };
+            if !equal {
+                self.error(
+                    "value",
+                    path,
+                    &format!("固定値 {} と一致しません", compact(f)),
+                    &format!("value must be exactly {}", compact(f)),
+                );
+            }
+        }
+        if let Some(p) = &def.pattern {
+            if !matches_pattern(value, p) {
+                self.error(
+                    "value",
+                    path,
+                    &format!("パターン {} と一致しません", compact(p)),
+                    &format!("value does not match the pattern {}", compact(p)),
+                );
+            }
+        }
+    }
+
+    fn binding(&mut self, value: &Value, def: &ElDef, ty: &str, path: &str) {
+        // Codes of local CodeSystems must exist even without a binding.
+        let codings: Vec<(Option<&str>, &str, String)> = match ty {
+            "code" => value
+                .as_str()
+                .map(|c| vec![(None, c, path.to_string())])
+                .unwrap_or_default(),
+            "Coding" => coding_of(value, path).into_iter().collect(),
+            "CodeableConcept" => value
+                .get("coding")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .enumerate()
+                        .filter_map(|(i, c)| coding_of(c, &format!("{path}.coding[{i}]")))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            "Quantity" | "Age" | "Duration" | "Distance" | "Count" | "SimpleQuantity"
+            | "MoneyQuantity" => value
+                .get("code")
+                .and_then(Value::as_str)
+                .map(|c| {
+                    vec![(
+                        value.get("system").and_then(Value::as_str),
+                        c,
+                        format!("{path}.code"),
+                    )]
+                })
+                .unwrap_or_default(),
+            _ => return,
+        };
+        if ty != "code" && def.binding.is_none() {
+            for (sys, code, p) in &codings {
+                if let Some(s) = sys {
+                    if self.v.terminology.code_in_system(s, code) == Membership::NotMember {
+                        self.error(
+                            "code-invalid",
+                            p,
+                            &format!("コード {code} はコードシステム {s} にありません"),
+                            &format!("code {code} is not defined in code system {s}"),
+                        );
+                    }
+                }
+            }
+        }
+        let Some(b) = &def.binding else { return };
+        if b.strength != "required" && b.strength != "extensible" {
+            return;
+        }
+        let vs = b.value_set.clone();
+        if !self.v.terminology.knows_value_set(&vs) {
+            if b.strength == "required" {
+                self.warn(
+                    "not-found",
+                    path,
+                    &format!("値セットが見つからないため検査できません: {vs}"),
+                    &format!("value set not found, code not checked: {vs}"),
+                );
+            }
+            return;
+        }
+        if codings.is_empty() {
+            if ty == "CodeableConcept"
+                && b.strength == "required"
+                && value.get("text").is_some()
+                && value.get("coding").is_none()
+            {
+                self.error(
+                    "code-invalid",
+                    path,
+                    &format!("必須の値セット {vs} のコードがありません"),
+                    &format!("no code from the required value set {vs}"),
+                );
+            }
+            return;
+        }
+        let mut any_member = false;
+        let mut any_unknown = false;
+        let mut bad = Vec::new();
+        for (sys, code, p) in &codings {
+            if let Some(s) = sys {
+                if self.v.terminology.code_in_system(s, code) == Membership::NotMember {
+                    self.error(
+                        "code-invalid",
+                        p,
+                        &format!("コード {code} はコードシステム {s} にありません"),
+                        &format!("code {code} is not defined in code system {s}"),
+                    );
+                    continue;
+                }
+            }
+            match self.v.terminology.validate_code(&vs, *sys, code) {
+                Membership::Member => any_member = true,
+                Membership::Unknown => any_unknown = true,
+                Membership::NotMember => bad.push((code.to_string(), p.clone())),
+            }
+        }
+        if any_member {
+            return;
+        }
+        if any_unknown {
+            if b.strength == "required" {
+                self.warn(
+                    "code-invalid",
+                    path,
+                    &format!(
+                        "コードシステムを参照できないため値セット {vs} への所属を確認できません"
+                    ),
+                    &format!("cannot check membership in {vs}: code system content not available"),
+                );
+            }
+            return;
+        }
+        for (code, p) in bad {
+            if b.strength == "required" {
+                self.error(
+                    "code-invalid",
+                    &p,
+                    &format!("コード {code} は必須の値セット {vs} にありません"),
+                    &format!("code {code} is not in the required value set {vs}"),
+                );
+            } else {
+                self.warn(
+                    "code-invalid",
+                    &p,
+                    &format!("コード {code} は拡張可能な値セット {vs} にありません"),
+                    &format!("code {code} is not in the extensible value set {vs}"),
+                );
+            }
+            // One CodeableConcept needs one good coding: report the first only.
+            if ty == "CodeableConcept" {
+                break;
+            }
+        }
+    }
+
+    fn constraints(
+        &mut self,
+        value: &'v Value,
+        ext: Option<&'v Value>,
+        def: &ElDef,
+        ty: &str,
+        path: &str,
+        resource: &'v Value,
+    ) {
+        if def.constraints.is_empty() {
+            return;
+        }
+        let model = self.v.registry.model();
+        // Backbone elements navigate by their path in the base type (`Bundle.entry`).
+        let key = if ty == "BackboneElement" || ty == "Element" {
+            base_path(&def.id)
+        } else {
+            ty.to_string()
+        };
+        let ty_owned: &str = match model.get(&key).or_else(|| model.get(ty)) {
+            Some(t) => t.key.as_str(),
+            None => crate::model::PRIMITIVES
+                .iter()
+                .find(|p| **p == ty)
+                .copied()
+                .unwrap_or("Element"),
+        };
+        let node = Item::Node(Node {
+            value: if value.is_null() { None } else { Some(value) },
+            ext,
+            ty: if is_resource_type(self.v, ty) {
+                value
+                    .get("resourceType")
+                    .and_then(Value::as_str)
+                    .unwrap_or(ty_owned)
+            } else {
+                ty_owned
+            },
+        });
+        for c in &def.constraints {
+            // ele-1 and ext-1 are checked structurally above, dom-3 natively (it walks the whole resource).
+            if c.key == "ele-1" || c.key == "ext-1" {
+                continue;
+            }
+            if c.key == "dom-3" {
+                self.dom3(value, path);
+                continue;
+            }
+            let Some(expr) = &c.expr else {
+                self.warn(
+                    "invariant",
+                    path,
+                    &format!("制約 {} の式を解釈できません", c.key),
+                    &format!("constraint {} could not be parsed: {}", c.key, c.source),
+                );
+                continue;
+            };
+            let mut ctx = EvalContext::new(model)
+                .with_resource(resource)
+                .with_root(self.container.unwrap_or(resource));
+            if self.root.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+                ctx = ctx.with_bundle(self.root);
+            }
+            ctx.terminology = Some(self.v.terminology);
+            ctx.profiles = Some(self.v);
+            match expr.evaluate_bool(&ctx, vec![node.clone()]) {
+                Ok(Some(false)) => {
+                    let sev = if c.error {
+                        Severity::Error
+                    } else {
+                        Severity::Warning
+                    };
+                    let human = if c.human.is_empty() {
+                        c.source.clone()
+                    } else {
+                        c.human.clone()
+                    };
+                    self.issues.push(
+                        Issue::new(
+                            sev,
+                            "invariant",
+                            path,
+                            format!("制約 {} に違反しています: {human}", c.key),
+                            format!("constraint {} failed: {human}", c.key),
+                        )
+                        .with_rule(c.key.clone()),
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => self.issues.push(
+                    Issue::new(
+                        Severity::Warning,
+                        "invariant",
+                        path,
+                        format!("制約 {} を評価できません", c.key),
+                        format!("constraint {} could not be evaluated: {e}", c.key),
+                    )
+                    .with_rule(c.key.clone()),
+                ),
+            }
+        }
+    }
+}
+
+/// Resolves a reference inside a Bundle (by `fullUrl`, or `Type/id` against the entries) or to a
+/// contained resource of `resource`.
+pub fn resolve_in<'a>(root: &'a Value, resource: &'a Value, r: &str) -> Option<&'a Value> {
+    if let Some(id) = r.strip_prefix('#') {
+        return resource
+            .get("contained")?
+            .as_array()?
+            .iter()
+            .find(|c| c.get("id").and_then(Value::as_str) == Some(id));
+    }
+    let entries = root.get("entry")?.as_array()?;
+    if let Some(e) = entries
+        .iter()
+        .find(|e| e.get("fullUrl").and_then(Value::as_str) == Some(r))
+    {
+        return e.get("resource");
+    }
+    let (rt, id) = {
+        let mut parts = r.rsplit('/');
+        let id = parts.next()?;
+        let rt = parts.next()?;
+        (rt, id)
+    };
+    entries
+        .iter()
+        .filter_map(|e| e.get("resource"))
+        .find(|res| {
+            res.get("resourceType").and_then(Value::as_str) == Some(rt)
+                && res.get("id").and_then(Value::as_str) == Some(id)
+        })
+}
+
+/// An element id without slice names: the path in the base type.
+fn base_path(id: &str) -> String {
+    id.split('.')
+        .map(|seg| seg.split(':').next().unwrap_or(seg))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Local references (`#id`) anywhere in a resource outside `contained`.
+fn collect_refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o {
+                if k == "contained" {
+                    continue;
+                }
+                if let Value::String(s) = x {
+                    if s.starts_with('#')
+                        && (k == "reference"
+                            || k.starts_with("value")
+                            || k == "url"
+                            || k == "profile")
+                    {
+                        out.push(s.as_str());
+                    }
+                } else {
+                    collect_refs(x, out);
+                }
+            }
+        }
+        Value::Array(a) => {
+            for x in a {
+                collect_refs(x, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn coding_of<'a>(c: &'a Value, path: &str) -> Option<(Option<&'a str>, &'a str, String)> {
+    let code = c.get("code").and_then(Value::as_str)?;
+    Some((
+        c.get("system").and_then(Value::as_str),
+        code,
+        format!("{path}.code"),
+    ))
+}
+
+fn compact(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 120 {
+        format!("{}…", s.chars().take(120).collect::<String>())
+    } else {
+        s
+    }
+}
