@@ -101,15 +101,11 @@ pub fn parse_suite(xml: &str) -> Result<Vec<SuiteTest>, SuiteError> {
                     t.outputs.push((get_attr(&s, "type"), String::new()));
                 }
             }
-            Event::Text(t) => {
-                if text_target.is_some() {
-                    text.push_str(&t.unescape().map_err(|e| SuiteError::Xml(e.to_string()))?);
-                }
+            Event::Text(t) if text_target.is_some() => {
+                text.push_str(&t.unescape().map_err(|e| SuiteError::Xml(e.to_string()))?);
             }
-            Event::CData(t) => {
-                if text_target.is_some() {
-                    text.push_str(&String::from_utf8_lossy(&t));
-                }
+            Event::CData(t) if text_target.is_some() => {
+                text.push_str(&String::from_utf8_lossy(&t));
             }
             Event::End(e) => match e.local_name().as_ref() {
                 b"expression" => {

@@ -397,7 +397,14 @@ fn ordered_elements<'m>(model: &'m TypeModel, ty: &str) -> Vec<&'m crate::model:
         chain.push(t);
         cur = t.base.as_deref().and_then(|b| model.get(b));
     }
-    chain.iter().rev().flat_map(|t| t.elements.iter()).collect()
+    // Snapshots repeat inherited elements; keep each name once, in base-first order.
+    let mut out: Vec<&crate::model::ElementInfo> = Vec::new();
+    for e in chain.iter().rev().flat_map(|t| t.elements.iter()) {
+        if !out.iter().any(|o| o.name == e.name) {
+            out.push(e);
+        }
+    }
+    out
 }
 
 fn write_children(v: &Value, ty: &str, model: &TypeModel, out: &mut String) {
@@ -462,7 +469,12 @@ fn write_element(
 ) {
     if ty == "xhtml" {
         if let Some(Value::String(s)) = val {
-            out.push_str(s);
+            // XML needs the XHTML namespace on the div even where the JSON left it out.
+            if s.starts_with("<div") && !s.contains("xmlns") {
+                out.push_str(&s.replacen("<div", "<div xmlns=\"http://www.w3.org/1999/xhtml\"", 1));
+            } else {
+                out.push_str(s);
+            }
         }
         return;
     }

@@ -545,14 +545,7 @@ pub fn to_system<'a>(i: &Item<'a>, model: &TypeModel) -> Option<Item<'a>> {
             "integer64" => Item::Long(v.as_i64()?),
             "decimal" => Item::Dec(json_decimal(v)?),
             "date" => Item::Date(DateTime::parse(v.as_str()?, false)?),
-            "dateTime" | "instant" => {
-                let d = DateTime::parse(v.as_str()?, false)?;
-                if d.has_time() {
-                    Item::DateTime(d)
-                } else {
-                    Item::DateTime(d)
-                }
-            }
+            "dateTime" | "instant" => Item::DateTime(DateTime::parse(v.as_str()?, false)?),
             "time" => Item::Time(super::Time::parse(v.as_str()?, false)?),
             _ => match v {
                 Value::String(s) => Item::Str(s.clone()),
@@ -800,7 +793,8 @@ fn arith_int(op: BinOp, x: i64, y: i64) -> Option<Item<'static>> {
             if y == 0 {
                 return None;
             }
-            Some(x.div_euclid(y) + if x % y != 0 && x < 0 && y > 0 { 0 } else { 0 })
+            // FHIRPath `div` truncates toward zero, as Rust's `/` does.
+            x.checked_div(y)
         }
         BinOp::Mod => {
             if y == 0 {

@@ -890,9 +890,9 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 let bs = self.arg(&args[0], s)?;
                 let b = single(&bs, name)?.and_then(|x| to_system(x, model));
                 match (a, b) {
-                    (Some(Item::Quantity(av, au)), Some(Item::Quantity(bv, bu))) => bool1(
-                        au == bu || (super::ucum::convert(bv, &bu, &au).is_some() && av == av),
-                    ),
+                    (Some(Item::Quantity(_, au)), Some(Item::Quantity(bv, bu))) => {
+                        bool1(au == bu || super::ucum::convert(bv, &bu, &au).is_some())
+                    }
                     (Some(_), Some(_)) => bool1(false),
                     _ => Ok(Vec::new()),
                 }

@@ -149,8 +149,8 @@ impl<'s> Lexer<'s> {
                 self.pos += rest.find('\n').unwrap_or(rest.len());
                 continue;
             }
-            if rest.starts_with("/*") {
-                match rest[2..].find("*/") {
+            if let Some(body) = rest.strip_prefix("/*") {
+                match body.find("*/") {
                     Some(i) => self.pos += i + 4,
                     None => return Err(self.err("コメントが閉じていません / unterminated comment")),
                 }
@@ -672,6 +672,142 @@ fn is_calendar_word(u: &str) -> bool {
             | "millisecond"
             | "milliseconds"
     )
+}
+
+impl BinOp {
+    /// The operator as written.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            BinOp::Mul => "*",
+            BinOp::Div => "/",
+            BinOp::IntDiv => "div",
+            BinOp::Mod => "mod",
+            BinOp::Add => "+",
+            BinOp::Sub => "-",
+            BinOp::Concat => "&",
+            BinOp::Union => "|",
+            BinOp::Lt => "<",
+            BinOp::Gt => ">",
+            BinOp::Le => "<=",
+            BinOp::Ge => ">=",
+            BinOp::Eq => "=",
+            BinOp::Ne => "!=",
+            BinOp::Equiv => "~",
+            BinOp::NotEquiv => "!~",
+            BinOp::In => "in",
+            BinOp::Contains => "contains",
+            BinOp::And => "and",
+            BinOp::Or => "or",
+            BinOp::Xor => "xor",
+            BinOp::Implies => "implies",
+        }
+    }
+}
+
+fn quote(s: &str, q: char) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(q);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == q => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(q);
+    out
+}
+
+fn ident(name: &str) -> String {
+    const KEYWORDS: &[&str] = &[
+        "and", "or", "xor", "implies", "in", "contains", "div", "mod", "is", "as", "true", "false",
+    ];
+    let plain = name
+        .chars()
+        .next()
+        .map(|c| c.is_alphabetic() || c == '_')
+        .unwrap_or(false)
+        && name.chars().all(|c| c.is_alphanumeric() || c == '_')
+        && !KEYWORDS.contains(&name);
+    if plain {
+        name.to_string()
+    } else {
+        quote(name, '`')
+    }
+}
+
+/// Prints an expression back as FHIRPath that parses to the same tree (fully parenthesised), so
+/// expressions can be stored, logged by shape and round-trip tested.
+impl std::fmt::Display for Expr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expr::Literal(l) => match l {
+                Literal::Empty => f.write_str("{}"),
+                Literal::Bool(b) => write!(f, "{b}"),
+                Literal::Str(s) => f.write_str(&quote(s, '\'')),
+                Literal::Int(i) => write!(f, "{i}"),
+                Literal::Long(i) => write!(f, "{i}L"),
+                Literal::Dec(d) => {
+                    let s = d.to_string();
+                    if s.contains('.') {
+                        f.write_str(&s)
+                    } else {
+                        write!(f, "{s}.0")
+                    }
+                }
+                Literal::Date(d) | Literal::DateTime(d) => {
+                    let s = d.to_fhir_string();
+                    if matches!(l, Literal::DateTime(_)) && !s.contains('T') {
+                        write!(f, "@{s}T")
+                    } else {
+                        write!(f, "@{s}")
+                    }
+                }
+                Literal::Time(t) => write!(f, "@T{t}"),
+                Literal::Quantity(v, u) => {
+                    if is_calendar_word(u) {
+                        write!(f, "{v} {u}")
+                    } else {
+                        write!(f, "{v} {}", quote(u, '\''))
+                    }
+                }
+            },
+            Expr::This => f.write_str("$this"),
+            Expr::Index => f.write_str("$index"),
+            Expr::Total => f.write_str("$total"),
+            Expr::Var(v) => write!(f, "%{}", quote(v, '`')),
+            Expr::Ident(n) => f.write_str(&ident(n)),
+            Expr::Member(b, n) => write!(f, "({b}).{}", ident(n)),
+            Expr::Call(recv, n, args) => {
+                if let Some(r) = recv {
+                    write!(f, "({r}).")?;
+                }
+                write!(f, "{}(", ident(n))?;
+                for (i, a) in args.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{a}")?;
+                }
+                f.write_str(")")
+            }
+            Expr::Indexer(b, i) => write!(f, "({b})[{i}]"),
+            Expr::Neg(e) => write!(f, "-({e})"),
+            Expr::Binary(op, l, r) => write!(f, "({l}) {} ({r})", op.symbol()),
+            Expr::Is(e, t) => write!(f, "({e}) is {}", type_name(t)),
+            Expr::As(e, t) => write!(f, "({e}) as {}", type_name(t)),
+        }
+    }
+}
+
+fn type_name(t: &str) -> String {
+    t.split('.').map(ident).collect::<Vec<_>>().join(".")
 }
 
 #[cfg(test)]

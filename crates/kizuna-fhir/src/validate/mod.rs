@@ -279,6 +279,13 @@ impl<'v> Run<'v> {
     ) {
         let model = self.v.registry.model();
         if model.is_primitive(ty) {
+            // R4 types Resource.id as System.String, but a resource id must still be a FHIR `id`.
+            let ty =
+                if def.name == "id" && def.id.matches('.').count() == 1 && !def.id.contains(':') {
+                    "id"
+                } else {
+                    ty
+                };
             if !value.is_null() {
                 if let Err((ja, en)) = primitive::check(ty, value) {
                     self.error("value", path, &ja, &en);
