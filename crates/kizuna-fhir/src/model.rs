@@ -34,6 +34,8 @@ pub struct ElementInfo {
     pub types: Vec<String>,
     /// True when `max` is not 1 (the JSON holds an array).
     pub many: bool,
+    /// For choice elements, the JSON key of each type (`valueQuantity` …), parallel to `types`.
+    pub choice_keys: Vec<String>,
 }
 
 /// A type with its elements.
@@ -59,10 +61,8 @@ impl TypeInfo {
     pub fn element_for_json_key<'s>(&'s self, key: &str) -> Option<(&'s ElementInfo, &'s str)> {
         for e in &self.elements {
             if e.choice {
-                if let Some(suffix) = key.strip_prefix(e.name.as_str()) {
-                    if let Some(t) = e.types.iter().find(|t| choice_suffix(t) == suffix) {
-                        return Some((e, t.as_str()));
-                    }
+                if let Some(i) = e.choice_keys.iter().position(|k| k == key) {
+                    return Some((e, e.types[i].as_str()));
                 }
             } else if e.name == key {
                 return Some((e, e.types.first().map(String::as_str).unwrap_or("")));
@@ -192,11 +192,20 @@ impl TypeModel {
                 }
             }
             if let Some(owner) = owners.get_mut(parent) {
+                let choice_keys = if choice {
+                    types
+                        .iter()
+                        .map(|t| format!("{name}{}", choice_suffix(t)))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 owner.elements.push(ElementInfo {
                     name,
                     choice,
                     types,
                     many,
+                    choice_keys,
                 });
             }
         }

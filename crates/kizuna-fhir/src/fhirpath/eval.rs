@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::parse::{BinOp, Expr, Literal};
 use super::temporal::{CalendarUnit, DateTime};
 use super::{ucum, EvalContext, FhirPathError, Item, Node};
-use crate::model::{choice_suffix, TypeModel};
+use crate::model::TypeModel;
 
 pub(super) type Coll<'a> = Vec<Item<'a>>;
 pub(super) type R<T> = Result<T, FhirPathError>;
@@ -248,9 +248,26 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             )));
         };
         if el.choice {
-            for t in &el.types {
-                let key = format!("{name}{}", choice_suffix(t));
-                push_values(model, map.get(&key), map.get(&format!("_{key}")), t, out);
+            // Look the object's keys up rather than building every possible `valueX` key.
+            for (key, v) in map.iter() {
+                let (bare, is_ext) = match key.strip_prefix('_') {
+                    Some(b) => (b, true),
+                    None => (key.as_str(), false),
+                };
+                if !bare.starts_with(name) {
+                    continue;
+                }
+                let Some(i) = el.choice_keys.iter().position(|k| k == bare) else {
+                    continue;
+                };
+                if is_ext {
+                    if !map.contains_key(bare) {
+                        push_values(model, None, Some(v), &el.types[i], out);
+                    }
+                } else {
+                    let ext = map.get(&format!("_{bare}"));
+                    push_values(model, Some(v), ext, &el.types[i], out);
+                }
             }
         } else {
             let t = el.types.first().map(String::as_str).unwrap_or("Element");

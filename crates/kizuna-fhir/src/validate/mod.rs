@@ -368,11 +368,11 @@ impl<'v> Run<'v> {
                 );
             }
         }
-        let owner = profile.clone();
-        let children: &[ElDef] = if let Some(cr) = &def.content_ref {
-            match owner.by_path.get(cr) {
-                Some(d) => &d.children,
-                None => &[],
+        let owner_profile = profile.clone();
+        let owner: &ElDef = if let Some(cr) = &def.content_ref {
+            match owner_profile.by_path.get(cr) {
+                Some(d) => d,
+                None => def,
             }
         } else if def.children.is_empty() {
             match self.v.profile(ty) {
@@ -384,15 +384,44 @@ impl<'v> Run<'v> {
                     self.constraints(value, None, def, ty, path, resource);
                     return;
                 }
-                None => &[],
+                None => def,
             }
         } else {
-            &def.children
+            def
         };
-        self.unknown_keys(obj, children, ty, path);
+        let children = &owner.children;
         let is_res = is_resource_type(self.v, ty);
-        for child in children {
-            self.child(obj, child, path, resource, profile, is_res);
+        if !children.is_empty() {
+            // Visit the children the object has (by key), then the required ones it lacks.
+            let mut seen: Vec<usize> = Vec::with_capacity(obj.len());
+            let mut unknown = false;
+            for key in obj.keys() {
+                let bare = key.strip_prefix('_').unwrap_or(key);
+                match owner.key_index.get(bare) {
+                    Some(&i) => {
+                        if !seen.contains(&i) {
+                            seen.push(i);
+                        }
+                    }
+                    None => {
+                        if !(key == "resourceType" && is_res) && key != "fhir_comments" {
+                            unknown = true;
+                        }
+                    }
+                }
+            }
+            if unknown {
+                self.unknown_keys(obj, children, ty, path);
+            }
+            seen.sort_unstable();
+            for &i in &seen {
+                self.child(obj, &children[i], path, resource, profile, is_res);
+            }
+            for &i in &owner.required {
+                if !seen.contains(&i) {
+                    self.child(obj, &children[i], path, resource, profile, is_res);
+                }
+            }
         }
         if ty == "Extension" {
             let has_value = obj.keys().any(|k| k.starts_with("value"));
@@ -798,44 +827,39 @@ impl<'v> Run<'v> {
                 "value" | "pattern" => {
                     // Extensions are told apart by the URL of their profile.
                     let ext_url = if dpath == "url" {
-                        s.types
-                            .iter()
-                            .find_map(|t| t.profiles.first().cloned())
-                            .map(Value::String)
+                        s.types.iter().find_map(|t| t.profiles.first())
                     } else {
                         None
                     };
                     let Some(sdef) = sdef else {
                         return ext_url
-                            .map(|u| targets.iter().any(|t| **t == u))
+                            .map(|u| targets.iter().any(|t| t.as_str() == Some(u.as_str())))
                             .unwrap_or(false);
                     };
-                    let want = sdef.implied_pattern.clone().or(ext_url);
-                    match want {
-                        Some(w) => targets.iter().any(|t| {
+                    if let Some(w) = sdef.implied_pattern.as_ref() {
+                        return targets.iter().any(|t| {
                             if kind == "value" {
-                                **t == w || matches_pattern(t, &w)
+                                *t == w || matches_pattern(t, w)
                             } else {
-                                matches_pattern(t, &w)
+                                matches_pattern(t, w)
                             }
+                        });
+                    }
+                    if let Some(u) = ext_url {
+                        return targets.iter().any(|t| t.as_str() == Some(u.as_str()));
+                    }
+                    // A required binding can discriminate too.
+                    match &sdef.binding {
+                        Some(b) if b.strength == "required" => targets.iter().any(|t| {
+                            let code = t.as_str().or_else(|| t.get("code").and_then(Value::as_str));
+                            let sys = t.get("system").and_then(Value::as_str);
+                            code.map(|c| {
+                                self.v.terminology.validate_code(&b.value_set, sys, c)
+                                    == Membership::Member
+                            })
+                            .unwrap_or(false)
                         }),
-                        None => {
-                            // A required binding can discriminate too.
-                            match &sdef.binding {
-                                Some(b) if b.strength == "required" => targets.iter().any(|t| {
-                                    let code = t
-                                        .as_str()
-                                        .or_else(|| t.get("code").and_then(Value::as_str));
-                                    let sys = t.get("system").and_then(Value::as_str);
-                                    code.map(|c| {
-                                        self.v.terminology.validate_code(&b.value_set, sys, c)
-                                            == Membership::Member
-                                    })
-                                    .unwrap_or(false)
-                                }),
-                                _ => false,
-                            }
-                        }
+                        _ => false,
                     }
                 }
                 "type" => {
@@ -1330,6 +1354,10 @@ impl<'v> Run<'v> {
             }
             if c.key == "dom-3" {
                 self.dom3(value, path);
+                continue;
+            }
+            // ref-1 (a local reference must resolve to a contained resource) is checked by `reference()`.
+            if c.key == "ref-1" {
                 continue;
             }
             let Some(expr) = &c.expr else {

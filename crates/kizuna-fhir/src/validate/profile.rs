@@ -92,6 +92,10 @@ pub struct ElDef {
     pub base_many: Option<bool>,
     /// The pattern a slice stands for (its fixed/pattern value or one implied by its descendants).
     pub implied_pattern: Option<Value>,
+    /// Child index by JSON key (`valueQuantity` → the `value[x]` child), built at compile time.
+    pub key_index: HashMap<String, usize>,
+    /// Children that must be checked even when absent (minimum cardinality, or slices with a minimum).
+    pub required: Vec<usize>,
     /// The JSON keys this element may appear under, with their `_key` and type (`valueQuantity` …).
     pub json_keys: Vec<(String, String, String)>,
 }
@@ -359,6 +363,7 @@ pub fn compile(sd: &Value) -> Option<Profile> {
     let mut root = std::mem::take(&mut defs[0]);
     merge_slices(&mut root);
     fill_patterns(&mut root);
+    fill_indexes(&mut root);
     // Re-fill by_path with full subtrees for contentReference targets.
     let mut full = HashMap::new();
     fn collect(d: &ElDef, out: &mut HashMap<String, ElDef>, wanted: &HashMap<String, ElDef>) {
@@ -402,6 +407,22 @@ fn merge_slices(d: &mut ElDef) {
             s.json_keys = json_keys(s);
         }
         merge_slices(s);
+    }
+}
+
+fn fill_indexes(d: &mut ElDef) {
+    for c in d.children.iter_mut().chain(d.slices.iter_mut()) {
+        fill_indexes(c);
+    }
+    d.key_index = HashMap::new();
+    d.required = Vec::new();
+    for (i, c) in d.children.iter().enumerate() {
+        for (k, _, _) in &c.json_keys {
+            d.key_index.entry(k.clone()).or_insert(i);
+        }
+        if c.min > 0 || c.slices.iter().any(|s| s.min > 0) {
+            d.required.push(i);
+        }
     }
 }
 
