@@ -740,11 +740,7 @@ pub fn item_equiv(a: &Item<'_>, b: &Item<'_>, model: &TypeModel) -> bool {
         }
         (Item::Time(x), Item::Time(y)) => x.compare(y) == Some(Ordering::Equal),
         (Item::Quantity(av, au), Item::Quantity(bv, bu)) => {
-            let b = if au == bu {
-                Some(*bv)
-            } else {
-                ucum::convert(*bv, bu, au)
-            };
+            let b = ucum::convert(*bv, bu, au);
             match b {
                 Some(b) => {
                     let scale = av.scale().min(b.normalize().scale());
@@ -966,11 +962,7 @@ fn arith<'a>(op: BinOp, x: &Item<'a>, y: &Item<'a>) -> R<Coll<'a>> {
         }
         (Item::Quantity(av, au), Item::Quantity(bv, bu)) => match op {
             BinOp::Add | BinOp::Sub => {
-                let b = if au == bu {
-                    Some(*bv)
-                } else {
-                    ucum::convert(*bv, bu, au)
-                };
+                let b = ucum::convert(*bv, bu, au);
                 match b {
                     Some(b) => {
                         let r = if op == BinOp::Add {
