@@ -623,6 +623,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 Ok(vec![Item::Str(st.replace(&pat, &rep))])
             }
             "matches" | "matchesFull" | "replaceMatches" => {
+                arity(name, args, 1, 2)?;
                 let Some(st) = self.str_input(&input, name)? else {
                     return Ok(Vec::new());
                 };

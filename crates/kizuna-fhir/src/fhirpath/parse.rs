@@ -301,6 +301,7 @@ pub fn parse(src: &str) -> Result<Expr, FhirPathError> {
         toks,
         pos: 0,
         depth: 0,
+        nodes: 0,
     };
     let e = p.expr(0)?;
     if p.peek() != &Tok::Eof {
@@ -316,9 +317,12 @@ struct Parser {
     toks: Vec<Tok>,
     pos: usize,
     depth: usize,
+    nodes: usize,
 }
 
 const MAX_DEPTH: usize = 200;
+/// Operator and member chains build trees as deep as they are long; evaluation recurses over them.
+const MAX_NODES: usize = 1000;
 
 fn binop_info(t: &Tok) -> Option<(BinOp, u8)> {
     let (op, prec) = match t {
@@ -434,7 +438,18 @@ impl Parser {
         Ok(name)
     }
 
+    fn grow(&mut self) -> Result<(), FhirPathError> {
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err(FhirPathError::Syntax(
+                "式が大きすぎます / expression too large".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn unary(&mut self) -> Result<Expr, FhirPathError> {
+        self.grow()?;
         match self.peek() {
             Tok::Op("-") => {
                 self.bump();
@@ -452,6 +467,7 @@ impl Parser {
     fn postfix(&mut self) -> Result<Expr, FhirPathError> {
         let mut e = self.term()?;
         loop {
+            self.grow()?;
             match self.peek() {
                 Tok::Op(".") => {
                     self.bump();
