@@ -85,6 +85,8 @@ impl Validator {
             issues: Vec::new(),
             root: resource,
             container: None,
+            path_bufs: Vec::new(),
+            path_depth: 0,
             depth: 0,
         };
         let rt = resource
@@ -127,6 +129,8 @@ impl ConformsTo for Validator {
             issues: Vec::new(),
             root: resource,
             container: None,
+            path_bufs: Vec::new(),
+            path_depth: 0,
             depth: 0,
         };
         run.against_profile(resource, &p, rt, resource);
@@ -140,6 +144,9 @@ struct Run<'v> {
     root: &'v Value,
     /// The resource that contains the current one, while validating a contained resource.
     container: Option<&'v Value>,
+    /// Reusable path buffers, one per element depth.
+    path_bufs: Vec<String>,
+    path_depth: usize,
     depth: usize,
 }
 
@@ -539,7 +546,7 @@ impl<'v> Run<'v> {
         _parent_is_resource: bool,
     ) {
         // (value, ext, chosen type, json key)
-        let mut items: Vec<(&'v Value, Option<&'v Value>, String, String, bool)> = Vec::new();
+        let mut items: Vec<(&'v Value, Option<&'v Value>, &str, &str, bool)> = Vec::new();
         static NULL: Value = Value::Null;
         let present: Vec<&(String, String, String)> = if def.choice {
             // Few keys per object, many types per choice: scan the object.
@@ -595,8 +602,8 @@ impl<'v> Run<'v> {
             return;
         }
         for (key, ext_key, ty) in present {
-            let (key, ty) = (key.clone(), ty.clone());
-            let val = obj.get(&key);
+            let (key, ty) = (key.as_str(), ty.as_str());
+            let val = obj.get(key);
             let ext = obj.get(ext_key);
             let is_array = matches!(val, Some(Value::Array(_)))
                 || matches!((val, ext), (None, Some(Value::Array(_))));
@@ -643,16 +650,16 @@ impl<'v> Run<'v> {
                     }
                     for (i, x) in vs.iter().enumerate() {
                         let xe = es.and_then(|a| a.get(i)).filter(|v| !v.is_null());
-                        items.push((x, xe, ty.clone(), key.clone(), true));
+                        items.push((x, xe, ty, key, true));
                     }
                 }
                 (None, Some(Value::Array(es))) => {
                     for e in es {
-                        items.push((&NULL, Some(e), ty.clone(), key.clone(), true));
+                        items.push((&NULL, Some(e), ty, key, true));
                     }
                 }
-                (Some(x), e) => items.push((x, e, ty.clone(), key.clone(), false)),
-                (None, Some(e)) => items.push((&NULL, Some(e), ty.clone(), key.clone(), false)),
+                (Some(x), e) => items.push((x, e, ty, key, false)),
+                (None, Some(e)) => items.push((&NULL, Some(e), ty, key, false)),
                 (None, None) => {}
             }
         }
@@ -738,48 +745,54 @@ impl<'v> Run<'v> {
             }
         }
         for (idx, (x, e, ty, key, in_array)) in items.into_iter().enumerate() {
-            let ipath = if in_array {
-                let i = obj
-                    .get(&key)
-                    .and_then(Value::as_array)
-                    .map(|_| idx)
-                    .unwrap_or(idx);
-                format!("{path}.{key}[{i}]")
-            } else {
-                format!("{path}.{key}")
-            };
-            match slice_of[idx] {
-                Some(si) => {
-                    self.element(x, e, &def.slices[si], &ty, &ipath, resource, profile);
-                }
-                None => {
-                    if let Some(sl) = &def.slicing {
-                        if sl.closed && !def.slices.is_empty() {
-                            let names: Vec<&str> = def
-                                .slices
-                                .iter()
-                                .filter_map(|s| s.slice_name.as_deref())
-                                .collect();
-                            self.error(
-                                "structure",
-                                &ipath,
-                                &format!(
-                                    "どのスライスにも一致しません (閉じたスライシング: {})",
-                                    names.join(", ")
-                                ),
-                                &format!(
-                                    "does not match any slice of a closed slicing ({})",
-                                    names.join(", ")
-                                ),
-                            );
-                            // Report why against the slices of the same type, to help the sender.
-                            self.explain_slice_mismatch(x, def, &ty, &ipath, profile);
-                            continue;
-                        }
-                    }
-                    self.element(x, e, def, &ty, &ipath, resource, profile);
-                }
+            // Paths are built in a buffer kept per depth, so siblings reuse one allocation.
+            let depth = self.path_depth;
+            if self.path_bufs.len() <= depth {
+                self.path_bufs.resize_with(depth + 1, String::new);
             }
+            let mut ipath = std::mem::take(&mut self.path_bufs[depth]);
+            ipath.clear();
+            ipath.push_str(path);
+            ipath.push('.');
+            ipath.push_str(key);
+            if in_array {
+                use std::fmt::Write as _;
+                let _ = write!(ipath, "[{idx}]");
+            }
+            self.path_depth += 1;
+            let closed_miss = slice_of[idx].is_none()
+                && def
+                    .slicing
+                    .as_ref()
+                    .map(|sl| sl.closed && !def.slices.is_empty())
+                    .unwrap_or(false);
+            if let Some(si) = slice_of[idx] {
+                self.element(x, e, &def.slices[si], ty, &ipath, resource, profile);
+            } else if closed_miss {
+                let names: Vec<&str> = def
+                    .slices
+                    .iter()
+                    .filter_map(|s| s.slice_name.as_deref())
+                    .collect();
+                self.error(
+                    "structure",
+                    &ipath,
+                    &format!(
+                        "どのスライスにも一致しません (閉じたスライシング: {})",
+                        names.join(", ")
+                    ),
+                    &format!(
+                        "does not match any slice of a closed slicing ({})",
+                        names.join(", ")
+                    ),
+                );
+                // Report why against the slices of the same type, to help the sender.
+                self.explain_slice_mismatch(x, def, ty, &ipath, profile);
+            } else {
+                self.element(x, e, def, ty, &ipath, resource, profile);
+            }
+            self.path_depth -= 1;
+            self.path_bufs[depth] = ipath;
         }
     }
 
@@ -1173,19 +1186,20 @@ impl<'v> Run<'v> {
 
     fn binding(&mut self, value: &Value, def: &ElDef, ty: &str, path: &str) {
         // Codes of local CodeSystems must exist even without a binding.
-        let codings: Vec<(Option<&str>, &str, String)> = match ty {
+        // Paths are only built when an issue is reported.
+        let codings: Vec<(Option<&str>, &str, CodePath)> = match ty {
             "code" => value
                 .as_str()
-                .map(|c| vec![(None, c, path.to_string())])
+                .map(|c| vec![(None, c, CodePath::Here)])
                 .unwrap_or_default(),
-            "Coding" => coding_of(value, path).into_iter().collect(),
+            "Coding" => coding_of(value, CodePath::Code).into_iter().collect(),
             "CodeableConcept" => value
                 .get("coding")
                 .and_then(Value::as_array)
                 .map(|a| {
                     a.iter()
                         .enumerate()
-                        .filter_map(|(i, c)| coding_of(c, &format!("{path}.coding[{i}]")))
+                        .filter_map(|(i, c)| coding_of(c, CodePath::CodingCode(i)))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -1197,7 +1211,7 @@ impl<'v> Run<'v> {
                     vec![(
                         value.get("system").and_then(Value::as_str),
                         c,
-                        format!("{path}.code"),
+                        CodePath::Code,
                     )]
                 })
                 .unwrap_or_default(),
@@ -1209,7 +1223,7 @@ impl<'v> Run<'v> {
                     if self.v.terminology.code_in_system(s, code) == Membership::NotMember {
                         self.error(
                             "code-invalid",
-                            p,
+                            &p.render(path),
                             &format!("コード {code} はコードシステム {s} にありません"),
                             &format!("code {code} is not defined in code system {s}"),
                         );
@@ -1256,7 +1270,7 @@ impl<'v> Run<'v> {
                 if self.v.terminology.code_in_system(s, code) == Membership::NotMember {
                     self.error(
                         "code-invalid",
-                        p,
+                        &p.render(path),
                         &format!("コード {code} はコードシステム {s} にありません"),
                         &format!("code {code} is not defined in code system {s}"),
                     );
@@ -1266,7 +1280,7 @@ impl<'v> Run<'v> {
             match self.v.terminology.validate_code(&vs, *sys, code) {
                 Membership::Member => any_member = true,
                 Membership::Unknown => any_unknown = true,
-                Membership::NotMember => bad.push((code.to_string(), p.clone())),
+                Membership::NotMember => bad.push((code.to_string(), *p)),
             }
         }
         if any_member {
@@ -1289,14 +1303,14 @@ impl<'v> Run<'v> {
             if b.strength == "required" {
                 self.error(
                     "code-invalid",
-                    &p,
+                    &p.render(path),
                     &format!("コード {code} は必須の値セット {vs} にありません"),
                     &format!("code {code} is not in the required value set {vs}"),
                 );
             } else {
                 self.warn(
                     "code-invalid",
-                    &p,
+                    &p.render(path),
                     &format!("コード {code} は拡張可能な値セット {vs} にありません"),
                     &format!("code {code} is not in the extensible value set {vs}"),
                 );
@@ -1323,11 +1337,11 @@ impl<'v> Run<'v> {
         let model = self.v.registry.model();
         // Backbone elements navigate by their path in the base type (`Bundle.entry`).
         let key = if ty == "BackboneElement" || ty == "Element" {
-            base_path(&def.id)
+            def.base_path.as_str()
         } else {
-            ty.to_string()
+            ty
         };
-        let ty_owned: &str = match model.get(&key).or_else(|| model.get(ty)) {
+        let ty_owned: &str = match model.get(key).or_else(|| model.get(ty)) {
             Some(t) => t.key.as_str(),
             None => crate::model::PRIMITIVES
                 .iter()
@@ -1356,8 +1370,9 @@ impl<'v> Run<'v> {
                 self.dom3(value, path);
                 continue;
             }
-            // ref-1 (a local reference must resolve to a contained resource) is checked by `reference()`.
-            if c.key == "ref-1" {
+            // ref-1 (a local reference must resolve to a contained resource) is checked by `reference()`,
+            // txt-1/txt-2 (htmlChecks) by the xhtml format check of the div.
+            if c.key == "ref-1" || c.key == "txt-1" || c.key == "txt-2" {
                 continue;
             }
             let Some(expr) = &c.expr else {
@@ -1448,14 +1463,6 @@ pub fn resolve_in<'a>(root: &'a Value, resource: &'a Value, r: &str) -> Option<&
         })
 }
 
-/// An element id without slice names: the path in the base type.
-fn base_path(id: &str) -> String {
-    id.split('.')
-        .map(|seg| seg.split(':').next().unwrap_or(seg))
-        .collect::<Vec<_>>()
-        .join(".")
-}
-
 /// Local references (`#id`) anywhere in a resource outside `contained`.
 fn collect_refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
     match v {
@@ -1487,13 +1494,30 @@ fn collect_refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
     }
 }
 
-fn coding_of<'a>(c: &'a Value, path: &str) -> Option<(Option<&'a str>, &'a str, String)> {
+/// Where a code sits relative to the element being checked.
+#[derive(Clone, Copy)]
+enum CodePath {
+    /// The element is the code.
+    Here,
+    /// `.code` of a Coding or Quantity.
+    Code,
+    /// `.coding[i].code` of a CodeableConcept.
+    CodingCode(usize),
+}
+
+impl CodePath {
+    fn render(self, path: &str) -> String {
+        match self {
+            CodePath::Here => path.to_string(),
+            CodePath::Code => format!("{path}.code"),
+            CodePath::CodingCode(i) => format!("{path}.coding[{i}].code"),
+        }
+    }
+}
+
+fn coding_of(c: &Value, at: CodePath) -> Option<(Option<&str>, &str, CodePath)> {
     let code = c.get("code").and_then(Value::as_str)?;
-    Some((
-        c.get("system").and_then(Value::as_str),
-        code,
-        format!("{path}.code"),
-    ))
+    Some((c.get("system").and_then(Value::as_str), code, at))
 }
 
 fn compact(v: &Value) -> String {

@@ -92,6 +92,8 @@ pub struct ElDef {
     pub base_many: Option<bool>,
     /// The pattern a slice stands for (its fixed/pattern value or one implied by its descendants).
     pub implied_pattern: Option<Value>,
+    /// The element's path in the base type (the id without slice names), the key of backbone types.
+    pub base_path: String,
     /// Child index by JSON key (`valueQuantity` → the `value[x]` child), built at compile time.
     pub key_index: HashMap<String, usize>,
     /// Children that must be checked even when absent (minimum cardinality, or slices with a minimum).
@@ -258,6 +260,11 @@ fn parse_el(el: &Value) -> ElDef {
         ..ElDef::default()
     };
     d.json_keys = json_keys(&d);
+    d.base_path =
+        d.id.split('.')
+            .map(|seg| seg.split(':').next().unwrap_or(seg))
+            .collect::<Vec<_>>()
+            .join(".");
     d
 }
 
