@@ -1,0 +1,673 @@
+//! The append-only audit log: one JSON line per entry, a Merkle tree over the lines, signed checkpoints.
+//!
+//! Appends are batched (one write and one `fsync` per batch), which is what lets every access be
+//! audited — one entry per resource a search returns — without slowing the service down.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::checkpoint::{Checkpoint, CheckpointSigner};
+use crate::entry::{Actor, ActorKind, Entry, NewEntry, Outcome, Purpose, Target};
+use crate::merkle::{leaf_hash, Hash, MerkleTree};
+use crate::AuditError;
+
+/// File holding the entries, one JSON object per line.
+pub const ENTRIES_FILE: &str = "entries.ndjson";
+/// File holding the signed checkpoints, one per line.
+pub const CHECKPOINTS_FILE: &str = "checkpoints.ndjson";
+
+/// When to sign a checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    /// After this many new entries.
+    pub every_entries: u64,
+    /// Or after this much time with new entries.
+    pub every: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        CheckpointPolicy {
+            every_entries: 10_000,
+            every: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How a log is opened.
+#[derive(Debug, Default)]
+pub struct LogOptions {
+    /// Signs checkpoints; without one, no checkpoints are written (development only).
+    pub signer: Option<CheckpointSigner>,
+    /// When to checkpoint.
+    pub policy: CheckpointPolicy,
+    /// `fsync` after every batch (on by default in [`AuditLog::open_durable`]).
+    pub sync: bool,
+}
+
+/// Filter for searching the log (the operator's view).
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Entries about this person's data.
+    pub person: Option<String>,
+    /// Entries by this actor id.
+    pub actor: Option<String>,
+    /// Entries about this resource type.
+    pub resource_type: Option<String>,
+    /// And id.
+    pub resource_id: Option<String>,
+    /// From this time (RFC 3339, inclusive).
+    pub from: Option<String>,
+    /// Until this time (RFC 3339, exclusive).
+    pub to: Option<String>,
+    /// At most this many (newest last).
+    pub limit: Option<usize>,
+}
+
+/// One line of a patient's access history: who, when, why — never more than the patient may know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccessRecord {
+    /// Position in the log (for a proof of inclusion).
+    pub seq: u64,
+    /// When.
+    pub time: String,
+    /// Kind of accessor.
+    pub actor_kind: ActorKind,
+    /// Accessor id.
+    pub actor: String,
+    /// The accessor's institution.
+    pub institution: Option<String>,
+    /// What was done.
+    pub action: String,
+    /// The resource type touched.
+    pub resource_type: Option<String>,
+    /// Purpose code (`treatment`, `emergency` …).
+    pub purpose: String,
+    /// True for emergency access without consent (shown prominently in the portal).
+    pub emergency: bool,
+    /// The declared reason of an emergency access.
+    pub emergency_reason: Option<String>,
+    /// Whether access was granted.
+    pub allowed: bool,
+}
+
+/// Who asks for an access history.
+#[derive(Debug, Clone)]
+pub enum HistoryRequester {
+    /// A patient, bound to one person.
+    Patient {
+        /// The patient's actor record.
+        actor: Actor,
+        /// The person the patient is.
+        person: String,
+    },
+    /// The operator, who may search everything.
+    Operator {
+        /// The operator's actor record.
+        actor: Actor,
+    },
+    /// Anyone else (always refused).
+    Other {
+        /// Their actor record.
+        actor: Actor,
+    },
+}
+
+/// The log, open for appending and reading.
+pub struct AuditLog {
+    dir: PathBuf,
+    entries: File,
+    checkpoints: File,
+    tree: MerkleTree,
+    offsets: Vec<u64>,
+    end: u64,
+    by_person: HashMap<String, Vec<u64>>,
+    by_actor: HashMap<String, Vec<u64>>,
+    options: LogOptions,
+    last_checkpoint: Option<Checkpoint>,
+    since_checkpoint: Instant,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("dir", &self.dir)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl AuditLog {
+    /// Opens (or creates) a log directory with `fsync` after every batch.
+    pub fn open_durable(
+        dir: &Path,
+        signer: Option<CheckpointSigner>,
+    ) -> Result<AuditLog, AuditError> {
+        Self::open(
+            dir,
+            LogOptions {
+                signer,
+                policy: CheckpointPolicy::default(),
+                sync: true,
+            },
+        )
+    }
+
+    /// Opens (or creates) a log directory, rebuilding the tree and indexes from its entries. A torn last
+    /// line (a crash mid-write, never acknowledged) is cut off.
+    pub fn open(dir: &Path, options: LogOptions) -> Result<AuditLog, AuditError> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(ENTRIES_FILE);
+        let mut entries = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)?;
+        let mut tree = MerkleTree::new();
+        let mut offsets = Vec::new();
+        let mut by_person: HashMap<String, Vec<u64>> = HashMap::new();
+        let mut by_actor: HashMap<String, Vec<u64>> = HashMap::new();
+        let mut end = 0u64;
+        {
+            entries.seek(SeekFrom::Start(0))?;
+            let mut reader = BufReader::new(&entries);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                let n = reader.read_until(b'\n', &mut line)?;
+                if n == 0 {
+                    break;
+                }
+                if line.last() != Some(&b'\n') {
+                    tracing::warn!(offset = end, "audit log: torn last line dropped");
+                    break;
+                }
+                let body = &line[..line.len() - 1];
+                let seq = offsets.len() as u64;
+                if let Ok(e) = serde_json::from_slice::<Entry>(body) {
+                    if let Some(p) = &e.entry.target.person {
+                        by_person.entry(p.clone()).or_default().push(seq);
+                    }
+                    by_actor
+                        .entry(e.entry.actor.id.clone())
+                        .or_default()
+                        .push(seq);
+                }
+                tree.push(leaf_hash(body));
+                offsets.push(end);
+                end += n as u64;
+            }
+        }
+        let file_len = entries.metadata()?.len();
+        if file_len != end {
+            entries.set_len(end)?;
+        }
+        let cp_path = dir.join(CHECKPOINTS_FILE);
+        let mut last_checkpoint = None;
+        if cp_path.exists() {
+            let text = std::fs::read_to_string(&cp_path)?;
+            last_checkpoint = text
+                .lines()
+                .rev()
+                .find_map(|l| serde_json::from_str::<Checkpoint>(l).ok());
+        }
+        let checkpoints = OpenOptions::new().create(true).append(true).open(cp_path)?;
+        Ok(AuditLog {
+            dir: dir.to_path_buf(),
+            entries,
+            checkpoints,
+            tree,
+            offsets,
+            end,
+            by_person,
+            by_actor,
+            options,
+            last_checkpoint,
+            since_checkpoint: Instant::now(),
+            buf: Vec::with_capacity(64 * 1024),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> u64 {
+        self.tree.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Current Merkle root.
+    pub fn root(&self) -> Hash {
+        self.tree.root()
+    }
+
+    /// The latest checkpoint written.
+    pub fn latest_checkpoint(&self) -> Option<&Checkpoint> {
+        self.last_checkpoint.as_ref()
+    }
+
+    /// Appends a batch: one write (and one `fsync` when durable); returns the first sequence number.
+    pub fn append(&mut self, batch: &[NewEntry]) -> Result<u64, AuditError> {
+        let first = self.len();
+        self.buf.clear();
+        let mut leaves = Vec::with_capacity(batch.len());
+        for (i, e) in batch.iter().enumerate() {
+            let seq = first + i as u64;
+            let start = self.buf.len();
+            serde_json::to_writer(&mut self.buf, &EntryRef { seq, entry: e })?;
+            leaves.push((leaf_hash(&self.buf[start..]), self.buf.len() - start));
+            self.buf.push(b'\n');
+        }
+        self.entries.write_all(&self.buf)?;
+        if self.options.sync {
+            self.entries.sync_data()?;
+        }
+        for (i, (leaf, len)) in leaves.into_iter().enumerate() {
+            let seq = first + i as u64;
+            let e = &batch[i];
+            self.tree.push(leaf);
+            self.offsets.push(self.end);
+            self.end += len as u64 + 1;
+            if let Some(p) = &e.target.person {
+                self.by_person.entry(p.clone()).or_default().push(seq);
+            }
+            self.by_actor
+                .entry(e.actor.id.clone())
+                .or_default()
+                .push(seq);
+        }
+        let covered = self.last_checkpoint.as_ref().map(|c| c.size).unwrap_or(0);
+        if self.len() - covered >= self.options.policy.every_entries {
+            self.checkpoint(None)?;
+        }
+        Ok(first)
+    }
+
+    /// Signs and writes a checkpoint of the current state (if there are new entries and a signer).
+    pub fn checkpoint(&mut self, time: Option<&str>) -> Result<Option<Checkpoint>, AuditError> {
+        let Some(signer) = &self.options.signer else {
+            return Ok(None);
+        };
+        if self.last_checkpoint.as_ref().map(|c| c.size) == Some(self.len()) {
+            return Ok(None);
+        }
+        let now = time
+            .map(str::to_string)
+            .unwrap_or_else(|| chrono::Utc::now().to_rfc3339());
+        let cp = signer.sign(self.len(), &self.root(), &now);
+        let mut line = serde_json::to_vec(&cp)?;
+        line.push(b'\n');
+        self.checkpoints.write_all(&line)?;
+        if self.options.sync {
+            self.checkpoints.sync_data()?;
+        }
+        self.last_checkpoint = Some(cp.clone());
+        self.since_checkpoint = Instant::now();
+        Ok(Some(cp))
+    }
+
+    /// Checkpoints when the time policy says so (called by the background writer when idle).
+    pub fn checkpoint_if_due(&mut self) -> Result<(), AuditError> {
+        let covered = self.last_checkpoint.as_ref().map(|c| c.size).unwrap_or(0);
+        if self.len() > covered && self.since_checkpoint.elapsed() >= self.options.policy.every {
+            self.checkpoint(None)?;
+        }
+        Ok(())
+    }
+
+    /// Reads one entry.
+    pub fn get(&self, seq: u64) -> Result<Entry, AuditError> {
+        let start = *self
+            .offsets
+            .get(seq as usize)
+            .ok_or(AuditError::NoSuchEntry(seq))?;
+        let end = self
+            .offsets
+            .get(seq as usize + 1)
+            .copied()
+            .unwrap_or(self.end);
+        let mut f = File::open(self.dir.join(ENTRIES_FILE))?;
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        f.read_exact(&mut buf)?;
+        let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        Ok(serde_json::from_slice(body)?)
+    }
+
+    /// Proof that entry `seq` is in the tree of `size` entries.
+    pub fn inclusion_proof(&self, seq: u64, size: u64) -> Option<Vec<Hash>> {
+        self.tree.inclusion_proof(seq, size)
+    }
+
+    /// Proof that the log of `old` entries is a prefix of the log of `new` entries.
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Option<Vec<Hash>> {
+        self.tree.consistency_proof(old, new)
+    }
+
+    /// The leaf hash of an entry.
+    pub fn leaf(&self, seq: u64) -> Option<Hash> {
+        self.tree.leaf(seq)
+    }
+
+    /// The root at an earlier size.
+    pub fn root_at(&self, size: u64) -> Option<Hash> {
+        self.tree.root_at(size)
+    }
+
+    /// Searches the log (operator view). Uses the person or actor index when the query names one.
+    pub fn query(&self, q: &AuditQuery) -> Result<Vec<Entry>, AuditError> {
+        let candidates: Box<dyn Iterator<Item = u64>> = if let Some(p) = &q.person {
+            Box::new(
+                self.by_person
+                    .get(p)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter(),
+            )
+        } else if let Some(a) = &q.actor {
+            Box::new(
+                self.by_actor
+                    .get(a)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter(),
+            )
+        } else {
+            Box::new(0..self.len())
+        };
+        let mut f = BufReader::new(File::open(self.dir.join(ENTRIES_FILE))?);
+        let mut out = Vec::new();
+        let mut line = Vec::new();
+        for seq in candidates {
+            let Some(&start) = self.offsets.get(seq as usize) else {
+                continue;
+            };
+            f.seek(SeekFrom::Start(start))?;
+            line.clear();
+            f.read_until(b'\n', &mut line)?;
+            let body = line.strip_suffix(b"\n").unwrap_or(&line);
+            let e: Entry = serde_json::from_slice(body)?;
+            if !matches(&e.entry, q) {
+                continue;
+            }
+            out.push(e);
+        }
+        if let Some(limit) = q.limit {
+            let skip = out.len().saturating_sub(limit);
+            out.drain(..skip);
+        }
+        Ok(out)
+    }
+
+    /// A person's access history. Patients see only their own; the operator sees anyone's; everyone
+    /// else is refused. Every request is itself audited, allowed or denied.
+    pub fn access_history(
+        &mut self,
+        requester: &HistoryRequester,
+        person: &str,
+        time: &str,
+    ) -> Result<Vec<AccessRecord>, AuditError> {
+        let (actor, allowed, rule, purpose) = match requester {
+            HistoryRequester::Patient { actor, person: own } if own == person => (
+                actor,
+                true,
+                "history-own-person",
+                Purpose::PatientSelfAccess,
+            ),
+            HistoryRequester::Patient { actor, .. } => (
+                actor,
+                false,
+                "history-other-person",
+                Purpose::PatientSelfAccess,
+            ),
+            HistoryRequester::Operator { actor } => {
+                (actor, true, "history-operator", Purpose::Operations)
+            }
+            HistoryRequester::Other { actor } => {
+                (actor, false, "history-not-permitted", Purpose::Unknown)
+            }
+        };
+        // Read before recording the request, so the answer is the history up to the request.
+        let entries = if allowed {
+            self.query(&AuditQuery {
+                person: Some(person.to_string()),
+                ..AuditQuery::default()
+            })?
+        } else {
+            Vec::new()
+        };
+        self.append(&[NewEntry {
+            time: time.to_string(),
+            actor: actor.clone(),
+            action: "access-history".into(),
+            target: Target {
+                person: Some(person.to_string()),
+                ..Target::default()
+            },
+            purpose,
+            outcome: if allowed {
+                Outcome::allow(rule)
+            } else {
+                Outcome::deny(rule)
+            },
+            source: None,
+            request: None,
+        }])?;
+        if !allowed {
+            return Err(AuditError::Denied(rule.to_string()));
+        }
+        Ok(entries
+            .into_iter()
+            .map(|e| {
+                let (emergency, reason) = match &e.entry.purpose {
+                    Purpose::Emergency { reason } => (true, Some(reason.clone())),
+                    _ => (false, None),
+                };
+                AccessRecord {
+                    seq: e.seq,
+                    time: e.entry.time,
+                    actor_kind: e.entry.actor.kind,
+                    actor: e.entry.actor.id,
+                    institution: e.entry.actor.institution,
+                    action: e.entry.action,
+                    resource_type: e.entry.target.resource_type,
+                    purpose: e.entry.purpose.code().to_string(),
+                    emergency,
+                    emergency_reason: reason,
+                    allowed: e.entry.outcome.allowed,
+                }
+            })
+            .collect())
+    }
+}
+
+#[derive(Serialize)]
+struct EntryRef<'a> {
+    seq: u64,
+    #[serde(flatten)]
+    entry: &'a NewEntry,
+}
+
+fn matches(e: &NewEntry, q: &AuditQuery) -> bool {
+    if let Some(p) = &q.person {
+        if e.target.person.as_ref() != Some(p) {
+            return false;
+        }
+    }
+    if let Some(a) = &q.actor {
+        if &e.actor.id != a {
+            return false;
+        }
+    }
+    if let Some(t) = &q.resource_type {
+        if e.target.resource_type.as_ref() != Some(t) {
+            return false;
+        }
+    }
+    if let Some(i) = &q.resource_id {
+        if e.target.resource_id.as_ref() != Some(i) {
+            return false;
+        }
+    }
+    // RFC 3339 times in one offset compare as strings; normalise to UTC for mixed offsets.
+    let t = normalise_time(&e.time);
+    if let Some(from) = &q.from {
+        if t < normalise_time(from) {
+            return false;
+        }
+    }
+    if let Some(to) = &q.to {
+        if t >= normalise_time(to) {
+            return false;
+        }
+    }
+    true
+}
+
+fn normalise_time(s: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|d| {
+            d.with_timezone(&chrono::Utc)
+                .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                .to_string()
+        })
+        .unwrap_or_else(|_| s.to_string())
+}
+
+enum Msg {
+    Entries(Vec<NewEntry>),
+    Flush(mpsc::Sender<Result<u64, String>>),
+}
+
+/// A handle to a log written by a background thread: callers hand entries over and carry on; the
+/// thread appends whatever has queued up as one batch (group commit) and checkpoints on schedule.
+#[derive(Clone)]
+pub struct AuditWriter {
+    tx: mpsc::Sender<Msg>,
+    log: Arc<Mutex<AuditLog>>,
+}
+
+impl std::fmt::Debug for AuditWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditWriter")
+    }
+}
+
+impl AuditWriter {
+    /// Starts the writer thread for a log.
+    pub fn spawn(log: AuditLog) -> AuditWriter {
+        let every = log.options.policy.every;
+        let log = Arc::new(Mutex::new(log));
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let shared = log.clone();
+        std::thread::Builder::new()
+            .name("kizuna-audit".into())
+            .spawn(move || writer_loop(rx, shared, every))
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::error!(error = %e, "audit writer thread failed to start"));
+        AuditWriter { tx, log }
+    }
+
+    /// Queues one entry.
+    pub fn record(&self, e: NewEntry) {
+        self.record_batch(vec![e]);
+    }
+
+    /// Queues entries (one per resource a search returned, say).
+    pub fn record_batch(&self, entries: Vec<NewEntry>) {
+        if self.tx.send(Msg::Entries(entries)).is_err() {
+            tracing::error!("audit writer stopped; entries lost");
+        }
+    }
+
+    /// Waits until everything queued so far is written (and synced, for a durable log); returns the size.
+    pub fn flush(&self) -> Result<u64, AuditError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Msg::Flush(tx))
+            .map_err(|_| AuditError::WriterStopped)?;
+        rx.recv()
+            .map_err(|_| AuditError::WriterStopped)?
+            .map_err(AuditError::Write)
+    }
+
+    /// The log, for queries and proofs.
+    pub fn log(&self) -> &Arc<Mutex<AuditLog>> {
+        &self.log
+    }
+}
+
+fn writer_loop(rx: mpsc::Receiver<Msg>, log: Arc<Mutex<AuditLog>>, every: Duration) {
+    loop {
+        let first = match rx.recv_timeout(every) {
+            Ok(m) => m,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Ok(mut l) = log.lock() {
+                    if let Err(e) = l.checkpoint_if_due() {
+                        tracing::error!(error = %e, "audit checkpoint failed");
+                    }
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut batch = Vec::new();
+        let mut waiters = Vec::new();
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            match m {
+                Msg::Entries(es) => batch.extend(es),
+                Msg::Flush(w) => waiters.push(w),
+            }
+            if batch.len() < 100_000 {
+                next = rx.try_recv().ok();
+            }
+        }
+        let result = match log.lock() {
+            Ok(mut l) => {
+                let r = if batch.is_empty() {
+                    Ok(l.len())
+                } else {
+                    l.append(&batch).map(|_| l.len())
+                };
+                let _ = l.checkpoint_if_due();
+                r.map_err(|e| e.to_string())
+            }
+            Err(_) => Err("audit log lock poisoned".to_string()),
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, entries = batch.len(), "audit append failed");
+        }
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+    if let Ok(mut l) = log.lock() {
+        let _ = l.checkpoint(None);
+    }
+}
+
+/// A convenience for tests and the CLI: a denied-access entry by an unidentified caller.
+pub fn anonymous_actor(source: Option<&str>) -> Actor {
+    Actor {
+        kind: ActorKind::Anonymous,
+        id: source.unwrap_or("unknown").to_string(),
+        institution: None,
+        issuer: None,
+    }
+}
