@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod audit_cmd;
+mod token_cmd;
 mod validate_cmd;
 
 /// kizuna (絆) — 電子カルテ情報共有サービスと医療等情報の二次利用基盤
@@ -28,6 +30,16 @@ enum Command {
     },
     /// 読み込んだ FHIR パッケージを表示する / List the loaded FHIR packages and their load time.
     Packages,
+    /// 開発用トークン / Development tokens (the built-in issuer; trusted only where configured).
+    Token {
+        #[command(subcommand)]
+        cmd: token_cmd::TokenCmd,
+    },
+    /// 監査ログ / The audit log: verify it, show the checkpoint public key.
+    Audit {
+        #[command(subcommand)]
+        cmd: audit_cmd::AuditCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,6 +101,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Token { cmd } => token_cmd::run(cmd),
+        Command::Audit { cmd } => audit_cmd::run(cmd),
         Command::Packages => {
             let t = std::time::Instant::now();
             let reg = kizuna_fhir::Registry::load_builtin()?;
