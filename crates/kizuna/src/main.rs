@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod audit_cmd;
+mod synth_cmd;
 mod token_cmd;
 mod validate_cmd;
 
@@ -30,6 +31,8 @@ enum Command {
     },
     /// 読み込んだ FHIR パッケージを表示する / List the loaded FHIR packages and their load time.
     Packages,
+    /// 合成データを生成 / Generate a synthetic population, JP-CLINS submissions and holder datasets.
+    Synth(synth_cmd::SynthArgs),
     /// 開発用トークン / Development tokens (the built-in issuer; trusted only where configured).
     Token {
         #[command(subcommand)]
@@ -101,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Synth(a) => synth_cmd::run(a),
         Command::Token { cmd } => token_cmd::run(cmd),
         Command::Audit { cmd } => audit_cmd::run(cmd),
         Command::Packages => {

@@ -62,9 +62,23 @@ fn read_inputs(
     model: &kizuna_fhir::model::TypeModel,
     out: &mut Vec<Input>,
 ) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     let name = path.display().to_string();
-    let ext = path.extension().and_then(|x| x.to_str()).unwrap_or("");
+    let gz = name.ends_with(".gz");
+    let text = if gz {
+        use std::io::Read;
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(path).with_context(|| name.clone())?)
+            .read_to_string(&mut s)
+            .with_context(|| name.clone())?;
+        s
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?
+    };
+    let ext = if gz {
+        "ndjson"
+    } else {
+        path.extension().and_then(|x| x.to_str()).unwrap_or("")
+    };
     if ext == "ndjson" {
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {

@@ -141,3 +141,48 @@ fn fhirpath_conformance_command_reports_counts() {
         "{out}"
     );
 }
+
+#[test]
+fn synth_writes_a_population_and_its_files_validate() {
+    let d = std::env::temp_dir().join(format!("kizuna-synth-cli-{}", std::process::id()));
+    let (code, out, err) = kizuna(&[
+        "synth",
+        "--patients",
+        "60",
+        "--seed",
+        "4",
+        "--years",
+        "1",
+        "--out",
+        d.to_str().unwrap_or_default(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("60 人 / people"), "{out}");
+    for f in [
+        "people.csv",
+        "coverage.csv",
+        "institutions.csv",
+        "holder/claims.csv",
+        "holder/ground_truth.csv",
+        "fhir/bundles-Observation.ndjson",
+        "summary.json",
+    ] {
+        assert!(d.join(f).exists(), "{f}");
+    }
+    let (code, out, _) = kizuna(&["validate", d.join("fhir").to_str().unwrap_or_default()]);
+    assert_eq!(
+        code,
+        0,
+        "{}",
+        out.lines().rev().take(3).collect::<Vec<_>>().join("\n")
+    );
+    let (code, _, err) = kizuna(&[
+        "synth",
+        "--patients",
+        "0",
+        "--out",
+        d.to_str().unwrap_or_default(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("patients"));
+}
