@@ -24,6 +24,10 @@ pub enum BundleKind {
     Observation,
     /// MedicationRequest (処方), standalone.
     MedicationRequest,
+    /// 診療情報提供書 (eReferral document).
+    Referral,
+    /// 健診結果報告書 (eCheckupReport document).
+    Checkup,
 }
 
 impl BundleKind {
@@ -34,16 +38,31 @@ impl BundleKind {
             BundleKind::AllergyIntolerance => "AllergyIntolerance",
             BundleKind::Observation => "Observation",
             BundleKind::MedicationRequest => "MedicationRequest",
+            BundleKind::Referral => "eReferral",
+            BundleKind::Checkup => "eCheckupReport",
         }
     }
 
     /// All kinds.
-    pub const ALL: [BundleKind; 4] = [
+    pub const ALL: [BundleKind; 6] = [
         BundleKind::Condition,
         BundleKind::AllergyIntolerance,
         BundleKind::Observation,
         BundleKind::MedicationRequest,
+        BundleKind::Referral,
+        BundleKind::Checkup,
     ];
+
+    /// The output file name.
+    pub fn file_name(self) -> String {
+        match self {
+            BundleKind::MedicationRequest => "MedicationRequest.ndjson".into(),
+            BundleKind::Referral | BundleKind::Checkup => {
+                format!("documents-{}.ndjson", self.code())
+            }
+            k => format!("bundles-{}.ndjson", k.code()),
+        }
+    }
 }
 
 struct Templates {

@@ -10,6 +10,7 @@
 //! by the chunk size, not the population.
 
 pub mod clinical;
+pub mod documents;
 pub mod holder;
 pub mod population;
 pub mod rng;
@@ -290,6 +291,30 @@ pub fn person_output(
         }
         day = day.plus(interval + rng.below(30) as i64 - 15);
     }
+    // A 診療情報提供書 to a hospital for conditions a clinic refers on.
+    let referable = p.conditions.iter().find(|(i, _)| {
+        let c = &tables::CONDITIONS[*i];
+        c.cancer || matches!(c.icd10, "I20.9" | "N18.9")
+    });
+    if let Some((_, onset)) = referable {
+        let d = onset.max(&window_start).plus(10 + rng.below(20) as i64);
+        if d <= last && rng.chance(0.6) && clinic.number != hospital.number {
+            bundles.push((
+                BundleKind::Referral,
+                documents::referral(&p, clinic, hospital, d, &mut rng),
+            ));
+        }
+    }
+    // 特定健診 (ages 40–74): a 健診結果報告書 for the insurer and the patient, about half each year.
+    for y in 0..years {
+        let d = window_start.plus(y as i64 * 365 + 100 + rng.below(200) as i64);
+        if d > last || !(40..=74).contains(&p.age_on(d)) || !rng.chance(0.5) {
+            continue;
+        }
+        if let Some(doc) = documents::checkup(&p, clinic, d, &mut rng) {
+            bundles.push((BundleKind::Checkup, doc));
+        }
+    }
     let holder = HolderRows::for_person(&p, &visits, years, seed);
     let resources = bundles
         .iter()
@@ -429,11 +454,7 @@ impl Writers {
         std::fs::create_dir_all(out.join("holder"))?;
         let mut bundles = BTreeMap::new();
         for k in BundleKind::ALL {
-            let mut name = if k == BundleKind::MedicationRequest {
-                "MedicationRequest.ndjson".to_string()
-            } else {
-                format!("bundles-{}.ndjson", k.code())
-            };
+            let mut name = k.file_name();
             let w: Box<dyn Write + Send> = if gzip {
                 name.push_str(".gz");
                 Box::new(flate2::write::GzEncoder::new(
