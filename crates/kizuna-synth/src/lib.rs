@@ -425,6 +425,16 @@ pub fn sample_submissions(
         BundleKind::MedicationRequest,
         clinical::prescription(&p, d, clinic, day, 1),
     ));
+    let (_, hospital) = care_sites(&p, institutions, &mut rng);
+    if hospital.number != clinic.number {
+        out.push((
+            BundleKind::Referral,
+            documents::referral(&p, clinic, hospital, day, &mut rng),
+        ));
+    }
+    if let Some(doc) = documents::checkup(&p, clinic, day, &mut rng) {
+        out.push((BundleKind::Checkup, doc));
+    }
     out
 }
 

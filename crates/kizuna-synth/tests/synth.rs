@@ -18,7 +18,8 @@ fn a_thousand_submissions_of_every_kind_validate_with_zero_errors() {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut failures = Vec::new();
     let mut index = 0;
-    while counts.values().copied().min().unwrap_or(0) < 1000 || counts.len() < 4 {
+    while counts.values().copied().min().unwrap_or(0) < 1000 || counts.len() < BundleKind::ALL.len()
+    {
         for (kind, b) in sample_submissions(11, index, 3, &inst) {
             let n = counts.entry(kind.code()).or_default();
             if *n >= 1000 {
