@@ -28,6 +28,8 @@ pub enum BundleKind {
     Referral,
     /// 健診結果報告書 (eCheckupReport document).
     Checkup,
+    /// 退院時サマリー (eDischargeSummary document).
+    Discharge,
 }
 
 impl BundleKind {
@@ -40,17 +42,19 @@ impl BundleKind {
             BundleKind::MedicationRequest => "MedicationRequest",
             BundleKind::Referral => "eReferral",
             BundleKind::Checkup => "eCheckupReport",
+            BundleKind::Discharge => "eDischargeSummary",
         }
     }
 
     /// All kinds.
-    pub const ALL: [BundleKind; 6] = [
+    pub const ALL: [BundleKind; 7] = [
         BundleKind::Condition,
         BundleKind::AllergyIntolerance,
         BundleKind::Observation,
         BundleKind::MedicationRequest,
         BundleKind::Referral,
         BundleKind::Checkup,
+        BundleKind::Discharge,
     ];
 
     /// The output file name.
@@ -350,6 +354,54 @@ pub fn lab(
     if let Some(o) = r.as_object_mut() {
         o.remove("note");
     }
+    r
+}
+
+/// One infection-item Observation (qualitative: 陽性 / 陰性), possibly flagged LTS.
+#[allow(clippy::too_many_arguments)]
+pub fn infection(
+    p: &Person,
+    ii: usize,
+    positive: bool,
+    inst: &Institution,
+    when: Date,
+    subject_ref: &str,
+    enc: &str,
+    seq: u64,
+    lts: bool,
+) -> Value {
+    let (group, display, _) = tables::INFECTIONS[ii];
+    let mut r = templates().observation.clone();
+    r["id"] = json!(format!("inf-{}-{}-{}", p.id, when.days(), ii));
+    let mut meta = json!({"lastUpdated": stamp(when, 15, 0), "profile": ["http://jpfhir.jp/fhir/eCS/StructureDefinition/JP_Observation_LabResult_eCS|1.10.0"]});
+    if lts {
+        meta["tag"] = json!([flag("LTS")]);
+    }
+    r["meta"] = meta;
+    set_institution(&mut r, inst, Some(DEPARTMENTS[0]));
+    r["identifier"] = json!([{"system": "http://jpfhir.jp/fhir/core/IdSystem/resourceInstance-identifier", "value": format!("{}-{}-{}-I{}", inst.number, p.index, when.days(), seq)}]);
+    let mut coding = vec![
+        json!({"system": "http://jpfhir.jp/fhir/clins/CodeSystem/JP_CLINS_ObsLabResult_LocalCode_CS", "code": format!("I{:04}", ii + 1), "display": display}),
+    ];
+    if let Some(code) = tables::jlac10_infection_code(group) {
+        coding.push(json!({"system": "http://jpfhir.jp/fhir/clins/CodeSystem/JLAC10/JP_CLINS_ObsLabResult_InfectionLabo_CS", "code": code, "display": display}));
+    }
+    r["code"] = json!({"coding": coding, "text": display});
+    r["subject"] = json!({"reference": subject_ref});
+    contained_encounter(&mut r, enc, when.days() as u64, false);
+    r["encounter"] = json!({"reference": format!("#{enc}")});
+    r["effectiveDateTime"] = json!(stamp(when, 9, 30));
+    r["issued"] = json!(format!("{}T15:00:00.000+09:00", when.iso()));
+    let (code, text) = if positive {
+        ("1", "陽性")
+    } else {
+        ("2", "陰性")
+    };
+    if let Some(o) = r.as_object_mut() {
+        o.remove("valueQuantity");
+        o.remove("note");
+    }
+    r["valueCodeableConcept"] = json!({"coding": [{"system": "http://jpfhir.jp/fhir/LaboResult/CodeSystem/JP_PosNegHold_CS", "code": code, "display": text}]});
     r
 }
 

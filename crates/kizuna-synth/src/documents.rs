@@ -255,3 +255,119 @@ pub fn checkup(p: &Person, site: &Institution, date: Date, rng: &mut Rng) -> Opt
     }
     Some(b)
 }
+
+/// Structured sections of a 退院時サマリー: (code, title, what fills it).
+const DISCHARGE_SECTIONS: &[(&str, &str, SectionFill)] = &[
+    ("322", "入院時詳細", SectionFill::Encounter),
+    ("342", "入院時診断", SectionFill::Conditions),
+    ("510", "アレルギー・不耐性反応", SectionFill::Allergies),
+    ("352", "主訴", SectionFill::Text),
+    ("312", "入院理由", SectionFill::Text),
+    ("360", "現病歴", SectionFill::Text),
+    ("444", "退院時投薬指示", SectionFill::Text),
+    ("424", "退院時方針指示", SectionFill::Text),
+    ("333", "入院中経過", SectionFill::CourseDocument),
+    ("324", "退院時詳細", SectionFill::Encounter),
+    ("344", "退院時診断", SectionFill::Conditions),
+];
+
+#[derive(Clone, Copy)]
+enum SectionFill {
+    Encounter,
+    Conditions,
+    Allergies,
+    CourseDocument,
+    Text,
+}
+
+fn narrative(text: &str) -> Value {
+    json!({"status": "additional", "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{text}</div>")})
+}
+
+/// A 退院時サマリー from `hospital` for a stay from `admit` to `discharge`.
+pub fn discharge_summary(
+    p: &Person,
+    hospital: &Institution,
+    admit: Date,
+    discharge: Date,
+    rng: &mut Rng,
+) -> Value {
+    // Start from the referral: its Patient, practitioners, organisations, conditions, allergies and
+    // clinical-course document are the resources a discharge summary carries too.
+    let mut b = referral(p, hospital, hospital, discharge, rng);
+    b["meta"]["profile"] = json!([
+        "http://jpfhir.jp/fhir/eDischargeSummary/StructureDefinition/JP_Bundle_eDischargeSummary"
+    ]);
+    let entries = b["entry"].as_array().cloned().unwrap_or_default();
+    let mut kept = Vec::new();
+    let mut encounter_url = None;
+    let (mut conditions, mut allergies, mut course) = (Vec::new(), Vec::new(), None);
+    for e in entries {
+        let rt = e
+            .pointer("/resource/resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let url = e
+            .get("fullUrl")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        match rt.as_str() {
+            // One Encounter: the stay.
+            "Encounter" if encounter_url.is_some() => continue,
+            "Encounter" => encounter_url = Some(url.clone()),
+            "Observation" => continue,
+            "Condition" => conditions.push(url.clone()),
+            "AllergyIntolerance" => allergies.push(url.clone()),
+            "DocumentReference" => course = Some(url.clone()),
+            _ => {}
+        }
+        kept.push(e);
+    }
+    let enc_url = encounter_url.unwrap_or_default();
+    for e in kept.iter_mut() {
+        let Some(r) = e.get_mut("resource") else {
+            continue;
+        };
+        if r.get("resourceType").and_then(Value::as_str) == Some("Encounter") {
+            r["class"] = json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP", "display": "入院"});
+            r["period"] = json!({"start": admit.iso(), "end": discharge.iso()});
+            r["status"] = json!("finished");
+        }
+    }
+    let refs =
+        |urls: &[String]| -> Vec<Value> { urls.iter().map(|u| json!({"reference": u})).collect() };
+    let subsections: Vec<Value> = DISCHARGE_SECTIONS
+        .iter()
+        .map(|(code, title, fill)| {
+            let mut s = json!({
+                "title": title,
+                "code": {"coding": [{"system": "http://jpfhir.jp/fhir/clins/CodeSystem/document-section", "code": code, "display": format!("{title}セクション")}]}
+            });
+            match fill {
+                SectionFill::Encounter => s["entry"] = json!([{"reference": enc_url}]),
+                SectionFill::Conditions if !conditions.is_empty() => s["entry"] = Value::Array(refs(&conditions)),
+                SectionFill::Allergies if !allergies.is_empty() => s["entry"] = Value::Array(refs(&allergies)),
+                SectionFill::CourseDocument if course.is_some() => s["entry"] = Value::Array(refs(&course.iter().cloned().collect::<Vec<_>>())),
+                _ => s["text"] = narrative("特記事項なし"),
+            }
+            s
+        })
+        .collect();
+    if let Some(c) = kept.first_mut().and_then(|e| e.get_mut("resource")) {
+        c["meta"]["profile"] = json!(["http://jpfhir.jp/fhir/eDischargeSummary/StructureDefinition/JP_Composition_eDischargeSummary"]);
+        c["title"] = json!("退院時サマリー");
+        c["type"] = json!({"coding": [{"system": "http://jpfhir.jp/fhir/Common/CodeSystem/doc-typecodes", "code": "18842-5", "display": "退院時サマリー"}]});
+        c["category"] = json!([{"coding": [{"system": "http://jpfhir.jp/fhir/Common/CodeSystem/doc-subtypecodes", "code": "DISCHARGE", "display": "退院時文書"}]}]);
+        c["event"] = json!([{"period": {"start": admit.iso(), "end": discharge.iso()}}]);
+        c["encounter"] = json!({"reference": enc_url, "type": "Encounter"});
+        c["section"] = json!([{
+            "title": "構造情報",
+            "code": {"coding": [{"system": "http://jpfhir.jp/fhir/clins/CodeSystem/document-section", "code": "300", "display": "構造情報セクション"}]},
+            "section": subsections
+        }]);
+    }
+    b["entry"] = Value::Array(kept);
+    b
+}

@@ -291,6 +291,34 @@ pub fn person_output(
         }
         day = day.plus(interval + rng.below(30) as i64 - 15);
     }
+    // Infection screening (before procedures, at first visits): the 5 items, about 15 % of people.
+    if rng.chance(0.15) {
+        let d = window_start.plus(rng.below(365 * years.max(1) as u64) as i64);
+        if d <= last && d >= p.birth.plus(365) {
+            let url = pat_url(&mut rng);
+            let enc = format!("enc-inf-{}", d.days());
+            let lts = rng.chance(0.5);
+            let obs: Vec<serde_json::Value> = (0..tables::INFECTIONS.len())
+                .map(|ii| {
+                    let positive = rng.chance(tables::INFECTIONS[ii].2);
+                    clinical::infection(&p, ii, positive, hospital, d, &url, &enc, ii as u64, lts)
+                })
+                .collect();
+            let patient = clinical::patient(&p, hospital, d, &mut rng);
+            bundles.push((
+                BundleKind::Observation,
+                clinical::bundle(
+                    BundleKind::Observation,
+                    hospital,
+                    patient,
+                    &url,
+                    obs,
+                    d,
+                    &mut rng,
+                ),
+            ));
+        }
+    }
     // A 診療情報提供書 to a hospital for conditions a clinic refers on.
     let referable = p.conditions.iter().find(|(i, _)| {
         let c = &tables::CONDITIONS[*i];
@@ -302,6 +330,21 @@ pub fn person_output(
             bundles.push((
                 BundleKind::Referral,
                 documents::referral(&p, clinic, hospital, d, &mut rng),
+            ));
+        }
+    }
+    // A hospital stay for cancer or a fracture ends with a 退院時サマリー.
+    let admitted = p.conditions.iter().find(|(i, _)| {
+        let c = &tables::CONDITIONS[*i];
+        c.cancer || c.icd10.starts_with('S')
+    });
+    if let Some((_, onset)) = admitted {
+        let admit = onset.max(&window_start).plus(20 + rng.below(30) as i64);
+        let discharge = admit.plus(5 + rng.below(25) as i64);
+        if discharge <= last {
+            bundles.push((
+                BundleKind::Discharge,
+                documents::discharge_summary(&p, hospital, admit, discharge, &mut rng),
             ));
         }
     }
@@ -400,10 +443,18 @@ pub fn sample_submissions(
     let items: Vec<usize> = (0..tables::LAB_ITEMS.len())
         .filter(|_| rng.chance(0.3))
         .collect();
-    let mut obs = Vec::with_capacity(items.len());
+    let mut obs = Vec::with_capacity(items.len() + tables::INFECTIONS.len());
     for (k, li) in items.into_iter().enumerate() {
         let v = clinical::lab_value(&p, li, &mut rng);
         obs.push(clinical::lab(&p, li, v, clinic, day, &url, &enc, k as u64));
+    }
+    // Every sampled panel also carries the 5 infection items (sometimes positive, sometimes LTS).
+    let lts = rng.chance(0.5);
+    for ii in 0..tables::INFECTIONS.len() {
+        let positive = rng.chance(0.2);
+        obs.push(clinical::infection(
+            &p, ii, positive, clinic, day, &url, &enc, ii as u64, lts,
+        ));
     }
     if !obs.is_empty() {
         let patient = clinical::patient(&p, clinic, day, &mut rng);
@@ -435,6 +486,10 @@ pub fn sample_submissions(
     if let Some(doc) = documents::checkup(&p, clinic, day, &mut rng) {
         out.push((BundleKind::Checkup, doc));
     }
+    out.push((
+        BundleKind::Discharge,
+        documents::discharge_summary(&p, hospital, day.plus(-10), day, &mut rng),
+    ));
     out
 }
 

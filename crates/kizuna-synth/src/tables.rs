@@ -633,3 +633,33 @@ pub const DEATH_CAUSES: &[(&str, &str, f64)] = &[
     ("V89.2", "交通事故", 0.5),
     ("X59", "不慮の事故", 2.0),
 ];
+
+/// The 5 infection items of the sharing service (qualitative results), with rough positivity rates.
+pub const INFECTIONS: &[(&str, &str, f64)] = &[
+    ("STS-QLRESULT", "梅毒STS(定性)", 0.004),
+    ("TP-RESULT", "梅毒TP抗体(定性)", 0.006),
+    ("HBs-AG-RESULT", "HBs抗原(定性)", 0.008),
+    ("HCV-AB-RESULT", "HCV抗体(定性)", 0.012),
+    ("HIV-1P2-AB-RESULT", "HIV-1+2抗体(定性)", 0.0002),
+];
+
+/// The JLAC10 code of an infection item group.
+pub fn jlac10_infection_code(group: &str) -> Option<&'static str> {
+    static CODES: OnceLock<Vec<(String, String)>> = OnceLock::new();
+    let codes = CODES.get_or_init(|| {
+        let mut out: Vec<(String, String)> = Vec::new();
+        let text = include_str!("../../kizuna-fhir/data/jlac/clins_v1.10_JLAC10_infectionlabo.csv");
+        let mut rdr = csv::Reader::from_reader(text.as_bytes());
+        for r in rdr.records().filter_map(Result::ok) {
+            let (g, code) = (r.get(0).unwrap_or(""), r.get(1).unwrap_or(""));
+            if !out.iter().any(|(x, _)| x == g) {
+                out.push((g.to_string(), code.to_string()));
+            }
+        }
+        out
+    });
+    codes
+        .iter()
+        .find(|(g, _)| g == group)
+        .map(|(_, c)| c.as_str())
+}

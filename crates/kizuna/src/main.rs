@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod audit_cmd;
+mod post;
 mod synth_cmd;
 mod token_cmd;
 mod validate_cmd;

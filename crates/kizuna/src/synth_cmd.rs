@@ -21,6 +21,15 @@ pub struct SynthArgs {
     /// スレッド数 (出力には影響しない) / worker threads (does not change the output)
     #[arg(long)]
     threads: Option<usize>,
+    /// 生成後に FHIR サーバーへ送信 (FHIR ベース URL) / after generating, POST everything to this FHIR base URL
+    #[arg(long, value_name = "URL")]
+    post: Option<String>,
+    /// 送信時の Bearer トークン (または環境変数 KIZUNA_TOKEN) / bearer token for --post (or KIZUNA_TOKEN)
+    #[arg(long, env = "KIZUNA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// 同時送信数 / concurrent connections for --post
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
     /// FHIR NDJSON を gzip で出力 (大規模向け、約 1/10) / gzip the FHIR NDJSON (large runs; about a tenth the size)
     #[arg(long)]
     gzip: bool,
@@ -71,5 +80,25 @@ pub fn run(a: SynthArgs) -> anyhow::Result<ExitCode> {
         s.seconds,
         s.people as f64 * 60.0 / s.seconds.max(1e-9)
     );
+    if let Some(base) = &a.post {
+        let r = crate::post::post_dir(
+            &a.out.join("fhir"),
+            base,
+            a.token.as_deref(),
+            a.concurrency.max(1),
+        )?;
+        println!(
+            "送信 / posted to {base}: {} 件成功 / ok, {} 件失敗 / failed, {:.0} 件/秒 / per s",
+            r.ok,
+            r.failed,
+            r.ok as f64 / r.seconds.max(1e-9)
+        );
+        for e in &r.first_errors {
+            println!("  NG {e}");
+        }
+        if r.failed > 0 {
+            return Ok(ExitCode::from(1));
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
