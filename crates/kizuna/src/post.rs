@@ -84,43 +84,41 @@ pub fn post_dir(
         let lines = Mutex::new(open(&f)?.lines());
         std::thread::scope(|s| {
             for _ in 0..concurrency {
-                s.spawn(|| loop {
-                    let line = match lines.lock().ok().and_then(|mut l| l.next()) {
-                        Some(Ok(l)) => l,
-                        _ => break,
-                    };
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    let rt = serde_json::from_str::<Value>(&line)
-                        .ok()
-                        .and_then(|v| {
-                            v.get("resourceType")
-                                .and_then(Value::as_str)
-                                .map(str::to_string)
-                        })
-                        .unwrap_or_else(|| "Bundle".into());
-                    let mut req = agent
-                        .post(&format!("{base}/{rt}"))
-                        .set("Content-Type", "application/fhir+json");
-                    if let Some(t) = token {
-                        req = req.set("Authorization", &format!("Bearer {t}"));
-                    }
-                    match req.send_string(&line) {
-                        Ok(_) => {
-                            ok.fetch_add(1, Ordering::Relaxed);
+                s.spawn(|| {
+                    while let Some(Ok(line)) = lines.lock().ok().and_then(|mut l| l.next()) {
+                        if line.trim().is_empty() {
+                            continue;
                         }
-                        Err(e) => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            let msg = match e {
-                                ureq::Error::Status(code, resp) => {
-                                    describe(code, &resp.into_string().unwrap_or_default())
-                                }
-                                ureq::Error::Transport(t) => format!("transport: {}", t.kind()),
-                            };
-                            if let Ok(mut es) = errors.lock() {
-                                if es.len() < 10 {
-                                    es.push(msg);
+                        let rt = serde_json::from_str::<Value>(&line)
+                            .ok()
+                            .and_then(|v| {
+                                v.get("resourceType")
+                                    .and_then(Value::as_str)
+                                    .map(str::to_string)
+                            })
+                            .unwrap_or_else(|| "Bundle".into());
+                        let mut req = agent
+                            .post(&format!("{base}/{rt}"))
+                            .set("Content-Type", "application/fhir+json");
+                        if let Some(t) = token {
+                            req = req.set("Authorization", &format!("Bearer {t}"));
+                        }
+                        match req.send_string(&line) {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                let msg = match e {
+                                    ureq::Error::Status(code, resp) => {
+                                        describe(code, &resp.into_string().unwrap_or_default())
+                                    }
+                                    ureq::Error::Transport(t) => format!("transport: {}", t.kind()),
+                                };
+                                if let Ok(mut es) = errors.lock() {
+                                    if es.len() < 10 {
+                                        es.push(msg);
+                                    }
                                 }
                             }
                         }
