@@ -236,7 +236,7 @@ pub fn person_output(
             let mut items: Vec<usize> = Vec::new();
             for (li, item) in tables::LAB_ITEMS.iter().enumerate() {
                 let relevant = item.shifts.iter().any(|(c, _)| icd.contains(c));
-                if relevant || rng.chance(0.35) {
+                if relevant || rng.chance(0.2) {
                     items.push(li);
                 }
             }
