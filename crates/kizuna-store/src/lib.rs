@@ -1,0 +1,643 @@
+//! # kizuna-store
+//!
+//! The versioned FHIR resource store: every write is a new version kept in the history, the current
+//! version is searchable through index tables filled from the SearchParameter definitions, and a
+//! transaction of many writes commits atomically or not at all.
+//!
+//! One implementation serves both backends through sqlx's `Any` driver: SQLite (bundled, WAL) is the
+//! zero-setup default in `./kizuna-data/`, PostgreSQL is for production. The same test suite runs on both.
+
+pub mod index;
+pub mod search;
+
+use std::sync::Arc;
+
+use kizuna_fhir::Registry;
+use serde_json::Value;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Row, Transaction};
+
+pub use index::{IndexValue, Indexer, ParamType};
+pub use search::{SearchParamValue, SearchQuery, SearchResult, SortKey};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("データベースエラー / database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A stored body could not be read.
+    #[error("保存データが不正です / stored JSON is corrupt: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The resource has no `resourceType`.
+    #[error("resourceType がありません / resource has no resourceType")]
+    NoResourceType,
+    /// If-Match did not match the current version.
+    #[error("版が一致しません (現在 {current}) / version conflict: current version is {current}")]
+    VersionConflict {
+        /// The current version.
+        current: i64,
+    },
+    /// The resource was deleted.
+    #[error("削除済みです / resource {0} was deleted")]
+    Gone(String),
+    /// A search parameter the type does not have.
+    #[error("不明な検索パラメータ / unknown search parameter {0}")]
+    UnknownParameter(String),
+    /// A search value that does not fit its parameter type.
+    #[error("検索値が不正です / invalid search value for {param}: {value}")]
+    BadSearchValue {
+        /// Parameter.
+        param: String,
+        /// Value.
+        value: String,
+    },
+    /// The database URL is not SQLite or PostgreSQL.
+    #[error("未対応のデータベース URL / unsupported database URL (use sqlite:// or postgres://)")]
+    UnsupportedUrl,
+}
+
+/// Which SQL dialect the pool speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite (embedded default).
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// One stored version of a resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    /// Resource type.
+    pub resource_type: String,
+    /// Id.
+    pub id: String,
+    /// Version (1, 2, …).
+    pub version: i64,
+    /// `meta.lastUpdated` of this version.
+    pub last_updated: String,
+    /// True for a deletion marker.
+    pub deleted: bool,
+    /// The resource with `id` and `meta.versionId`/`meta.lastUpdated` set (absent when deleted).
+    pub resource: Option<Value>,
+}
+
+/// One write of a transaction.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Create with a server-assigned id; `full_url` (`urn:uuid:…`) is what other entries may reference.
+    Create {
+        /// The resource.
+        resource: Value,
+        /// Its `fullUrl` in the Bundle, if any.
+        full_url: Option<String>,
+    },
+    /// Create or update at a known id, optionally only if the current version matches.
+    Update {
+        /// The resource (its `id` must be set).
+        resource: Value,
+        /// If-Match version.
+        if_match: Option<i64>,
+    },
+    /// Delete (a no-op if absent).
+    Delete {
+        /// Type.
+        resource_type: String,
+        /// Id.
+        id: String,
+    },
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS kz_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS resources (rtype TEXT NOT NULL, id TEXT NOT NULL, version BIGINT NOT NULL, last_updated TEXT NOT NULL, lu_ms BIGINT NOT NULL, deleted BIGINT NOT NULL, body TEXT, PRIMARY KEY (rtype, id))",
+    "CREATE TABLE IF NOT EXISTS history (rtype TEXT NOT NULL, id TEXT NOT NULL, version BIGINT NOT NULL, last_updated TEXT NOT NULL, lu_ms BIGINT NOT NULL, deleted BIGINT NOT NULL, body TEXT, PRIMARY KEY (rtype, id, version))",
+    "CREATE INDEX IF NOT EXISTS history_lu ON history (lu_ms)",
+    "CREATE INDEX IF NOT EXISTS resources_lu ON resources (rtype, lu_ms)",
+    "CREATE TABLE IF NOT EXISTS idx_token (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, system TEXT NOT NULL, code TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS idx_token_q ON idx_token (rtype, param, code)",
+    "CREATE INDEX IF NOT EXISTS idx_token_r ON idx_token (rtype, id)",
+    "CREATE TABLE IF NOT EXISTS idx_string (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, norm TEXT NOT NULL, exact TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS idx_string_q ON idx_string (rtype, param, norm)",
+    "CREATE INDEX IF NOT EXISTS idx_string_r ON idx_string (rtype, id)",
+    "CREATE TABLE IF NOT EXISTS idx_date (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, lo BIGINT NOT NULL, hi BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS idx_date_q ON idx_date (rtype, param, lo)",
+    "CREATE INDEX IF NOT EXISTS idx_date_r ON idx_date (rtype, id)",
+    "CREATE TABLE IF NOT EXISTS idx_reference (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, ttype TEXT NOT NULL, tid TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS idx_reference_q ON idx_reference (rtype, param, tid)",
+    "CREATE INDEX IF NOT EXISTS idx_reference_r ON idx_reference (rtype, id)",
+    "CREATE TABLE IF NOT EXISTS idx_number (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, val DOUBLE PRECISION NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS idx_number_r ON idx_number (rtype, id)",
+    "CREATE TABLE IF NOT EXISTS idx_uri (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, val TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS idx_uri_r ON idx_uri (rtype, id)",
+];
+
+/// The current schema version (recorded in `kz_meta`).
+pub const SCHEMA_VERSION: &str = "1";
+
+/// The store: a connection pool, the dialect, and the index definitions.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    registry: &'static Registry,
+    indexer: Arc<Indexer>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+/// A new resource id: 32 random hex digits.
+fn new_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut x = (t as u64)
+        ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (std::process::id() as u64).rotate_left(32);
+    let mut out = String::with_capacity(32);
+    for _ in 0..2 {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.push_str(&format!("{:016x}", z ^ (z >> 31)));
+    }
+    out
+}
+
+impl Store {
+    /// Opens a store (`sqlite://path/to/file.db` or `postgres://…`) and migrates it.
+    pub async fn open(url: &str, registry: &'static Registry) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::UnsupportedUrl);
+        };
+        let url = if backend == Backend::Sqlite && !url.contains("mode=") {
+            format!("{url}{}mode=rwc", if url.contains('?') { "&" } else { "?" })
+        } else {
+            url.to_string()
+        };
+        let mut opts =
+            AnyPoolOptions::new().max_connections(if backend == Backend::Sqlite { 4 } else { 16 });
+        if backend == Backend::Sqlite {
+            opts = opts.after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA journal_mode=WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA synchronous=NORMAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA busy_timeout=10000")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA foreign_keys=ON")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = opts.connect(&url).await?;
+        let store = Store {
+            pool,
+            backend,
+            registry,
+            indexer: Arc::new(Indexer::new(registry)),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for stmt in SCHEMA {
+            sqlx::query(stmt).execute(&mut *tx).await?;
+        }
+        let upsert = self.sql("INSERT INTO kz_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value");
+        sqlx::query(&upsert)
+            .bind("schema_version")
+            .bind(SCHEMA_VERSION)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Runs one statement (administration and tests).
+    pub async fn execute_raw(&self, sql: &str) -> Result<(), StoreError> {
+        sqlx::query(sql).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The index definitions.
+    pub fn indexer(&self) -> &Indexer {
+        &self.indexer
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &'static Registry {
+        self.registry
+    }
+
+    /// Rewrites `?` placeholders for PostgreSQL (`$1`, `$2` …).
+    pub(crate) fn sql(&self, q: &str) -> String {
+        if self.backend == Backend::Sqlite {
+            return q.to_string();
+        }
+        let mut out = String::with_capacity(q.len() + 16);
+        let mut n = 0;
+        let mut in_str = false;
+        for c in q.chars() {
+            match c {
+                '\'' => {
+                    in_str = !in_str;
+                    out.push(c)
+                }
+                '?' if !in_str => {
+                    n += 1;
+                    out.push_str(&format!("${n}"));
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Creates a resource with a new id.
+    pub async fn create(&self, resource: Value) -> Result<Stored, StoreError> {
+        let mut out = self
+            .transaction(vec![WriteOp::Create {
+                resource,
+                full_url: None,
+            }])
+            .await?;
+        out.pop().ok_or(StoreError::NoResourceType)
+    }
+
+    /// Creates or updates a resource at its id; with `if_match`, only when that is the current version.
+    pub async fn update(
+        &self,
+        resource: Value,
+        if_match: Option<i64>,
+    ) -> Result<Stored, StoreError> {
+        let mut out = self
+            .transaction(vec![WriteOp::Update { resource, if_match }])
+            .await?;
+        out.pop().ok_or(StoreError::NoResourceType)
+    }
+
+    /// Deletes a resource (a new version marked deleted); returns it, or `None` when there was nothing.
+    pub async fn delete(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<Stored>, StoreError> {
+        let mut out = self
+            .transaction(vec![WriteOp::Delete {
+                resource_type: resource_type.to_string(),
+                id: id.to_string(),
+            }])
+            .await?;
+        Ok(out.pop().filter(|s| s.deleted))
+    }
+
+    /// Applies writes atomically: all are stored or none. `urn:uuid` references between entries are
+    /// rewritten to the ids the creates receive.
+    pub async fn transaction(&self, ops: Vec<WriteOp>) -> Result<Vec<Stored>, StoreError> {
+        // Assign ids to creates first, so references between entries can be rewritten.
+        let mut map: Vec<(String, String)> = Vec::new();
+        let mut ops = ops;
+        for op in ops.iter_mut() {
+            if let WriteOp::Create { resource, full_url } = op {
+                let rt = resource
+                    .get("resourceType")
+                    .and_then(Value::as_str)
+                    .ok_or(StoreError::NoResourceType)?
+                    .to_string();
+                let id = new_id();
+                resource["id"] = Value::String(id.clone());
+                if let Some(u) = full_url {
+                    map.push((u.clone(), format!("{rt}/{id}")));
+                }
+            }
+        }
+        if !map.is_empty() {
+            for op in ops.iter_mut() {
+                match op {
+                    WriteOp::Create { resource, .. } | WriteOp::Update { resource, .. } => {
+                        rewrite_refs(resource, &map)
+                    }
+                    WriteOp::Delete { .. } => {}
+                }
+            }
+        }
+        let now = chrono::Utc::now();
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            let stored = match op {
+                WriteOp::Create { resource, .. } => {
+                    self.write(&mut tx, resource, None, now, false).await?
+                }
+                WriteOp::Update { resource, if_match } => {
+                    self.write(&mut tx, resource, if_match, now, false).await?
+                }
+                WriteOp::Delete { resource_type, id } => {
+                    let stub = serde_json::json!({"resourceType": resource_type, "id": id});
+                    self.write(&mut tx, stub, None, now, true).await?
+                }
+            };
+            out.push(stored);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn write(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        mut resource: Value,
+        if_match: Option<i64>,
+        now: chrono::DateTime<chrono::Utc>,
+        delete: bool,
+    ) -> Result<Stored, StoreError> {
+        let rt = resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .ok_or(StoreError::NoResourceType)?
+            .to_string();
+        let id = match resource.get("id").and_then(Value::as_str) {
+            Some(i) => i.to_string(),
+            None => {
+                let i = new_id();
+                resource["id"] = Value::String(i.clone());
+                i
+            }
+        };
+        let q = self.sql("SELECT version, deleted FROM resources WHERE rtype = ? AND id = ?");
+        let current: Option<(i64, i64)> = sqlx::query(&q)
+            .bind(&rt)
+            .bind(&id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|r: AnyRow| {
+                (
+                    r.try_get::<i64, _>(0).unwrap_or(0),
+                    r.try_get::<i64, _>(1).unwrap_or(0),
+                )
+            });
+        if let Some(expected) = if_match {
+            let cur = current.map(|c| c.0).unwrap_or(0);
+            if cur != expected {
+                return Err(StoreError::VersionConflict { current: cur });
+            }
+        }
+        if delete && current.map(|c| c.1 == 1).unwrap_or(true) {
+            // Nothing to delete (absent or already deleted).
+            return Ok(Stored {
+                resource_type: rt,
+                id,
+                version: current.map(|c| c.0).unwrap_or(0),
+                last_updated: String::new(),
+                deleted: false,
+                resource: None,
+            });
+        }
+        let version = current.map(|c| c.0).unwrap_or(0) + 1;
+        let last_updated = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let lu_ms = now.timestamp_millis();
+        let body = if delete {
+            None
+        } else {
+            let meta = resource.as_object_mut().map(|o| {
+                o.entry("meta")
+                    .or_insert_with(|| Value::Object(Default::default()))
+            });
+            if let Some(Value::Object(m)) = meta {
+                m.insert("versionId".into(), Value::String(version.to_string()));
+                m.insert("lastUpdated".into(), Value::String(last_updated.clone()));
+            }
+            Some(serde_json::to_string(&resource)?)
+        };
+        let upsert = self.sql(
+            "INSERT INTO resources (rtype, id, version, last_updated, lu_ms, deleted, body) VALUES (?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, last_updated = excluded.last_updated, lu_ms = excluded.lu_ms, deleted = excluded.deleted, body = excluded.body",
+        );
+        sqlx::query(&upsert)
+            .bind(&rt)
+            .bind(&id)
+            .bind(version)
+            .bind(&last_updated)
+            .bind(lu_ms)
+            .bind(delete as i64)
+            .bind(body.clone())
+            .execute(&mut **tx)
+            .await?;
+        let hist = self.sql("INSERT INTO history (rtype, id, version, last_updated, lu_ms, deleted, body) VALUES (?, ?, ?, ?, ?, ?, ?)");
+        sqlx::query(&hist)
+            .bind(&rt)
+            .bind(&id)
+            .bind(version)
+            .bind(&last_updated)
+            .bind(lu_ms)
+            .bind(delete as i64)
+            .bind(body)
+            .execute(&mut **tx)
+            .await?;
+        for table in [
+            "idx_token",
+            "idx_string",
+            "idx_date",
+            "idx_reference",
+            "idx_number",
+            "idx_uri",
+        ] {
+            let del = self.sql(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?"));
+            sqlx::query(&del)
+                .bind(&rt)
+                .bind(&id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        if !delete {
+            for (param, v) in self.indexer.extract(self.registry, &resource) {
+                let (sql, binds): (&str, Vec<Bind>) = match v {
+                    IndexValue::Token(s, c) => ("INSERT INTO idx_token (rtype, id, param, system, code) VALUES (?, ?, ?, ?, ?)", vec![Bind::S(s), Bind::S(c)]),
+                    IndexValue::String(n, e) => ("INSERT INTO idx_string (rtype, id, param, norm, exact) VALUES (?, ?, ?, ?, ?)", vec![Bind::S(n), Bind::S(e)]),
+                    IndexValue::Date(lo, hi) => ("INSERT INTO idx_date (rtype, id, param, lo, hi) VALUES (?, ?, ?, ?, ?)", vec![Bind::I(lo), Bind::I(hi)]),
+                    IndexValue::Reference(t, i) => ("INSERT INTO idx_reference (rtype, id, param, ttype, tid) VALUES (?, ?, ?, ?, ?)", vec![Bind::S(t), Bind::S(i)]),
+                    IndexValue::Number(n) => ("INSERT INTO idx_number (rtype, id, param, val) VALUES (?, ?, ?, ?)", vec![Bind::F(n)]),
+                    IndexValue::Uri(u) => ("INSERT INTO idx_uri (rtype, id, param, val) VALUES (?, ?, ?, ?)", vec![Bind::S(u)]),
+                };
+                let q = self.sql(sql);
+                let mut query = sqlx::query(&q).bind(&rt).bind(&id).bind(param);
+                for b in binds {
+                    query = match b {
+                        Bind::S(s) => query.bind(s),
+                        Bind::I(i) => query.bind(i),
+                        Bind::F(f) => query.bind(f),
+                    };
+                }
+                query.execute(&mut **tx).await?;
+            }
+        }
+        Ok(Stored {
+            resource_type: rt,
+            id,
+            version,
+            last_updated,
+            deleted: delete,
+            resource: if delete { None } else { Some(resource) },
+        })
+    }
+
+    /// Reads the current version; `Err(Gone)` when deleted, `Ok(None)` when never stored.
+    pub async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Stored>, StoreError> {
+        let q = self.sql(
+            "SELECT version, last_updated, deleted, body FROM resources WHERE rtype = ? AND id = ?",
+        );
+        let row = sqlx::query(&q)
+            .bind(resource_type)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let s = stored_from(resource_type, id, &r)?;
+                if s.deleted {
+                    Err(StoreError::Gone(format!("{resource_type}/{id}")))
+                } else {
+                    Ok(Some(s))
+                }
+            }
+        }
+    }
+
+    /// Reads one version.
+    pub async fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<Stored>, StoreError> {
+        let q = self.sql("SELECT version, last_updated, deleted, body FROM history WHERE rtype = ? AND id = ? AND version = ?");
+        let row = sqlx::query(&q)
+            .bind(resource_type)
+            .bind(id)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| stored_from(resource_type, id, &r)).transpose()
+    }
+
+    /// History of an instance, a type (`id` None) or everything (`resource_type` None), newest first.
+    pub async fn history(
+        &self,
+        resource_type: Option<&str>,
+        id: Option<&str>,
+        since_ms: Option<i64>,
+        count: i64,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let mut sql = String::from(
+            "SELECT rtype, id, version, last_updated, deleted, body FROM history WHERE 1=1",
+        );
+        if resource_type.is_some() {
+            sql.push_str(" AND rtype = ?");
+        }
+        if id.is_some() {
+            sql.push_str(" AND id = ?");
+        }
+        if since_ms.is_some() {
+            sql.push_str(" AND lu_ms >= ?");
+        }
+        sql.push_str(" ORDER BY lu_ms DESC, version DESC LIMIT ?");
+        let q = self.sql(&sql);
+        let mut query = sqlx::query(&q);
+        if let Some(t) = resource_type {
+            query = query.bind(t);
+        }
+        if let Some(i) = id {
+            query = query.bind(i);
+        }
+        if let Some(s) = since_ms {
+            query = query.bind(s);
+        }
+        let rows = query.bind(count).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                let rt: String = r.try_get(0)?;
+                let id: String = r.try_get(1)?;
+                stored_from_offset(&rt, &id, r, 2)
+            })
+            .collect()
+    }
+}
+
+enum Bind {
+    S(String),
+    I(i64),
+    F(f64),
+}
+
+fn stored_from(rt: &str, id: &str, r: &AnyRow) -> Result<Stored, StoreError> {
+    stored_from_offset(rt, id, r, 0)
+}
+
+fn stored_from_offset(rt: &str, id: &str, r: &AnyRow, o: usize) -> Result<Stored, StoreError> {
+    let version: i64 = r.try_get(o)?;
+    let last_updated: String = r.try_get(o + 1)?;
+    let deleted: i64 = r.try_get(o + 2)?;
+    let body: Option<String> = r.try_get(o + 3)?;
+    Ok(Stored {
+        resource_type: rt.to_string(),
+        id: id.to_string(),
+        version,
+        last_updated,
+        deleted: deleted == 1,
+        resource: body.map(|b| serde_json::from_str(&b)).transpose()?,
+    })
+}
+
+/// Rewrites `reference` values that name a Bundle `fullUrl` to the stored `Type/id`.
+fn rewrite_refs(v: &mut Value, map: &[(String, String)]) {
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(r)) = o.get_mut("reference") {
+                if let Some((_, to)) = map.iter().find(|(from, _)| from == r) {
+                    *r = to.clone();
+                }
+            }
+            for x in o.values_mut() {
+                rewrite_refs(x, map);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rewrite_refs(x, map)),
+        _ => {}
+    }
+}

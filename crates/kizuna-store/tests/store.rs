@@ -1,0 +1,453 @@
+//! The same storage suite on SQLite and PostgreSQL: versioning, history, deletes, atomic transactions
+//! with reference rewriting, and search checked against a brute-force walk over the stored JSON.
+
+use kizuna_fhir::Registry;
+use kizuna_store::{SearchQuery, Store, StoreError, WriteOp};
+use kizuna_synth::clinical::BundleKind;
+use serde_json::{json, Value};
+
+fn pairs(q: &str) -> SearchQuery {
+    let p: Vec<(String, String)> = q
+        .split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let mut sq = SearchQuery::from_pairs(&p);
+    if !p.iter().any(|(k, _)| k == "_count") {
+        sq.count = 1000;
+    }
+    sq
+}
+
+async fn crud(s: &Store) {
+    let c = s
+        .create(json!({"resourceType": "Patient", "gender": "female", "birthDate": "1970-05-01"}))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.version, 1);
+    assert_eq!(c.id.len(), 32);
+    let r = c.resource.clone().unwrap_or_default();
+    assert_eq!(r["meta"]["versionId"], "1");
+    let mut r2 = r.clone();
+    r2["gender"] = json!("male");
+    let u = s
+        .update(r2.clone(), Some(1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(u.version, 2);
+    // A stale If-Match is refused and changes nothing.
+    assert!(matches!(
+        s.update(r2.clone(), Some(1)).await,
+        Err(StoreError::VersionConflict { current: 2 })
+    ));
+    assert_eq!(
+        s.read("Patient", &c.id)
+            .await
+            .ok()
+            .flatten()
+            .map(|x| x.version),
+        Some(2)
+    );
+    assert_eq!(
+        s.vread("Patient", &c.id, 1)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|x| x.resource)
+            .map(|r| r["gender"].clone()),
+        Some(json!("female"))
+    );
+    let d = s
+        .delete("Patient", &c.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(d.map(|d| d.version), Some(3));
+    assert!(matches!(
+        s.read("Patient", &c.id).await,
+        Err(StoreError::Gone(_))
+    ));
+    assert!(
+        s.delete("Patient", &c.id).await.ok().flatten().is_none(),
+        "deleting twice is a no-op"
+    );
+    assert!(s
+        .delete("Patient", "never-there")
+        .await
+        .ok()
+        .flatten()
+        .is_none());
+    let h = s
+        .history(Some("Patient"), Some(&c.id), None, 10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        h.iter().map(|x| (x.version, x.deleted)).collect::<Vec<_>>(),
+        vec![(3, true), (2, false), (1, false)]
+    );
+    // Deleted resources are not found by search.
+    let found = s
+        .search("Patient", &pairs(&format!("_id={}", c.id)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(found.total, 0);
+    // Update-as-create at a client id.
+    let u = s
+        .update(
+            json!({"resourceType": "Patient", "id": "client-chosen-1"}),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((u.id.as_str(), u.version), ("client-chosen-1", 1));
+}
+
+async fn transactions(s: &Store) {
+    let ops = vec![
+        WriteOp::Create {
+            resource: json!({"resourceType": "Patient", "gender": "other"}),
+            full_url: Some("urn:uuid:aaaa".into()),
+        },
+        WriteOp::Create {
+            resource: json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "urn:uuid:aaaa"}}),
+            full_url: None,
+        },
+    ];
+    let out = s.transaction(ops).await.unwrap_or_else(|e| panic!("{e}"));
+    let pid = &out[0].id;
+    assert_eq!(
+        out[1]
+            .resource
+            .as_ref()
+            .map(|r| r["subject"]["reference"].clone()),
+        Some(json!(format!("Patient/{pid}")))
+    );
+    let by_subject = s
+        .search("Observation", &pairs(&format!("subject=Patient/{pid}")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(by_subject.total, 1);
+    // A failing entry rolls the whole transaction back.
+    let before = s
+        .search("Patient", &pairs("gender=unknown"))
+        .await
+        .map(|r| r.total)
+        .unwrap_or(-1);
+    let ops = vec![
+        WriteOp::Create {
+            resource: json!({"resourceType": "Patient", "gender": "unknown"}),
+            full_url: None,
+        },
+        WriteOp::Update {
+            resource: json!({"resourceType": "Patient", "id": "client-chosen-1"}),
+            if_match: Some(99),
+        },
+    ];
+    assert!(matches!(
+        s.transaction(ops).await,
+        Err(StoreError::VersionConflict { .. })
+    ));
+    let after = s
+        .search("Patient", &pairs("gender=unknown"))
+        .await
+        .map(|r| r.total)
+        .unwrap_or(-2);
+    assert_eq!(
+        before, after,
+        "nothing of the failed transaction was stored"
+    );
+}
+
+/// Loads synthetic JP-CLINS submissions (their entries, references rewritten) and returns what was stored.
+async fn load(s: &Store, n: u64) -> Vec<Value> {
+    let inst = kizuna_synth::population::institutions(21);
+    let mut stored = Vec::new();
+    for i in 0..n {
+        for (kind, b) in kizuna_synth::sample_submissions(21, i, 2, &inst) {
+            if !matches!(kind, BundleKind::Condition | BundleKind::Observation) {
+                continue;
+            }
+            let ops: Vec<WriteOp> = b["entry"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| WriteOp::Create {
+                    resource: e["resource"].clone(),
+                    full_url: e["fullUrl"].as_str().map(str::to_string),
+                })
+                .collect();
+            for st in s.transaction(ops).await.unwrap_or_else(|e| panic!("{e}")) {
+                if let Some(r) = st.resource {
+                    stored.push(r);
+                }
+            }
+        }
+    }
+    stored
+}
+
+fn count(all: &[Value], rt: &str, pred: impl Fn(&Value) -> bool) -> i64 {
+    all.iter()
+        .filter(|r| r["resourceType"] == rt && pred(r))
+        .count() as i64
+}
+
+fn codings(v: &Value) -> Vec<(String, String)> {
+    v["coding"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            (
+                c["system"].as_str().unwrap_or("").to_string(),
+                c["code"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn searches(s: &Store) {
+    let all = load(s, 40).await;
+    assert!(all.len() > 200, "{}", all.len());
+    let check = |q: &'static str, rt: &'static str, expected: i64| async move {
+        let got = s
+            .search(rt, &pairs(q))
+            .await
+            .unwrap_or_else(|e| panic!("{rt}?{q}: {e}"));
+        assert_eq!(got.total, expected, "{rt}?{q}");
+        assert_eq!(
+            got.resources.len() as i64,
+            expected.min(1000),
+            "{rt}?{q} page"
+        );
+    };
+    let icd = "http://jpfhir.jp/fhir/core/mhlw/CodeSystem/ICD10-2013-full";
+    check(
+        "code=http://jpfhir.jp/fhir/core/mhlw/CodeSystem/ICD10-2013-full|I10",
+        "Condition",
+        count(&all, "Condition", |r| {
+            codings(&r["code"]).contains(&(icd.into(), "I10".into()))
+        }),
+    )
+    .await;
+    check(
+        "code=I10,E11.9",
+        "Condition",
+        count(&all, "Condition", |r| {
+            codings(&r["code"])
+                .iter()
+                .any(|c| c.1 == "I10" || c.1 == "E11.9")
+        }),
+    )
+    .await;
+    check(
+        "code:not=I10",
+        "Condition",
+        count(&all, "Condition", |r| {
+            !codings(&r["code"]).iter().any(|c| c.1 == "I10")
+        }),
+    )
+    .await;
+    check(
+        "code=http://jpfhir.jp/fhir/core/mhlw/CodeSystem/ICD10-2013-full|",
+        "Condition",
+        count(&all, "Condition", |r| {
+            codings(&r["code"]).iter().any(|c| c.0 == icd)
+        }),
+    )
+    .await;
+    check(
+        "gender=female",
+        "Patient",
+        count(&all, "Patient", |r| r["gender"] == "female"),
+    )
+    .await;
+    check(
+        "birthdate=ge1950-01-01&birthdate=lt1960",
+        "Patient",
+        count(&all, "Patient", |r| {
+            r["birthDate"]
+                .as_str()
+                .map(|b| ("1950".to_string()..="1959-12-31".to_string()).contains(&b.to_string()))
+                .unwrap_or(false)
+        }),
+    )
+    .await;
+    check(
+        "birthdate=1960",
+        "Patient",
+        count(&all, "Patient", |r| {
+            r["birthDate"]
+                .as_str()
+                .map(|b| b.starts_with("1960"))
+                .unwrap_or(false)
+        }),
+    )
+    .await;
+    let family = |r: &Value, pred: &dyn Fn(&str) -> bool| {
+        r["name"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["family"].as_str().map(pred).unwrap_or(false))
+    };
+    check(
+        "family=佐藤",
+        "Patient",
+        count(&all, "Patient", |r| family(r, &|f| f.starts_with("佐藤"))),
+    )
+    .await;
+    check(
+        "family:exact=サトウ",
+        "Patient",
+        count(&all, "Patient", |r| family(r, &|f| f == "サトウ")),
+    )
+    .await;
+    check(
+        "family:contains=トウ",
+        "Patient",
+        count(&all, "Patient", |r| family(r, &|f| f.contains("トウ"))),
+    )
+    .await;
+    check(
+        "onset-date=lt2000",
+        "Condition",
+        count(&all, "Condition", |r| {
+            r["onsetDateTime"]
+                .as_str()
+                .map(|d| d < "2000")
+                .unwrap_or(false)
+        }),
+    )
+    .await;
+    check(
+        "abatement-date:missing=true",
+        "Condition",
+        count(&all, "Condition", |r| r.get("abatementDateTime").is_none()),
+    )
+    .await;
+    check(
+        "value-quantity:missing=false",
+        "Observation",
+        count(&all, "Observation", |r| r.get("valueQuantity").is_some()),
+    )
+    .await;
+    // Reference search for one patient equals the brute-force count.
+    let pid = all
+        .iter()
+        .find(|r| r["resourceType"] == "Patient")
+        .and_then(|p| p["id"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let q = format!("subject=Patient/{pid}");
+    let got = s
+        .search("Observation", &pairs(&q))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        got.total,
+        count(&all, "Observation", |r| r["subject"]["reference"]
+            == format!("Patient/{pid}"))
+    );
+    // Paging: stable order, complete and disjoint pages, accurate total.
+    let total = s
+        .search("Observation", &pairs("_count=7"))
+        .await
+        .map(|r| r.total)
+        .unwrap_or(0);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut offset = 0;
+    while offset < total {
+        let page = s
+            .search("Observation", &pairs(&format!("_count=7&_offset={offset}")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        for r in &page.resources {
+            assert!(seen.insert(r.id.clone()), "duplicate across pages");
+        }
+        offset += 7;
+    }
+    assert_eq!(seen.len() as i64, total);
+    // Unknown parameters: an error when strict, ignored and reported when lenient.
+    assert!(matches!(
+        s.search("Patient", &pairs("nonsense=1")).await,
+        Err(StoreError::UnknownParameter(_))
+    ));
+    let mut lenient = pairs("nonsense=1&gender=male");
+    lenient.strict = false;
+    let r = s
+        .search("Patient", &lenient)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.ignored, vec!["nonsense".to_string()]);
+    assert!(matches!(
+        s.search("Patient", &pairs("birthdate=notadate")).await,
+        Err(StoreError::BadSearchValue { .. })
+    ));
+    check(
+        "_lastUpdated=gt2000-01-01",
+        "Patient",
+        count(&all, "Patient", |_| true) + 2,
+    )
+    .await;
+}
+
+async fn suite(s: Store) {
+    crud(&s).await;
+    transactions(&s).await;
+    searches(&s).await;
+}
+
+#[tokio::test]
+async fn sqlite_suite() {
+    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("sqlite://{}", d.path().join("kizuna.db").display());
+    let s = Store::open(&url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    suite(s.clone()).await;
+    // Reopening migrates again without losing anything.
+    drop(s);
+    let s = Store::open(&url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        s.search("Patient", &pairs("gender=female"))
+            .await
+            .map(|r| r.total)
+            .unwrap_or(0)
+            > 0
+    );
+}
+
+/// PostgreSQL: `bash .ci/run` starts a server and runs this (`--include-ignored`); the URL comes from
+/// `KIZUNA_TEST_POSTGRES`.
+#[tokio::test]
+#[ignore = "needs PostgreSQL: run `bash .ci/run`, or set KIZUNA_TEST_POSTGRES and pass --include-ignored"]
+async fn postgres_suite() {
+    let url = std::env::var("KIZUNA_TEST_POSTGRES")
+        .unwrap_or_else(|_| panic!("KIZUNA_TEST_POSTGRES is not set"));
+    let s = Store::open(&url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    // A fresh schema each run.
+    for t in [
+        "resources",
+        "history",
+        "idx_token",
+        "idx_string",
+        "idx_date",
+        "idx_reference",
+        "idx_number",
+        "idx_uri",
+    ] {
+        let _ = sqlx_truncate(&s, t).await;
+    }
+    suite(s).await;
+}
+
+async fn sqlx_truncate(s: &Store, table: &str) -> Result<(), StoreError> {
+    s.execute_raw(&format!("DELETE FROM {table}")).await
+}
