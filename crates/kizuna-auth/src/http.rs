@@ -235,3 +235,57 @@ pub async fn require_fhir_auth(
     });
     next.run(req).await
 }
+
+impl Principal {
+    /// The audit log's view of this caller: its kind, subject, institution and issuer (never a name).
+    pub fn audit_actor(&self) -> kizuna_audit::Actor {
+        use crate::principal::Role;
+        use kizuna_audit::ActorKind;
+        kizuna_audit::Actor {
+            kind: match self.role {
+                Role::Institution => ActorKind::Institution,
+                Role::Clinician => ActorKind::Clinician,
+                Role::Patient => ActorKind::Patient,
+                Role::Insurer => ActorKind::Insurer,
+                Role::Researcher => ActorKind::Researcher,
+                Role::Reviewer => ActorKind::Reviewer,
+                Role::Operator => ActorKind::Operator,
+            },
+            id: self.subject.clone(),
+            institution: self.institution.as_ref().map(|i| i.as_str().to_string()),
+            issuer: Some(self.issuer.clone()),
+        }
+    }
+}
+
+impl AccessDecision {
+    /// The audit entry for this decision, so every server and test records refusals the same way.
+    pub fn to_audit_entry(&self, time: String) -> kizuna_audit::NewEntry {
+        use kizuna_audit::{Outcome, Purpose, Target};
+        kizuna_audit::NewEntry {
+            time,
+            actor: match &self.principal {
+                Some(p) => p.audit_actor(),
+                None => kizuna_audit::log::anonymous_actor(self.source.as_deref()),
+            },
+            action: self
+                .request
+                .as_ref()
+                .map(|r| r.interaction.name())
+                .unwrap_or_default(),
+            target: Target {
+                resource_type: self.request.as_ref().map(|r| r.resource_type.clone()),
+                resource_id: self.request.as_ref().and_then(|r| r.resource_id.clone()),
+                ..Target::default()
+            },
+            purpose: Purpose::Unknown,
+            outcome: if self.allowed {
+                Outcome::allow(self.rule.clone())
+            } else {
+                Outcome::deny(self.rule.clone())
+            },
+            source: self.source.clone(),
+            request: None,
+        }
+    }
+}

@@ -4,9 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use kizuna_audit::{
-    Actor, ActorKind, AuditLog, AuditQuery, LogOptions, NewEntry, Outcome, Purpose, Target,
-};
+use kizuna_audit::{ActorKind, AuditLog, AuditQuery, LogOptions};
 use kizuna_auth::dev::{DevIssuer, TokenRequest};
 use kizuna_auth::http::{classify, AccessAuditor, AccessDecision};
 use kizuna_auth::jwt::TokenVerifier;
@@ -174,45 +172,7 @@ struct LogAuditor(Mutex<AuditLog>);
 
 impl AccessAuditor for LogAuditor {
     fn record(&self, d: AccessDecision) {
-        let actor = match &d.principal {
-            Some(p) => Actor {
-                kind: match p.role {
-                    Role::Institution => ActorKind::Institution,
-                    Role::Clinician => ActorKind::Clinician,
-                    Role::Patient => ActorKind::Patient,
-                    Role::Insurer => ActorKind::Insurer,
-                    Role::Researcher => ActorKind::Researcher,
-                    Role::Reviewer => ActorKind::Reviewer,
-                    Role::Operator => ActorKind::Operator,
-                },
-                id: p.subject.clone(),
-                institution: p.institution.as_ref().map(|i| i.as_str().to_string()),
-                issuer: Some(p.issuer.clone()),
-            },
-            None => kizuna_audit::log::anonymous_actor(d.source.as_deref()),
-        };
-        let e = NewEntry {
-            time: "2026-11-21T10:00:00+09:00".into(),
-            actor,
-            action: d
-                .request
-                .as_ref()
-                .map(|r| r.interaction.name())
-                .unwrap_or_default(),
-            target: Target {
-                resource_type: d.request.as_ref().map(|r| r.resource_type.clone()),
-                resource_id: d.request.as_ref().and_then(|r| r.resource_id.clone()),
-                ..Target::default()
-            },
-            purpose: Purpose::Unknown,
-            outcome: if d.allowed {
-                Outcome::allow(d.rule)
-            } else {
-                Outcome::deny(d.rule)
-            },
-            source: d.source,
-            request: None,
-        };
+        let e = d.to_audit_entry("2026-11-21T10:00:00+09:00".into());
         if let Ok(mut l) = self.0.lock() {
             let _ = l.append(&[e]);
         }

@@ -52,6 +52,12 @@ pub enum StoreError {
         /// Value.
         value: String,
     },
+    /// Another writer changed the same resource at the same moment; the whole write was rolled back
+    /// and may be retried.
+    #[error(
+        "同時に更新されました。再試行してください / concurrent write to the same resource; retry"
+    )]
+    Concurrent,
     /// The database URL is not SQLite or PostgreSQL.
     #[error("未対応のデータベース URL / unsupported database URL (use sqlite:// or postgres://)")]
     UnsupportedUrl,
@@ -132,6 +138,19 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS idx_uri (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, val TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS idx_uri_r ON idx_uri (rtype, id)",
 ];
+
+/// Turns the database's "someone else wrote this first" answers into [`StoreError::Concurrent`]:
+/// a duplicate key (two creates of one id), PostgreSQL serialization failure or deadlock, SQLite busy.
+fn concurrent_or_db(e: StoreError) -> StoreError {
+    if let StoreError::Db(sqlx::Error::Database(d)) = &e {
+        let code = d.code();
+        let code = code.as_deref().unwrap_or("");
+        if d.is_unique_violation() || matches!(code, "40001" | "40P01" | "5" | "517" | "6") {
+            return StoreError::Concurrent;
+        }
+    }
+    e
+}
 
 /// The current schema version (recorded in `kz_meta`).
 pub const SCHEMA_VERSION: &str = "1";
@@ -356,8 +375,12 @@ impl Store {
                 }
             }
         }
+        self.apply(ops).await.map_err(concurrent_or_db)
+    }
+
+    async fn apply(&self, ops: Vec<WriteOp>) -> Result<Vec<Stored>, StoreError> {
         let now = chrono::Utc::now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             let stored = match op {
@@ -376,6 +399,16 @@ impl Store {
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    /// Starts a write transaction. SQLite takes the write lock up front (`BEGIN IMMEDIATE`), so a
+    /// reader turned writer never fails with `SQLITE_BUSY_SNAPSHOT` and waits on `busy_timeout`
+    /// instead; PostgreSQL locks rows as it reads them (`FOR UPDATE` in [`Store::write`]).
+    async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
     }
 
     async fn write(
@@ -399,7 +432,14 @@ impl Store {
                 i
             }
         };
-        let q = self.sql("SELECT version, deleted FROM resources WHERE rtype = ? AND id = ?");
+        let q = match self.backend {
+            Backend::Sqlite => {
+                self.sql("SELECT version, deleted FROM resources WHERE rtype = ? AND id = ?")
+            }
+            Backend::Postgres => self.sql(
+                "SELECT version, deleted FROM resources WHERE rtype = ? AND id = ? FOR UPDATE",
+            ),
+        };
         let current: Option<(i64, i64)> = sqlx::query(&q)
             .bind(&rt)
             .bind(&id)

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod audit_cmd;
 mod post;
+mod serve_cmd;
 mod synth_cmd;
 mod token_cmd;
 mod validate_cmd;
@@ -32,6 +33,8 @@ enum Command {
     },
     /// 読み込んだ FHIR パッケージを表示する / List the loaded FHIR packages and their load time.
     Packages,
+    /// サーバーを起動 / Start the server (FHIR REST API at /fhir) on the embedded SQLite default or PostgreSQL.
+    Serve(serve_cmd::ServeArgs),
     /// 合成データを生成 / Generate a synthetic population, JP-CLINS submissions and holder datasets.
     Synth(synth_cmd::SynthArgs),
     /// 開発用トークン / Development tokens (the built-in issuer; trusted only where configured).
@@ -105,6 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Serve(a) => serve_cmd::run(a),
         Command::Synth(a) => synth_cmd::run(a),
         Command::Token { cmd } => token_cmd::run(cmd),
         Command::Audit { cmd } => audit_cmd::run(cmd),

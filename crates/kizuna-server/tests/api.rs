@@ -1,0 +1,437 @@
+//! The `/fhir` API as a client sees it.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use kizuna_audit::{AuditLog, AuditQuery, AuditWriter, LogOptions};
+use kizuna_fhir::validate::Validator;
+use kizuna_fhir::Registry;
+use kizuna_server::{router, AppState, ValidationConfig};
+use kizuna_store::Store;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct T {
+    app: axum::Router,
+    audit: AuditWriter,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(auth: Option<Arc<kizuna_auth::http::FhirAuth>>) -> T {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = Store::open(
+        &format!("sqlite://{}", dir.path().join("k.db").display()),
+        Registry::builtin(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let audit = AuditWriter::spawn(
+        AuditLog::open(&dir.path().join("audit"), LogOptions::default())
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let state = Arc::new(AppState {
+        store,
+        validator: Validator::builtin(),
+        validation: ValidationConfig::default(),
+        auth,
+        audit: Some(audit.clone()),
+        base_url: "http://test/fhir".into(),
+    });
+    T {
+        app: router(state),
+        audit,
+        _dir: dir,
+    }
+}
+
+async fn call(
+    t: &T,
+    method: &str,
+    uri: &str,
+    body: Option<(&str, String)>,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let mut b = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = match body {
+        Some((ct, text)) => b.header("content-type", ct).body(Body::from(text)),
+        None => b.body(Body::empty()),
+    }
+    .unwrap_or_default();
+    let resp = t
+        .app
+        .clone()
+        .oneshot(req)
+        .await
+        .unwrap_or_else(|e| match e {});
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        headers,
+    )
+}
+
+fn json_body(v: &Value) -> Option<(&'static str, String)> {
+    Some(("application/fhir+json", v.to_string()))
+}
+
+fn patient() -> Value {
+    json!({"resourceType": "Patient", "gender": "female", "birthDate": "1960-02-03", "name": [{"family": "佐藤", "given": ["花子"]}]})
+}
+
+#[tokio::test]
+async fn crud_with_versions_and_errors() {
+    let t = setup(None).await;
+    let (s, cs, _) = call(&t, "GET", "/fhir/metadata", None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+    assert!(cs["rest"][0]["resource"]
+        .as_array()
+        .map(|a| a.len() > 100)
+        .unwrap_or(false));
+    let (s, created, h) = call(&t, "POST", "/fhir/Patient", json_body(&patient()), &[]).await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap_or("").to_string();
+    assert_eq!(h.get("etag").and_then(|v| v.to_str().ok()), Some("W/\"1\""));
+    assert!(h
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .ends_with(&format!("Patient/{id}/_history/1")));
+    assert!(h.get("last-modified").is_some());
+    let (s, read, _) = call(&t, "GET", &format!("/fhir/Patient/{id}"), None, &[]).await;
+    assert_eq!(
+        (s, read["gender"].clone()),
+        (StatusCode::OK, json!("female"))
+    );
+    let mut p2 = read.clone();
+    p2["gender"] = json!("male");
+    let (s, _, h) = call(
+        &t,
+        "PUT",
+        &format!("/fhir/Patient/{id}"),
+        json_body(&p2),
+        &[("if-match", "W/\"1\"")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h.get("etag").and_then(|v| v.to_str().ok()), Some("W/\"2\""));
+    let (s, oo, _) = call(
+        &t,
+        "PUT",
+        &format!("/fhir/Patient/{id}"),
+        json_body(&p2),
+        &[("if-match", "W/\"1\"")],
+    )
+    .await;
+    assert_eq!(
+        (s, oo["resourceType"].clone()),
+        (StatusCode::PRECONDITION_FAILED, json!("OperationOutcome"))
+    );
+    let (s, v1, _) = call(
+        &t,
+        "GET",
+        &format!("/fhir/Patient/{id}/_history/1"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!((s, v1["gender"].clone()), (StatusCode::OK, json!("female")));
+    let (s, hist, _) = call(
+        &t,
+        "GET",
+        &format!("/fhir/Patient/{id}/_history"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!((s, hist["total"].clone()), (StatusCode::OK, json!(2)));
+    let (s, _, _) = call(&t, "DELETE", &format!("/fhir/Patient/{id}"), None, &[]).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, oo, _) = call(&t, "GET", &format!("/fhir/Patient/{id}"), None, &[]).await;
+    assert_eq!(
+        (s, oo["resourceType"].clone()),
+        (StatusCode::GONE, json!("OperationOutcome"))
+    );
+    let (s, oo, _) = call(&t, "GET", "/fhir/Patient/nope", None, &[]).await;
+    assert_eq!(
+        (s, oo["issue"][0]["code"].clone()),
+        (StatusCode::NOT_FOUND, json!("not-found"))
+    );
+    let (s, oo, _) = call(&t, "GET", "/fhir/NotAType/1", None, &[]).await;
+    assert_eq!(
+        (s, oo["resourceType"].clone()),
+        (StatusCode::NOT_FOUND, json!("OperationOutcome"))
+    );
+    // Id in the body must match the URL.
+    let (s, oo, _) = call(&t, "PUT", "/fhir/Patient/other", json_body(&p2), &[]).await;
+    assert_eq!(
+        (s, oo["issue"][0]["expression"][0].clone()),
+        (StatusCode::BAD_REQUEST, json!("Patient.id"))
+    );
+    // Prefer: return=minimal.
+    let (s, body, _) = call(
+        &t,
+        "POST",
+        "/fhir/Patient",
+        json_body(&patient()),
+        &[("prefer", "return=minimal")],
+    )
+    .await;
+    assert_eq!((s, body), (StatusCode::CREATED, Value::Null));
+}
+
+#[tokio::test]
+async fn bad_input_gets_an_outcome_and_stores_nothing() {
+    let t = setup(None).await;
+    async fn count(t: &T) -> i64 {
+        call(t, "GET", "/fhir/Patient?_summary=count", None, &[])
+            .await
+            .1["total"]
+            .as_i64()
+            .unwrap_or(-1)
+    }
+    let before = count(&t).await;
+    let (s, oo, _) = call(
+        &t,
+        "POST",
+        "/fhir/Patient",
+        Some(("application/fhir+json", "{not json".into())),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (s, oo["resourceType"].clone()),
+        (StatusCode::BAD_REQUEST, json!("OperationOutcome"))
+    );
+    let bad = json!({"resourceType": "Patient", "birthDate": "1980-02-30", "foo": 1});
+    let (s, oo, _) = call(&t, "POST", "/fhir/Patient", json_body(&bad), &[]).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let paths: Vec<String> = oo["issue"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["expression"][0].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        paths.contains(&"Patient.birthDate".to_string())
+            && paths.contains(&"Patient.foo".to_string()),
+        "{paths:?}"
+    );
+    let (s, _, _) = call(&t, "POST", "/fhir/Observation", json_body(&patient()), &[]).await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "resourceType must match the URL"
+    );
+    assert_eq!(count(&t).await, before);
+    // A transaction with one bad entry stores nothing at all.
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:1", "resource": patient(), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Patient", "gender": "nonsense"}, "request": {"method": "POST", "url": "Patient"}}
+    ]});
+    let (s, oo, _) = call(&t, "POST", "/fhir", json_body(&tx), &[]).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        oo["issue"][0]["expression"][0],
+        "Bundle.entry[1].resource.gender"
+    );
+    assert_eq!(count(&t).await, before);
+}
+
+#[tokio::test]
+async fn search_transactions_xml_and_audit() {
+    let t = setup(None).await;
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:p1", "resource": patient(), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]}, "subject": {"reference": "urn:uuid:p1"}, "valueQuantity": {"value": 13.2, "unit": "g/dL", "system": "http://unitsofmeasure.org", "code": "g/dL"}}, "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let (s, resp, _) = call(&t, "POST", "/fhir", json_body(&tx), &[]).await;
+    assert_eq!(
+        (s, resp["type"].clone()),
+        (StatusCode::OK, json!("transaction-response"))
+    );
+    let loc = resp["entry"][0]["response"]["location"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let pid = loc.split('/').nth(1).unwrap_or("").to_string();
+    let (s, b, _) = call(
+        &t,
+        "GET",
+        &format!("/fhir/Observation?subject=Patient/{pid}&code=http://loinc.org|718-7"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!((s, b["total"].clone()), (StatusCode::OK, json!(1)));
+    assert_eq!(
+        b["entry"][0]["resource"]["subject"]["reference"],
+        format!("Patient/{pid}")
+    );
+    for _ in 0..4 {
+        call(&t, "POST", "/fhir/Patient", json_body(&patient()), &[]).await;
+    }
+    let (_, page, _) = call(&t, "GET", "/fhir/Patient?family=佐藤&_count=2", None, &[]).await;
+    assert_eq!(page["total"], 5);
+    assert_eq!(page["entry"].as_array().map(|a| a.len()), Some(2));
+    // Walking the next links (the Japanese value percent-encoded in them) visits every match once.
+    let mut seen: Vec<String> = Vec::new();
+    let mut page = page;
+    for _ in 0..10 {
+        for e in page["entry"].as_array().into_iter().flatten() {
+            seen.push(e["resource"]["id"].as_str().unwrap_or("").to_string());
+        }
+        let next = page["link"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["relation"] == "next")
+            .and_then(|l| l["url"].as_str())
+            .map(|u| u.trim_start_matches("http://test").to_string());
+        let Some(next) = next else { break };
+        assert!(next.contains("family=%E4%BD%90%E8%97%A4"), "{next}");
+        page = call(&t, "GET", &next, None, &[]).await.1;
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 5);
+    let (s, _, _) = call(
+        &t,
+        "POST",
+        "/fhir/Patient/_search",
+        Some(("application/x-www-form-urlencoded", "gender=female".into())),
+        &[],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, oo, _) = call(&t, "GET", "/fhir/Patient?nonsense=1", None, &[]).await;
+    assert_eq!(
+        (s, oo["issue"][0]["expression"][0].clone()),
+        (StatusCode::BAD_REQUEST, json!("nonsense"))
+    );
+    let (s, b, _) = call(
+        &t,
+        "GET",
+        "/fhir/Patient?nonsense=1",
+        None,
+        &[("prefer", "handling=lenient")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(b["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|e| e["search"]["mode"] == "outcome"));
+    // Conditional create finds the existing one.
+    let (s, _, _) = call(
+        &t,
+        "POST",
+        "/fhir/Patient",
+        json_body(&patient()),
+        &[("if-none-exist", &format!("_id={pid}"))],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    // FHIR XML in.
+    let xml = r#"<Patient xmlns="http://hl7.org/fhir"><gender value="male"/><birthDate value="1990-01-01"/></Patient>"#;
+    let (s, created, _) = call(
+        &t,
+        "POST",
+        "/fhir/Patient",
+        Some(("application/fhir+xml", xml.into())),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (s, created["gender"].clone()),
+        (StatusCode::CREATED, json!("male"))
+    );
+    // One audit entry per resource a search returned.
+    let before = t.audit.flush().unwrap_or(0);
+    let (_, b, _) = call(&t, "GET", "/fhir/Patient?family=佐藤", None, &[]).await;
+    let after = t.audit.flush().unwrap_or(0);
+    assert_eq!(after - before, b["total"].as_u64().unwrap_or(0));
+    let log = t
+        .audit
+        .log()
+        .lock()
+        .map(|l| {
+            l.query(&AuditQuery {
+                resource_type: Some("Observation".into()),
+                ..AuditQuery::default()
+            })
+            .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    assert!(
+        log.iter()
+            .any(|e| e.entry.target.person.as_deref() == Some(pid.as_str())),
+        "audit names whose data it was"
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_scopes_enforced() {
+    let dev = kizuna_auth::dev::DevIssuer::ephemeral("http://test/fhir")
+        .unwrap_or_else(|e| panic!("{e}"));
+    #[derive(Default)]
+    struct Nop;
+    impl kizuna_auth::http::AccessAuditor for Nop {
+        fn record(&self, _: kizuna_auth::http::AccessDecision) {}
+    }
+    let auth = Arc::new(kizuna_auth::http::FhirAuth {
+        verifier: kizuna_auth::jwt::TokenVerifier::new(vec![dev.trusted()]),
+        auditor: Arc::new(Nop),
+        now: Arc::new(|| chrono::Utc::now().timestamp()),
+    });
+    let t = setup(Some(auth)).await;
+    let (s, _, _) = call(&t, "GET", "/fhir/metadata", None, &[]).await;
+    assert_eq!(s, StatusCode::OK, "metadata is public");
+    let (s, oo, _) = call(&t, "GET", "/fhir/Patient", None, &[]).await;
+    assert_eq!(
+        (s, oo["issue"][0]["code"].clone()),
+        (StatusCode::UNAUTHORIZED, json!("login"))
+    );
+    let mut r = kizuna_auth::dev::TokenRequest::for_role(kizuna_auth::Role::Patient);
+    r.person = Some("p1".into());
+    r.scope = "patient/Observation.rs".into();
+    let tok = dev
+        .issue(&r, chrono::Utc::now().timestamp())
+        .unwrap_or_default();
+    let bearer = format!("Bearer {tok}");
+    let (s, _, _) = call(
+        &t,
+        "GET",
+        "/fhir/Observation",
+        None,
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, oo, _) = call(
+        &t,
+        "GET",
+        "/fhir/Patient",
+        None,
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(
+        (s, oo["issue"][0]["code"].clone()),
+        (StatusCode::FORBIDDEN, json!("forbidden"))
+    );
+}
