@@ -36,6 +36,10 @@ pub struct ElementInfo {
     pub many: bool,
     /// For choice elements, the JSON key of each type (`valueQuantity` …), parallel to `types`.
     pub choice_keys: Vec<String>,
+    /// `isSummary`: part of the `_summary=true` view.
+    pub summary: bool,
+    /// `min > 0`: kept in every subset view, so a subset stays a valid resource shape.
+    pub required: bool,
 }
 
 /// A type with its elements.
@@ -170,6 +174,11 @@ impl TypeModel {
             let choice = raw_name.ends_with("[x]");
             let name = raw_name.trim_end_matches("[x]").to_string();
             let many = el.get("max").and_then(Value::as_str).unwrap_or("1") != "1";
+            let summary = el
+                .get("isSummary")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let required = el.get("min").and_then(Value::as_u64).unwrap_or(0) > 0;
             let mut types = Vec::new();
             if let Some(cr) = el.get("contentReference").and_then(Value::as_str) {
                 types.push(cr.trim_start_matches('#').to_string());
@@ -206,6 +215,8 @@ impl TypeModel {
                     types,
                     many,
                     choice_keys,
+                    summary,
+                    required,
                 });
             }
         }

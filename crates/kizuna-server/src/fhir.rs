@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -11,6 +11,7 @@ use axum::{Extension, Router};
 use kizuna_audit::{Actor, ActorKind, NewEntry, Outcome, Purpose, Target};
 use kizuna_auth::http::Authorized;
 use kizuna_fhir::outcome::Severity;
+use kizuna_fhir::subset::SubsetView;
 use kizuna_store::{SearchQuery, Stored, WriteOp};
 use serde_json::{json, Value};
 
@@ -300,16 +301,53 @@ async fn metadata(State(s): St) -> Response {
     fhir_json(StatusCode::OK, &cs)
 }
 
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// The `_summary`/`_elements` view a request asks for; a bad `_summary` is a 400 naming it.
+fn view_of(pairs: &[(String, String)]) -> Result<SubsetView, ApiError> {
+    let get = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    SubsetView::from_params(get("_summary"), get("_elements")).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "value",
+            "_summary",
+            &e.to_string(),
+            &e.to_string(),
+        )
+    })
+}
+
+fn apply_view(s: &AppState, view: &SubsetView, mut st: Stored) -> Stored {
+    if *view != SubsetView::Full {
+        if let Some(r) = st.resource.as_ref() {
+            st.resource = Some(view.apply(s.store.registry().model(), r));
+        }
+    }
+    st
+}
+
 async fn read(
     State(s): St,
     a: Auth,
     Path((rt, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_type(&s, &rt)?;
+    let view = view_of(&query_pairs(query.as_deref()))?;
     match s.store.read(&rt, &id).await? {
         Some(st) => {
             audit(&s, &a, "read", &[&st]);
+            let st = apply_view(&s, &view, st);
             Ok(resource_response(&s, StatusCode::OK, &st, &headers, None))
         }
         None => Err(ApiError::new(
@@ -326,9 +364,11 @@ async fn vread(
     State(s): St,
     a: Auth,
     Path((rt, id, vid)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_type(&s, &rt)?;
+    let view = view_of(&query_pairs(query.as_deref()))?;
     let v: i64 = vid.parse().map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -348,6 +388,7 @@ async fn vread(
         )),
         Some(st) => {
             audit(&s, &a, "vread", &[&st]);
+            let st = apply_view(&s, &view, st);
             Ok(resource_response(&s, StatusCode::OK, &st, &headers, None))
         }
         None => Err(ApiError::new(
@@ -531,12 +572,14 @@ async fn do_search(
     if summary_count {
         q.count = 0;
     }
+    let view = view_of(&pairs)?;
     let result = s.store.search(rt, &q).await?;
     let stored: Vec<&Stored> = result.resources.iter().collect();
     audit(s, a, "search", &stored);
     let entries: Vec<Value> = result
         .resources
-        .iter()
+        .into_iter()
+        .map(|st| apply_view(s, &view, st))
         .map(|st| json!({"fullUrl": format!("{}/{}/{}", s.base_url, st.resource_type, st.id), "resource": st.resource, "search": {"mode": "match"}}))
         .collect();
     // Paging links repeat the query (encoded) with a new _offset; _summary and _elements travel

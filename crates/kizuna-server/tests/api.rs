@@ -435,3 +435,86 @@ async fn tokens_are_required_and_scopes_enforced() {
         (StatusCode::FORBIDDEN, json!("forbidden"))
     );
 }
+
+#[tokio::test]
+async fn summary_and_elements_return_tagged_subsets() {
+    let t = setup(None).await;
+    let mut p = patient();
+    p["text"] = json!({"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">佐藤 花子</div>"});
+    p["contact"] = json!([{"name": {"family": "佐藤"}}]);
+    let (_, _, h) = call(&t, "POST", "/fhir/Patient", json_body(&p), &[]).await;
+    let loc = h
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let id = loc.split('/').nth(5).unwrap_or("").to_string();
+    let subsetted = |v: &Value| {
+        v["meta"]["tag"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["code"] == "SUBSETTED")
+    };
+    let (s, full, _) = call(&t, "GET", &format!("/fhir/Patient/{id}"), None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(full.get("contact").is_some() && full.get("text").is_some() && !subsetted(&full));
+    // Patient.contact and text are not summary elements; name and gender are.
+    let (_, sum, _) = call(
+        &t,
+        "GET",
+        &format!("/fhir/Patient/{id}?_summary=true"),
+        None,
+        &[],
+    )
+    .await;
+    assert!(
+        sum.get("contact").is_none() && sum.get("text").is_none(),
+        "{sum}"
+    );
+    assert_eq!(
+        (sum["gender"].clone(), sum["name"][0]["family"].clone()),
+        (json!("female"), json!("佐藤"))
+    );
+    assert!(subsetted(&sum));
+    let (_, el, _) = call(
+        &t,
+        "GET",
+        &format!("/fhir/Patient/{id}/_history/1?_elements=birthDate"),
+        None,
+        &[],
+    )
+    .await;
+    let mut keys: Vec<String> = el
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    assert_eq!(keys, ["birthDate", "id", "meta", "resourceType"]);
+    let (_, b, _) = call(
+        &t,
+        "GET",
+        "/fhir/Patient?_elements=gender&gender=female",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(b["total"], 1);
+    assert!(b["entry"][0]["resource"].get("name").is_none());
+    assert!(subsetted(&b["entry"][0]["resource"]));
+    let (s, oo, _) = call(
+        &t,
+        "GET",
+        &format!("/fhir/Patient/{id}?_summary=maybe"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (s, oo["issue"][0]["expression"][0].clone()),
+        (StatusCode::BAD_REQUEST, json!("_summary"))
+    );
+    // The stored resource is untouched by the views.
+    let (_, again, _) = call(&t, "GET", &format!("/fhir/Patient/{id}"), None, &[]).await;
+    assert_eq!(again, full);
+}
