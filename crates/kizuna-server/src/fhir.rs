@@ -270,7 +270,18 @@ async fn metadata(State(s): St) -> Response {
                 .params(t)
                 .map(|p| json!({"name": p.code, "type": format!("{:?}", p.kind).to_lowercase()}))
                 .collect();
+            let mut includes: Vec<String> = s
+                .store
+                .indexer()
+                .params(t)
+                .filter(|p| p.kind == kizuna_store::ParamType::Reference)
+                .map(|p| format!("{t}:{}", p.code))
+                .collect();
+            if !includes.is_empty() {
+                includes.push(format!("{t}:*"));
+            }
             json!({
+                "searchInclude": includes,
                 "type": t,
                 "versioning": "versioned",
                 "readHistory": true,
@@ -574,14 +585,23 @@ async fn do_search(
     }
     let view = view_of(&pairs)?;
     let result = s.store.search(rt, &q).await?;
-    let stored: Vec<&Stored> = result.resources.iter().collect();
-    audit(s, a, "search", &stored);
-    let entries: Vec<Value> = result
+    let stored: Vec<&Stored> = result
         .resources
-        .into_iter()
-        .map(|st| apply_view(s, &view, st))
-        .map(|st| json!({"fullUrl": format!("{}/{}/{}", s.base_url, st.resource_type, st.id), "resource": st.resource, "search": {"mode": "match"}}))
+        .iter()
+        .chain(result.included.iter())
         .collect();
+    audit(s, a, "search", &stored);
+    let entry = |st: Stored, mode: &str| {
+        let st = apply_view(s, &view, st);
+        json!({"fullUrl": format!("{}/{}/{}", s.base_url, st.resource_type, st.id), "resource": st.resource, "search": {"mode": mode}})
+    };
+    let mut entries: Vec<Value> = Vec::new();
+    for st in result.resources {
+        entries.push(entry(st, "match"));
+    }
+    for st in result.included {
+        entries.push(entry(st, "include"));
+    }
     // Paging links repeat the query (encoded) with a new _offset; _summary and _elements travel
     // along so every page has the same shape.
     let page = |offset: i64| {

@@ -281,6 +281,33 @@ async fn search_transactions_xml_and_audit() {
         b["entry"][0]["resource"]["subject"]["reference"],
         format!("Patient/{pid}")
     );
+    let (_, b, _) = call(
+        &t,
+        "GET",
+        &format!("/fhir/Observation?subject=Patient/{pid}&_include=Observation:subject"),
+        None,
+        &[],
+    )
+    .await;
+    let modes: Vec<(Value, Value)> = b["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["resource"]["resourceType"].clone(),
+                e["search"]["mode"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            (json!("Observation"), json!("match")),
+            (json!("Patient"), json!("include"))
+        ]
+    );
+    assert_eq!(b["total"], 1, "total counts matches only");
     for _ in 0..4 {
         call(&t, "POST", "/fhir/Patient", json_body(&patient()), &[]).await;
     }

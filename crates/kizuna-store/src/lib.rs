@@ -7,6 +7,7 @@
 //! One implementation serves both backends through sqlx's `Any` driver: SQLite (bundled, WAL) is the
 //! zero-setup default in `./kizuna-data/`, PostgreSQL is for production. The same test suite runs on both.
 
+pub mod include;
 pub mod index;
 pub mod search;
 
@@ -17,6 +18,7 @@ use serde_json::Value;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
 
+pub use include::Include;
 pub use index::{IndexValue, Indexer, ParamType};
 pub use search::{SearchParamValue, SearchQuery, SearchResult, SortKey};
 
@@ -649,7 +651,12 @@ fn stored_from(rt: &str, id: &str, r: &AnyRow) -> Result<Stored, StoreError> {
     stored_from_offset(rt, id, r, 0)
 }
 
-fn stored_from_offset(rt: &str, id: &str, r: &AnyRow, o: usize) -> Result<Stored, StoreError> {
+pub(crate) fn stored_from_offset(
+    rt: &str,
+    id: &str,
+    r: &AnyRow,
+    o: usize,
+) -> Result<Stored, StoreError> {
     let version: i64 = r.try_get(o)?;
     let last_updated: String = r.try_get(o + 1)?;
     let deleted: i64 = r.try_get(o + 2)?;

@@ -43,6 +43,12 @@ pub struct SearchQuery {
     pub sort: SortKey,
     /// Unknown parameters are errors (`Prefer: handling=strict`) rather than ignored.
     pub strict: bool,
+    /// `_include` values.
+    pub includes: Vec<crate::Include>,
+    /// `_revinclude` values.
+    pub revincludes: Vec<crate::Include>,
+    /// Control parameters whose value could not be read (reported by [`Store::search`]).
+    pub malformed: Vec<String>,
 }
 
 impl Default for SearchQuery {
@@ -53,6 +59,9 @@ impl Default for SearchQuery {
             offset: 0,
             sort: SortKey::LastUpdated,
             strict: true,
+            includes: Vec::new(),
+            revincludes: Vec::new(),
+            malformed: Vec::new(),
         }
     }
 }
@@ -70,6 +79,18 @@ impl SearchQuery {
                         "-_lastUpdated" => SortKey::LastUpdatedDesc,
                         "_id" => SortKey::Id,
                         _ => SortKey::LastUpdated,
+                    }
+                }
+                "_include" | "_include:iterate" | "_revinclude" | "_revinclude:iterate" => {
+                    let iterate = k.ends_with(":iterate");
+                    let target = if k.starts_with("_include") {
+                        &mut q.includes
+                    } else {
+                        &mut q.revincludes
+                    };
+                    match crate::Include::parse(v, iterate) {
+                        Some(i) => target.push(i),
+                        None => q.malformed.push(k.clone()),
                     }
                 }
                 _ => {
@@ -98,6 +119,8 @@ pub struct SearchResult {
     pub resources: Vec<Stored>,
     /// Parameters that were ignored (lenient handling).
     pub ignored: Vec<String>,
+    /// Resources brought in by `_include`/`_revinclude` (search mode `include`).
+    pub included: Vec<Stored>,
 }
 
 enum B {
@@ -184,6 +207,12 @@ impl Store {
         let mut wheres: Vec<String> = vec!["r.rtype = ?".into(), "r.deleted = 0".into()];
         let mut binds: Vec<B> = vec![B::S(rt.to_string())];
         let mut ignored = Vec::new();
+        if let Some(m) = q.malformed.first() {
+            return Err(StoreError::BadSearchValue {
+                param: m.clone(),
+                value: String::new(),
+            });
+        }
         for p in &q.params {
             if p.name == "_id" {
                 let ids = split_or(&p.value);
@@ -392,10 +421,14 @@ impl Store {
                     .transpose()?,
             });
         }
+        let included = self
+            .resolve_includes(&resources, &q.includes, &q.revincludes)
+            .await?;
         Ok(SearchResult {
             total,
             resources,
             ignored,
+            included,
         })
     }
 }

@@ -392,6 +392,166 @@ async fn searches(s: &Store) {
         count(&all, "Patient", |_| true) + 2,
     )
     .await;
+    includes(s, &all).await;
+}
+
+fn key(r: &Value) -> (String, String) {
+    (
+        r["resourceType"].as_str().unwrap_or("").to_string(),
+        r["id"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+fn subject_of(r: &Value) -> Option<(String, String)> {
+    let (t, i) = r["subject"]["reference"].as_str()?.split_once('/')?;
+    Some((t.to_string(), i.to_string()))
+}
+
+fn sorted_keys(v: &[kizuna_store::Stored]) -> Vec<(String, String)> {
+    let mut k: Vec<_> = v
+        .iter()
+        .map(|s| (s.resource_type.clone(), s.id.clone()))
+        .collect();
+    k.sort();
+    k
+}
+
+/// `_include`, `_revinclude` and `:iterate`, each checked against the references in the stored JSON.
+async fn includes(s: &Store, all: &[Value]) {
+    let live: std::collections::HashSet<(String, String)> = all.iter().map(key).collect();
+    // Observation → its subjects.
+    let r = s
+        .search(
+            "Observation",
+            &pairs("_include=Observation:subject&_count=30"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut want: Vec<(String, String)> = r
+        .resources
+        .iter()
+        .filter_map(|m| m.resource.as_ref().and_then(subject_of))
+        .collect();
+    want.sort();
+    want.dedup();
+    // Only subjects that exist (live) on the server can be included.
+    let mut present = Vec::new();
+    for k in want {
+        if live.contains(&k) || matches!(s.read(&k.0, &k.1).await, Ok(Some(st)) if !st.deleted) {
+            present.push(k);
+        }
+    }
+    let want = present;
+    assert!(!want.is_empty());
+    assert_eq!(sorted_keys(&r.included), want);
+    // A target type that never matches includes nothing; Source:* includes at least the subjects.
+    let r2 = s
+        .search(
+            "Observation",
+            &pairs("_include=Observation:subject:Group&_count=30"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(r2.included.is_empty());
+    let r3 = s
+        .search("Observation", &pairs("_include=Observation:*&_count=30"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let star = sorted_keys(&r3.included);
+    assert!(want.iter().all(|k| star.contains(k)));
+    // Patient ← the Observations and Conditions that name it.
+    // A patient with at least one Condition, so every hop below has something to find.
+    let conditions_of = |p: &(String, String)| {
+        all.iter()
+            .filter(|r| r["resourceType"] == "Condition" && subject_of(r).as_ref() == Some(p))
+            .count()
+    };
+    let c = all
+        .iter()
+        .find(|r| {
+            r["resourceType"] == "Condition"
+                && subject_of(r).is_some_and(|p| conditions_of(&p) >= 2)
+        })
+        .map(key)
+        .unwrap_or_default();
+    let p = all
+        .iter()
+        .find(|r| key(r) == c)
+        .and_then(subject_of)
+        .unwrap_or_default();
+    let r = s
+        .search(
+            "Patient",
+            &pairs(&format!(
+                "_id={}&_revinclude=Observation:subject&_revinclude=Condition:subject",
+                p.1
+            )),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut want: Vec<(String, String)> = all
+        .iter()
+        .filter(|r| {
+            matches!(
+                r["resourceType"].as_str(),
+                Some("Observation" | "Condition")
+            ) && subject_of(r).as_ref() == Some(&p)
+        })
+        .map(key)
+        .collect();
+    want.sort();
+    assert!(!want.is_empty());
+    assert_eq!(sorted_keys(&r.included), want);
+    // Iterate: one Condition → its patient → every Condition of that patient.
+    let r = s
+        .search(
+            "Condition",
+            &pairs(&format!(
+                "_id={}&_include=Condition:subject&_revinclude:iterate=Condition:subject",
+                c.1
+            )),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut want: Vec<(String, String)> = all
+        .iter()
+        .filter(|r| {
+            r["resourceType"] == "Condition" && subject_of(r).as_ref() == Some(&p) && key(r) != c
+        })
+        .map(key)
+        .collect();
+    assert!(
+        !want.is_empty(),
+        "the iterate case needs a second Condition"
+    );
+    want.push(p.clone());
+    want.sort();
+    assert_eq!(sorted_keys(&r.included), want);
+    // Without :iterate the second hop does not happen.
+    let r = s
+        .search(
+            "Condition",
+            &pairs(&format!(
+                "_id={}&_include=Condition:subject&_revinclude=Condition:subject",
+                c.1
+            )),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sorted_keys(&r.included), vec![p.clone()]);
+    for bad in [
+        "_include=Observation:status",
+        "_include=Observation:nosuch",
+        "_include=Observation",
+    ] {
+        assert!(
+            matches!(
+                s.search("Observation", &pairs(bad)).await,
+                Err(StoreError::BadSearchValue { .. })
+            ),
+            "{bad}"
+        );
+    }
 }
 
 /// Eight writers at once: unconditional updates of one resource must serialise into one gap-free
