@@ -39,6 +39,32 @@ pub struct SearchParam {
     pub expr: Arc<FhirPath>,
 }
 
+/// Rewrites `where(resolve() is Type)` into a test of the reference text. A stored resource is
+/// indexed on its own, with no Bundle to resolve against, and the type in `Type/id` (relative or
+/// absolute) is what the FHIR search spec matches on — so `Condition?patient=` finds Conditions
+/// whose subject is a Patient.
+pub fn without_resolve(expr: &str) -> String {
+    let mut out = String::with_capacity(expr.len());
+    let mut rest = expr;
+    while let Some(i) = rest.find("where(resolve() is ") {
+        let after = &rest[i + "where(resolve() is ".len()..];
+        let Some(end) = after.find(')') else {
+            break;
+        };
+        let ty = &after[..end];
+        if !ty.chars().all(|c| c.is_ascii_alphanumeric()) {
+            break;
+        }
+        out.push_str(&rest[..i]);
+        out.push_str(&format!(
+            "where(reference.startsWith('{ty}/') or reference.contains('/{ty}/'))"
+        ));
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// One extracted index row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum IndexValue {
@@ -82,7 +108,8 @@ impl Indexer {
             ) else {
                 continue;
             };
-            let Ok(parsed) = FhirPath::parse(expr) else {
+            let expr = without_resolve(expr);
+            let Ok(parsed) = FhirPath::parse(&expr) else {
                 continue;
             };
             let parsed = Arc::new(parsed);
@@ -362,4 +389,23 @@ fn values(kind: ParamType, item: &Item<'_>, reg: &Registry) -> Vec<IndexValue> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_resolve;
+
+    #[test]
+    fn resolve_is_becomes_a_reference_test() {
+        assert_eq!(
+            without_resolve("Condition.subject.where(resolve() is Patient) | X.y"),
+            "Condition.subject.where(reference.startsWith('Patient/') or reference.contains('/Patient/')) | X.y"
+        );
+        assert_eq!(without_resolve("Patient.link.other"), "Patient.link.other");
+        // Not a plain type name: left alone rather than half-rewritten.
+        assert_eq!(
+            without_resolve("a.where(resolve() is (x))"),
+            "a.where(resolve() is (x))"
+        );
+    }
 }

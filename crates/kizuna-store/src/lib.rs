@@ -137,8 +137,10 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS idx_reference_r ON idx_reference (rtype, id)",
     "CREATE TABLE IF NOT EXISTS idx_number (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, val DOUBLE PRECISION NOT NULL)",
     "CREATE INDEX IF NOT EXISTS idx_number_r ON idx_number (rtype, id)",
+    "CREATE INDEX IF NOT EXISTS idx_number_q ON idx_number (rtype, param, val)",
     "CREATE TABLE IF NOT EXISTS idx_uri (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, val TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS idx_uri_r ON idx_uri (rtype, id)",
+    "CREATE INDEX IF NOT EXISTS idx_uri_q ON idx_uri (rtype, param, val)",
 ];
 
 /// Turns the database's "someone else wrote this first" answers into [`StoreError::Concurrent`]:
@@ -161,6 +163,9 @@ pub const SCHEMA_VERSION: &str = "1";
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// SQLite has one writer: queueing in-process writers here is fairer and faster than letting
+    /// them sleep in SQLite's busy handler. (Other processes still wait on `busy_timeout`.)
+    sqlite_writer: Arc<tokio::sync::Mutex<()>>,
     backend: Backend,
     registry: &'static Registry,
     indexer: Arc<Indexer>,
@@ -174,27 +179,24 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// A new resource id: 32 random hex digits.
+/// A new resource id: 32 hex digits, time-ordered like UUIDv7 — 12 digits of milliseconds, 4 of a
+/// per-process sequence, 16 random. Ordered ids land at the right edge of every `(rtype, id)`
+/// B-tree, so a commit dirties a few pages instead of one per row (random ids made ingest
+/// several times slower); the random tail keeps ids from different processes apart.
 fn new_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let mut x = (t as u64)
+        .unwrap_or_default();
+    let ms = now.as_millis() as u64 & 0xFFFF_FFFF_FFFF;
+    let mut z = (now.as_nanos() as u64)
         ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ (std::process::id() as u64).rotate_left(32);
-    let mut out = String::with_capacity(32);
-    for _ in 0..2 {
-        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.push_str(&format!("{:016x}", z ^ (z >> 31)));
-    }
-    out
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    format!("{ms:012x}{:04x}{:016x}", n & 0xFFFF, z ^ (z >> 31))
 }
 
 impl Store {
@@ -224,6 +226,14 @@ impl Store {
                     sqlx::query("PRAGMA synchronous=NORMAL")
                         .execute(&mut *conn)
                         .await?;
+                    // A 64 MB page cache and memory-mapped reads: the index B-trees of a busy
+                    // store do not fit the 2 MB default, and every miss is a read syscall.
+                    sqlx::query("PRAGMA cache_size=-65536")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA mmap_size=1073741824")
+                        .execute(&mut *conn)
+                        .await?;
                     sqlx::query("PRAGMA busy_timeout=10000")
                         .execute(&mut *conn)
                         .await?;
@@ -237,6 +247,7 @@ impl Store {
         let pool = opts.connect(&url).await?;
         let store = Store {
             pool,
+            sqlite_writer: Arc::new(tokio::sync::Mutex::new(())),
             backend,
             registry,
             indexer: Arc::new(Indexer::new(registry)),
@@ -382,23 +393,53 @@ impl Store {
 
     async fn apply(&self, ops: Vec<WriteOp>) -> Result<Vec<Stored>, StoreError> {
         let now = chrono::Utc::now();
+        // Index extraction (FHIRPath over every SearchParameter) is the CPU-heavy part of a
+        // write: done before taking the write lock, so one writer computes while another writes.
+        let rows: Vec<Vec<(String, IndexValue)>> = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Create { resource, .. } | WriteOp::Update { resource, .. } => self
+                    .indexer
+                    .extract(self.registry, resource)
+                    .into_iter()
+                    // Searched on the resources table; the client's meta value would be stale.
+                    .filter(|(p, _)| p != "_lastUpdated")
+                    .collect(),
+                WriteOp::Delete { .. } => Vec::new(),
+            })
+            .collect();
+        let _serial = match self.backend {
+            Backend::Sqlite => Some(self.sqlite_writer.lock().await),
+            Backend::Postgres => None,
+        };
         let mut tx = self.begin_write().await?;
         let mut out = Vec::with_capacity(ops.len());
-        for op in ops {
+        let mut pending = PendingRows::default();
+        for (op, index_rows) in ops.into_iter().zip(rows) {
+            let w = Write {
+                pending: &mut pending,
+                index_rows,
+                now,
+            };
             let stored = match op {
+                // `transaction` gave every create a new random id: nothing to look up or replace.
                 WriteOp::Create { resource, .. } => {
-                    self.write(&mut tx, resource, None, now, false).await?
+                    self.write(&mut tx, w, resource, None, WriteKind::Fresh)
+                        .await?
                 }
                 WriteOp::Update { resource, if_match } => {
-                    self.write(&mut tx, resource, if_match, now, false).await?
+                    self.write(&mut tx, w, resource, if_match, WriteKind::Upsert)
+                        .await?
                 }
                 WriteOp::Delete { resource_type, id } => {
                     let stub = serde_json::json!({"resourceType": resource_type, "id": id});
-                    self.write(&mut tx, stub, None, now, true).await?
+                    self.write(&mut tx, w, stub, None, WriteKind::Delete)
+                        .await?
                 }
             };
             out.push(stored);
         }
+        self.flush(&mut tx, pending).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -413,14 +454,57 @@ impl Store {
         })
     }
 
+    /// Writes the rows of a transaction that nothing in the same transaction reads back (history and
+    /// index rows) as multi-row INSERTs: one statement per table per few hundred rows instead of one
+    /// per row, which is most of the cost of ingest.
+    async fn flush(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        pending: PendingRows,
+    ) -> Result<(), StoreError> {
+        for (table, cols, rows) in pending.by_table() {
+            if rows.is_empty() {
+                continue;
+            }
+            let per_row = rows[0].len();
+            let chunk_rows = (2000 / per_row).max(1);
+            for chunk in rows.chunks(chunk_rows) {
+                let one = format!("({})", vec!["?"; per_row].join(", "));
+                let sql = self.sql(&format!(
+                    "INSERT INTO {table} ({cols}) VALUES {}",
+                    vec![one.as_str(); chunk.len()].join(", ")
+                ));
+                let mut query = sqlx::query(&sql);
+                for row in chunk {
+                    for b in row {
+                        query = match b {
+                            Bind::S(s) => query.bind(s.clone()),
+                            Bind::O(s) => query.bind(s.clone()),
+                            Bind::I(i) => query.bind(*i),
+                            Bind::F(f) => query.bind(*f),
+                        };
+                    }
+                }
+                query.execute(&mut **tx).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn write(
         &self,
         tx: &mut Transaction<'_, Any>,
+        w: Write<'_>,
         mut resource: Value,
         if_match: Option<i64>,
-        now: chrono::DateTime<chrono::Utc>,
-        delete: bool,
+        kind: WriteKind,
     ) -> Result<Stored, StoreError> {
+        let Write {
+            pending,
+            index_rows,
+            now,
+        } = w;
+        let delete = kind == WriteKind::Delete;
         let rt = resource
             .get("resourceType")
             .and_then(Value::as_str)
@@ -442,17 +526,21 @@ impl Store {
                 "SELECT version, deleted FROM resources WHERE rtype = ? AND id = ? FOR UPDATE",
             ),
         };
-        let current: Option<(i64, i64)> = sqlx::query(&q)
-            .bind(&rt)
-            .bind(&id)
-            .fetch_optional(&mut **tx)
-            .await?
-            .map(|r: AnyRow| {
-                (
-                    r.try_get::<i64, _>(0).unwrap_or(0),
-                    r.try_get::<i64, _>(1).unwrap_or(0),
-                )
-            });
+        let current: Option<(i64, i64)> = if kind == WriteKind::Fresh {
+            None
+        } else {
+            sqlx::query(&q)
+                .bind(&rt)
+                .bind(&id)
+                .fetch_optional(&mut **tx)
+                .await?
+                .map(|r: AnyRow| {
+                    (
+                        r.try_get::<i64, _>(0).unwrap_or(0),
+                        r.try_get::<i64, _>(1).unwrap_or(0),
+                    )
+                })
+        };
         if let Some(expected) = if_match {
             let cur = current.map(|c| c.0).unwrap_or(0);
             if cur != expected {
@@ -486,66 +574,66 @@ impl Store {
             }
             Some(serde_json::to_string(&resource)?)
         };
-        let upsert = self.sql(
-            "INSERT INTO resources (rtype, id, version, last_updated, lu_ms, deleted, body) VALUES (?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, last_updated = excluded.last_updated, lu_ms = excluded.lu_ms, deleted = excluded.deleted, body = excluded.body",
-        );
-        sqlx::query(&upsert)
-            .bind(&rt)
-            .bind(&id)
-            .bind(version)
-            .bind(&last_updated)
-            .bind(lu_ms)
-            .bind(delete as i64)
-            .bind(body.clone())
-            .execute(&mut **tx)
-            .await?;
-        let hist = self.sql("INSERT INTO history (rtype, id, version, last_updated, lu_ms, deleted, body) VALUES (?, ?, ?, ?, ?, ?, ?)");
-        sqlx::query(&hist)
-            .bind(&rt)
-            .bind(&id)
-            .bind(version)
-            .bind(&last_updated)
-            .bind(lu_ms)
-            .bind(delete as i64)
-            .bind(body)
-            .execute(&mut **tx)
-            .await?;
-        for table in [
-            "idx_token",
-            "idx_string",
-            "idx_date",
-            "idx_reference",
-            "idx_number",
-            "idx_uri",
-        ] {
-            let del = self.sql(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?"));
-            sqlx::query(&del)
+        if kind == WriteKind::Fresh {
+            pending.resources.push(vec![
+                Bind::S(rt.clone()),
+                Bind::S(id.clone()),
+                Bind::I(version),
+                Bind::S(last_updated.clone()),
+                Bind::I(lu_ms),
+                Bind::I(0),
+                Bind::O(body.clone()),
+            ]);
+        } else {
+            let upsert = self.sql(
+                "INSERT INTO resources (rtype, id, version, last_updated, lu_ms, deleted, body) VALUES (?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, last_updated = excluded.last_updated, lu_ms = excluded.lu_ms, deleted = excluded.deleted, body = excluded.body",
+            );
+            sqlx::query(&upsert)
                 .bind(&rt)
                 .bind(&id)
+                .bind(version)
+                .bind(&last_updated)
+                .bind(lu_ms)
+                .bind(delete as i64)
+                .bind(body.clone())
                 .execute(&mut **tx)
                 .await?;
         }
+        pending.history.push(vec![
+            Bind::S(rt.clone()),
+            Bind::S(id.clone()),
+            Bind::I(version),
+            Bind::S(last_updated.clone()),
+            Bind::I(lu_ms),
+            Bind::I(delete as i64),
+            Bind::O(body),
+        ]);
+        // Index rows of the previous version: in the database (if it was there before this
+        // transaction) and possibly still pending (if this transaction wrote it earlier).
+        if current.is_some() {
+            pending.forget(&rt, &id);
+            for table in INDEX_TABLES {
+                let del = self.sql(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?"));
+                sqlx::query(&del)
+                    .bind(&rt)
+                    .bind(&id)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
         if !delete {
-            for (param, v) in self.indexer.extract(self.registry, &resource) {
-                let (sql, binds): (&str, Vec<Bind>) = match v {
-                    IndexValue::Token(s, c) => ("INSERT INTO idx_token (rtype, id, param, system, code) VALUES (?, ?, ?, ?, ?)", vec![Bind::S(s), Bind::S(c)]),
-                    IndexValue::String(n, e) => ("INSERT INTO idx_string (rtype, id, param, norm, exact) VALUES (?, ?, ?, ?, ?)", vec![Bind::S(n), Bind::S(e)]),
-                    IndexValue::Date(lo, hi) => ("INSERT INTO idx_date (rtype, id, param, lo, hi) VALUES (?, ?, ?, ?, ?)", vec![Bind::I(lo), Bind::I(hi)]),
-                    IndexValue::Reference(t, i) => ("INSERT INTO idx_reference (rtype, id, param, ttype, tid) VALUES (?, ?, ?, ?, ?)", vec![Bind::S(t), Bind::S(i)]),
-                    IndexValue::Number(n) => ("INSERT INTO idx_number (rtype, id, param, val) VALUES (?, ?, ?, ?)", vec![Bind::F(n)]),
-                    IndexValue::Uri(u) => ("INSERT INTO idx_uri (rtype, id, param, val) VALUES (?, ?, ?, ?)", vec![Bind::S(u)]),
+            for (param, v) in index_rows {
+                let head = [Bind::S(rt.clone()), Bind::S(id.clone()), Bind::S(param)];
+                let (slot, vals) = match v {
+                    IndexValue::Token(s, c) => (0, vec![Bind::S(s), Bind::S(c)]),
+                    IndexValue::String(n, e) => (1, vec![Bind::S(n), Bind::S(e)]),
+                    IndexValue::Date(lo, hi) => (2, vec![Bind::I(lo), Bind::I(hi)]),
+                    IndexValue::Reference(t, i) => (3, vec![Bind::S(t), Bind::S(i)]),
+                    IndexValue::Number(n) => (4, vec![Bind::F(n)]),
+                    IndexValue::Uri(u) => (5, vec![Bind::S(u)]),
                 };
-                let q = self.sql(sql);
-                let mut query = sqlx::query(&q).bind(&rt).bind(&id).bind(param);
-                for b in binds {
-                    query = match b {
-                        Bind::S(s) => query.bind(s),
-                        Bind::I(i) => query.bind(i),
-                        Bind::F(f) => query.bind(f),
-                    };
-                }
-                query.execute(&mut **tx).await?;
+                pending.index[slot].push(head.into_iter().chain(vals).collect());
             }
         }
         Ok(Stored {
@@ -643,8 +731,84 @@ impl Store {
 
 enum Bind {
     S(String),
+    /// A nullable text (deleted versions have no body).
+    O(Option<String>),
     I(i64),
     F(f64),
+}
+
+/// The search index tables, in the order of [`PendingRows::index`].
+const INDEX_TABLES: [&str; 6] = [
+    "idx_token",
+    "idx_string",
+    "idx_date",
+    "idx_reference",
+    "idx_number",
+    "idx_uri",
+];
+
+const INDEX_COLUMNS: [&str; 6] = [
+    "rtype, id, param, system, code",
+    "rtype, id, param, norm, exact",
+    "rtype, id, param, lo, hi",
+    "rtype, id, param, ttype, tid",
+    "rtype, id, param, val",
+    "rtype, id, param, val",
+];
+
+/// How one write treats the row it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteKind {
+    /// A create with a new random id: no current version to read, lock or replace.
+    Fresh,
+    /// Create-or-update of a given id.
+    Upsert,
+    /// Delete (a new version without a body).
+    Delete,
+}
+
+/// What one write needs besides the resource.
+struct Write<'p> {
+    pending: &'p mut PendingRows,
+    index_rows: Vec<(String, IndexValue)>,
+    now: chrono::DateTime<chrono::Utc>,
+}
+
+/// Rows a transaction writes at its end ([`Store::flush`]).
+#[derive(Default)]
+struct PendingRows {
+    resources: Vec<Vec<Bind>>,
+    history: Vec<Vec<Bind>>,
+    index: [Vec<Vec<Bind>>; 6],
+}
+
+impl PendingRows {
+    /// Drops the pending index rows of one resource (it is being written again).
+    fn forget(&mut self, rt: &str, id: &str) {
+        let is = |row: &Vec<Bind>| matches!((&row[0], &row[1]), (Bind::S(t), Bind::S(i)) if t == rt && i == id);
+        for rows in self.index.iter_mut() {
+            rows.retain(|r| !is(r));
+        }
+    }
+
+    fn by_table(&self) -> Vec<(&'static str, &'static str, &[Vec<Bind>])> {
+        let mut out = vec![
+            (
+                "resources",
+                "rtype, id, version, last_updated, lu_ms, deleted, body",
+                self.resources.as_slice(),
+            ),
+            (
+                "history",
+                "rtype, id, version, last_updated, lu_ms, deleted, body",
+                self.history.as_slice(),
+            ),
+        ];
+        for i in 0..6 {
+            out.push((INDEX_TABLES[i], INDEX_COLUMNS[i], self.index[i].as_slice()));
+        }
+        out
+    }
 }
 
 fn stored_from(rt: &str, id: &str, r: &AnyRow) -> Result<Stored, StoreError> {

@@ -245,15 +245,16 @@ impl Store {
                 ParamType::Number => "idx_number",
                 ParamType::Uri => "idx_uri",
             };
-            let exists = format!(
-                "SELECT 1 FROM {table} x WHERE x.rtype = r.rtype AND x.id = r.id AND x.param = ?"
-            );
+            // `r.id IN (subquery)` lets the planner start from the index on (rtype, param, value)
+            // instead of probing the index once per resource of the type.
+            let exists = format!("SELECT x.id FROM {table} x WHERE x.rtype = ? AND x.param = ?");
             if p.modifier.as_deref() == Some("missing") {
                 let missing = p.value == "true";
                 wheres.push(format!(
-                    "{}EXISTS ({exists})",
+                    "r.id {}IN ({exists})",
                     if missing { "NOT " } else { "" }
                 ));
+                binds.push(B::S(rt.to_string()));
                 binds.push(B::S(p.name.clone()));
                 continue;
             }
@@ -366,10 +367,11 @@ impl Store {
             }
             let not = p.modifier.as_deref() == Some("not");
             wheres.push(format!(
-                "{}EXISTS ({exists} AND ({}))",
+                "r.id {}IN ({exists} AND ({}))",
                 if not { "NOT " } else { "" },
                 ors.join(" OR ")
             ));
+            binds.push(B::S(rt.to_string()));
             binds.push(B::S(p.name.clone()));
             binds.extend(vbinds);
         }

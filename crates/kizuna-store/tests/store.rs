@@ -105,6 +105,39 @@ async fn crud(s: &Store) {
 }
 
 async fn transactions(s: &Store) {
+    // One resource written twice in one transaction: only the second version is indexed.
+    let twice = vec![
+        WriteOp::Update {
+            resource: json!({"resourceType": "Patient", "id": "twice", "gender": "male"}),
+            if_match: None,
+        },
+        WriteOp::Update {
+            resource: json!({"resourceType": "Patient", "id": "twice", "gender": "female"}),
+            if_match: None,
+        },
+    ];
+    let out = s.transaction(twice).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((out[0].version, out[1].version), (1, 2));
+    for (g, n) in [("male", 0), ("female", 1)] {
+        let r = s
+            .search("Patient", &pairs(&format!("_id=twice&gender={g}")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.total, n, "gender={g}");
+    }
+    let h = s
+        .history(Some("Patient"), Some("twice"), None, 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(h.len(), 2);
+    s.delete("Patient", "twice")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = s
+        .search("Patient", &pairs("_id=twice"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.total, 0);
     let ops = vec![
         WriteOp::Create {
             resource: json!({"resourceType": "Patient", "gender": "other"}),
@@ -479,6 +512,18 @@ async fn includes(s: &Store, all: &[Value]) {
         .find(|r| key(r) == c)
         .and_then(subject_of)
         .unwrap_or_default();
+    // `patient` is `subject.where(resolve() is Patient)`: indexed from the reference's type.
+    for q in [
+        format!("patient={}", p.1),
+        format!("patient=Patient/{}", p.1),
+        format!("subject:Patient={}", p.1),
+    ] {
+        let r = s
+            .search("Condition", &pairs(&q))
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e}"));
+        assert_eq!(r.total, conditions_of(&p) as i64, "Condition?{q}");
+    }
     let r = s
         .search(
             "Patient",

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod audit_cmd;
+mod bench_cmd;
 mod post;
 mod serve_cmd;
 mod synth_cmd;
@@ -41,6 +42,11 @@ enum Command {
     Token {
         #[command(subcommand)]
         cmd: token_cmd::TokenCmd,
+    },
+    /// 性能測定 / Benchmarks that write a JSON report (store ingest, read and search latency).
+    Bench {
+        #[command(subcommand)]
+        cmd: bench_cmd::BenchCmd,
     },
     /// 監査ログ / The audit log: verify it, show the checkpoint public key.
     Audit {
@@ -112,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Synth(a) => synth_cmd::run(a),
         Command::Token { cmd } => token_cmd::run(cmd),
         Command::Audit { cmd } => audit_cmd::run(cmd),
+        Command::Bench { cmd } => bench_cmd::run(cmd),
         Command::Packages => {
             let t = std::time::Instant::now();
             let reg = kizuna_fhir::Registry::load_builtin()?;
