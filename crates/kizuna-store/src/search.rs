@@ -213,7 +213,21 @@ impl Store {
                 value: String::new(),
             });
         }
-        for p in &q.params {
+        // The most selective kind of parameter drives the query (`r.id IN (…)`, read from its value
+        // index); the others are probed per candidate (`EXISTS`, via the (rtype, id) index).
+        // Without this, SQLite walked every resource of the type in `_lastUpdated` order.
+        let rank = |name: &str| match self.indexer().param(rt, name).map(|sp| sp.kind) {
+            Some(ParamType::Reference) => 0,
+            Some(ParamType::Token | ParamType::Uri) => 1,
+            Some(ParamType::String) => 2,
+            Some(ParamType::Number) => 3,
+            Some(ParamType::Date) => 4,
+            None => 5,
+        };
+        let mut ordered: Vec<&SearchParamValue> = q.params.iter().collect();
+        ordered.sort_by_key(|p| rank(&p.name));
+        let mut driven = false;
+        for p in ordered {
             if p.name == "_id" {
                 let ids = split_or(&p.value);
                 wheres.push(format!("r.id IN ({})", vec!["?"; ids.len()].join(", ")));
@@ -366,20 +380,32 @@ impl Store {
                 ors.push(cond);
             }
             let not = p.modifier.as_deref() == Some("not");
-            wheres.push(format!(
-                "r.id {}IN ({exists} AND ({}))",
-                if not { "NOT " } else { "" },
-                ors.join(" OR ")
-            ));
-            binds.push(B::S(rt.to_string()));
+            if !driven && !not {
+                driven = true;
+                wheres.push(format!("r.id IN ({exists} AND ({}))", ors.join(" OR ")));
+                binds.push(B::S(rt.to_string()));
+            } else {
+                wheres.push(format!(
+                    "{}EXISTS (SELECT 1 FROM {table} x WHERE x.rtype = r.rtype AND x.id = r.id AND x.param = ? AND ({}))",
+                    if not { "NOT " } else { "" },
+                    ors.join(" OR ")
+                ));
+            }
             binds.push(B::S(p.name.clone()));
             binds.extend(vbinds);
         }
         let where_sql = wheres.join(" AND ");
+        // When a value index drives the query, sort its (few) matches instead of letting SQLite
+        // walk the `_lastUpdated` index to avoid a sort (`+ 0` hides that index from ORDER BY).
+        let lu = if driven && self.backend() == crate::Backend::Sqlite {
+            "r.lu_ms + 0"
+        } else {
+            "r.lu_ms"
+        };
         let order = match q.sort {
-            SortKey::LastUpdated => "r.lu_ms ASC, r.id ASC",
-            SortKey::LastUpdatedDesc => "r.lu_ms DESC, r.id ASC",
-            SortKey::Id => "r.id ASC",
+            SortKey::LastUpdated => format!("{lu} ASC, r.id ASC"),
+            SortKey::LastUpdatedDesc => format!("{lu} DESC, r.id ASC"),
+            SortKey::Id => "r.id ASC".to_string(),
         };
         let count_sql = self.sql(&format!(
             "SELECT COUNT(*) FROM resources r WHERE {where_sql}"
