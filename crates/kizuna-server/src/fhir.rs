@@ -454,7 +454,7 @@ async fn create(
             .store
             .search(&rt, &SearchQuery::from_pairs(&pairs))
             .await?;
-        match found.total {
+        match found.total.unwrap_or(found.resources.len() as i64) {
             0 => {}
             1 => {
                 let st = &found.resources[0];
@@ -596,6 +596,7 @@ async fn do_search(
         json!({"fullUrl": format!("{}/{}/{}", s.base_url, st.resource_type, st.id), "resource": st.resource, "search": {"mode": mode}})
     };
     let mut entries: Vec<Value> = Vec::new();
+    let page_len = result.resources.len() as i64;
     for st in result.resources {
         entries.push(entry(st, "match"));
     }
@@ -613,13 +614,17 @@ async fn do_search(
         format!("{}/{}?{}", s.base_url, rt, enc.finish())
     };
     let mut links = vec![("self", page(q.offset))];
-    if q.count > 0 && q.offset + q.count < result.total {
+    let more = match result.total {
+        Some(t) => q.offset + q.count < t,
+        None => page_len == q.count,
+    };
+    if q.count > 0 && more {
         links.push(("next", page(q.offset + q.count)));
     }
     if q.offset > 0 && q.count > 0 {
         links.push(("previous", page((q.offset - q.count).max(0))));
     }
-    let mut b = bundle(s, "searchset", Some(result.total), entries, links);
+    let mut b = bundle(s, "searchset", result.total, entries, links);
     if !result.ignored.is_empty() {
         let oo = kizuna_fhir::outcome::OperationOutcome {
             issues: result

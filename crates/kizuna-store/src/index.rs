@@ -8,11 +8,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use kizuna_fhir::fhirpath::{DateTime, EvalContext, FhirPath, Item, Precision};
+use kizuna_fhir::model::TypeModel;
 use kizuna_fhir::Registry;
 use serde_json::Value;
 
 /// The kinds of search parameter the index stores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ParamType {
     /// token
     Token,
@@ -22,10 +23,54 @@ pub enum ParamType {
     Date,
     /// reference
     Reference,
-    /// number and quantity values
+    /// number
     Number,
+    /// quantity (value with system, code and unit)
+    Quantity,
     /// uri
     Uri,
+    /// composite: a tuple of other parameters' values taken from one element
+    Composite,
+}
+
+impl ParamType {
+    /// The FHIR name of the type (`token`, `string` …).
+    pub fn name(self) -> &'static str {
+        match self {
+            ParamType::Token => "token",
+            ParamType::String => "string",
+            ParamType::Date => "date",
+            ParamType::Reference => "reference",
+            ParamType::Number => "number",
+            ParamType::Quantity => "quantity",
+            ParamType::Uri => "uri",
+            ParamType::Composite => "composite",
+        }
+    }
+
+    fn from_fhir(t: &str) -> Option<ParamType> {
+        Some(match t {
+            "token" => ParamType::Token,
+            "string" => ParamType::String,
+            "date" => ParamType::Date,
+            "reference" => ParamType::Reference,
+            "number" => ParamType::Number,
+            "quantity" => ParamType::Quantity,
+            "uri" => ParamType::Uri,
+            "composite" => ParamType::Composite,
+            _ => return None,
+        })
+    }
+}
+
+/// One part of a composite parameter: its type and its expression, evaluated on each element the
+/// composite's own expression selects.
+#[derive(Debug, Clone)]
+pub struct Component {
+    /// The component's type.
+    pub kind: ParamType,
+    /// The expression relative to the composite's element.
+    pub expr: Arc<FhirPath>,
 }
 
 /// A compiled search parameter.
@@ -37,6 +82,10 @@ pub struct SearchParam {
     pub kind: ParamType,
     /// The expression.
     pub expr: Arc<FhirPath>,
+    /// For reference parameters: the resource types a reference may point to (chains try each).
+    pub targets: Vec<String>,
+    /// For composite parameters: the components, in order.
+    pub components: Vec<Component>,
 }
 
 /// Rewrites `where(resolve() is Type)` into a test of the reference text. A stored resource is
@@ -70,17 +119,40 @@ pub fn without_resolve(expr: &str) -> String {
 pub enum IndexValue {
     /// system, code (system may be empty).
     Token(String, String),
-    /// Normalised string (lower case, whitespace folded) for `:contains`/prefix, and the exact text.
+    /// Normalised string (see [`normalise`]) for prefix and `:contains`, and the exact text.
     String(String, String),
     /// Range in epoch milliseconds, inclusive.
     Date(i64, i64),
-    /// Target type and id (or the full reference when it is not `Type/id`).
+    /// Target type and id; see [`reference_key`].
     Reference(String, String),
     /// Numeric value.
     Number(f64),
+    /// A quantity: value, system, code, unit (as written).
+    Quantity {
+        /// `Quantity.value`
+        value: f64,
+        /// `Quantity.system`
+        system: String,
+        /// `Quantity.code`
+        code: String,
+        /// `Quantity.unit`
+        unit: String,
+    },
     /// URI.
     Uri(String),
+    /// One tuple of a composite parameter, a value per component.
+    Composite(Vec<IndexValue>),
 }
+
+/// The suffix of the pseudo-parameter holding `CodeableConcept.text` and `Coding.display` for `:text`.
+pub const TEXT_SUFFIX: &str = ":text";
+/// The suffix of the pseudo-parameter holding `Identifier.type` with the value, for `:of-type`.
+pub const OF_TYPE_SUFFIX: &str = ":of-type";
+/// The suffix of the pseudo-parameter holding `Reference.identifier`, for `:identifier`.
+pub const IDENTIFIER_SUFFIX: &str = ":identifier";
+
+/// How many tuples one element of a composite may produce (components with several codings multiply).
+const MAX_TUPLES: usize = 64;
 
 /// The search parameters of every resource type.
 #[derive(Debug, Default)]
@@ -92,15 +164,14 @@ impl Indexer {
     /// Compiles the SearchParameters of a registry.
     pub fn new(reg: &Registry) -> Indexer {
         let mut by_type: HashMap<String, Vec<SearchParam>> = HashMap::new();
+        let parse = |e: &str| FhirPath::parse(&without_resolve(e)).ok().map(Arc::new);
         for sp in reg.definitions_of("SearchParameter") {
-            let kind = match sp.get("type").and_then(Value::as_str) {
-                Some("token") => ParamType::Token,
-                Some("string") => ParamType::String,
-                Some("date") => ParamType::Date,
-                Some("reference") => ParamType::Reference,
-                Some("number") | Some("quantity") => ParamType::Number,
-                Some("uri") => ParamType::Uri,
-                _ => continue,
+            let Some(kind) = sp
+                .get("type")
+                .and_then(Value::as_str)
+                .and_then(ParamType::from_fhir)
+            else {
+                continue;
             };
             let (Some(code), Some(expr)) = (
                 sp.get("code").and_then(Value::as_str),
@@ -108,24 +179,58 @@ impl Indexer {
             ) else {
                 continue;
             };
-            let expr = without_resolve(expr);
-            let Ok(parsed) = FhirPath::parse(&expr) else {
+            let Some(parsed) = parse(expr) else {
                 continue;
             };
-            let parsed = Arc::new(parsed);
-            for base in sp
-                .get("base")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-            {
-                let list = by_type.entry(base.to_string()).or_default();
+            let strings = |k: &str| -> Vec<String> {
+                sp.get(k)
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            };
+            let mut components = Vec::new();
+            if kind == ParamType::Composite {
+                for c in sp
+                    .get("component")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let ckind = c
+                        .get("definition")
+                        .and_then(Value::as_str)
+                        .and_then(|d| reg.resolve(d))
+                        .and_then(|d| d.get("type").and_then(Value::as_str))
+                        .and_then(ParamType::from_fhir);
+                    let cexpr = c.get("expression").and_then(Value::as_str).and_then(parse);
+                    if let (Some(kind), Some(expr)) = (ckind, cexpr) {
+                        if kind != ParamType::Composite {
+                            components.push(Component { kind, expr });
+                        }
+                    }
+                }
+                // A composite whose parts cannot all be compiled would match wrongly: leave it out.
+                let declared = sp.get("component").and_then(Value::as_array).map(Vec::len);
+                if components.is_empty()
+                    || Some(components.len()) != declared
+                    || components.len() > crate::COMPOSITE_PARTS
+                {
+                    continue;
+                }
+            }
+            let targets = strings("target");
+            for base in strings("base") {
+                let list = by_type.entry(base).or_default();
                 if !list.iter().any(|p| p.code == code) {
                     list.push(SearchParam {
                         code: code.to_string(),
                         kind,
                         expr: parsed.clone(),
+                        targets: targets.clone(),
+                        components: components.clone(),
                     });
                 }
             }
@@ -149,13 +254,16 @@ impl Indexer {
             .find(|p| p.code == code)
     }
 
-    /// All index rows of a resource: (parameter code, value).
+    /// All index rows of a resource: (parameter code, value). Besides one row per value, tokens
+    /// add their text under `code:text`, identifiers their type under `code:of-type`, and references
+    /// their identifier under `code:identifier`, so those modifiers are plain index lookups.
     pub fn extract(&self, reg: &Registry, resource: &Value) -> Vec<(String, IndexValue)> {
         let rt = resource
             .get("resourceType")
             .and_then(Value::as_str)
             .unwrap_or("");
         let ctx = EvalContext::new(reg.model()).with_resource(resource);
+        let model = reg.model();
         let mut out = Vec::new();
         for p in self.params(rt) {
             if matches!(p.code.as_str(), "_id" | "_lastUpdated") {
@@ -165,18 +273,173 @@ impl Indexer {
                 continue;
             };
             for item in &items {
-                for v in values(p.kind, item, reg) {
+                if p.kind == ParamType::Composite {
+                    for t in tuples(p, &ctx, item, model) {
+                        out.push((p.code.clone(), IndexValue::Composite(t)));
+                    }
+                    continue;
+                }
+                for v in values(p.kind, item, model) {
                     out.push((p.code.clone(), v));
                 }
+                extras(p, item, model, &mut out);
             }
         }
         out
     }
 }
 
-/// Normalises a string for matching: lower case, whitespace folded.
+/// The value tuples of one element of a composite: the cross product of its components' values.
+fn tuples<'a>(
+    p: &SearchParam,
+    ctx: &EvalContext<'a>,
+    item: &Item<'a>,
+    model: &TypeModel,
+) -> Vec<Vec<IndexValue>> {
+    let mut acc: Vec<Vec<IndexValue>> = vec![Vec::new()];
+    for c in &p.components {
+        let Ok(items) = c.expr.evaluate(ctx, vec![item.clone()]) else {
+            return Vec::new();
+        };
+        let vals: Vec<IndexValue> = items
+            .iter()
+            .flat_map(|i| values(c.kind, i, model))
+            .collect();
+        if vals.is_empty() {
+            return Vec::new();
+        }
+        let mut next = Vec::new();
+        for prefix in &acc {
+            for v in &vals {
+                if next.len() >= MAX_TUPLES {
+                    break;
+                }
+                let mut t = prefix.clone();
+                t.push(v.clone());
+                next.push(t);
+            }
+        }
+        acc = next;
+    }
+    acc
+}
+
+/// The pseudo-parameter rows behind `:text`, `:of-type` and `:identifier`.
+fn extras(
+    p: &SearchParam,
+    item: &Item<'_>,
+    model: &TypeModel,
+    out: &mut Vec<(String, IndexValue)>,
+) {
+    let Item::Node(n) = item else { return };
+    let Some(v) = n.value else { return };
+    let ty = model.type_name(n.ty);
+    match (p.kind, ty) {
+        (ParamType::Token, "CodeableConcept") => {
+            let texts = s(v, "text").into_iter().chain(
+                v.get("coding")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| s(c, "display")),
+            );
+            for t in texts {
+                out.push((
+                    format!("{}{TEXT_SUFFIX}", p.code),
+                    IndexValue::String(normalise(t), t.to_string()),
+                ));
+            }
+        }
+        (ParamType::Token, "Coding") => {
+            if let Some(t) = s(v, "display") {
+                out.push((
+                    format!("{}{TEXT_SUFFIX}", p.code),
+                    IndexValue::String(normalise(t), t.to_string()),
+                ));
+            }
+        }
+        (ParamType::Token, "Identifier") => {
+            let value = s(v, "value").unwrap_or("");
+            for c in v
+                .pointer("/type/coding")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                out.push((
+                    format!("{}{OF_TYPE_SUFFIX}", p.code),
+                    IndexValue::Token(
+                        format!(
+                            "{}|{}",
+                            s(c, "system").unwrap_or(""),
+                            s(c, "code").unwrap_or("")
+                        ),
+                        value.to_string(),
+                    ),
+                ));
+            }
+        }
+        (ParamType::Reference, "Reference") => {
+            if let Some(i) = v.get("identifier") {
+                out.push((
+                    format!("{}{IDENTIFIER_SUFFIX}", p.code),
+                    IndexValue::Token(
+                        s(i, "system").unwrap_or("").into(),
+                        s(i, "value").unwrap_or("").into(),
+                    ),
+                ));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The (type, id) a reference or canonical is indexed and searched under. Relative `Type/id` gives
+/// `(Type, id)`; an absolute `http://base/Type/id` keeps its base, `(Type, url)`, because it names
+/// a resource on that server; a version (`/_history/n`, `|version`) is dropped; anything else
+/// (`#contained`, `urn:uuid:…`, a bare id) is `("", text)`.
+pub fn reference_key(r: &str) -> (String, String) {
+    let r = r.split("/_history/").next().unwrap_or(r);
+    let r = if r.contains("://") {
+        r.split('|').next().unwrap_or(r)
+    } else {
+        r
+    };
+    if r.starts_with('#') || r.starts_with("urn:") {
+        return (String::new(), r.to_string());
+    }
+    let mut parts = r.rsplitn(3, '/');
+    let (id, ty, base) = (parts.next(), parts.next(), parts.next());
+    match (id, ty) {
+        (Some(id), Some(ty))
+            if !id.is_empty()
+                && ty.starts_with(|c: char| c.is_ascii_uppercase())
+                && ty.chars().all(|c| c.is_ascii_alphanumeric()) =>
+        {
+            if base.is_some_and(|b| b.contains("://")) {
+                (ty.to_string(), r.to_string())
+            } else if base.is_none() {
+                (ty.to_string(), id.to_string())
+            } else {
+                (String::new(), r.to_string())
+            }
+        }
+        _ => (String::new(), r.to_string()),
+    }
+}
+
+/// Normalises a string for matching: compatibility forms folded (full-width ｱ and Ａ, half-width ｶﾞ
+/// become ア, A and ガ), Latin accents removed (é → e) while Japanese voicing marks stay (ガ ≠ カ),
+/// lower case, whitespace runs folded to one space.
 pub fn normalise(s: &str) -> String {
-    s.split_whitespace()
+    use unicode_normalization::UnicodeNormalization;
+    let stripped: String = s
+        .nfkd()
+        .filter(|c| !('\u{300}'..='\u{36f}').contains(c))
+        .collect();
+    let composed: String = stripped.nfkc().collect();
+    composed
+        .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
         .to_lowercase()
@@ -258,142 +521,212 @@ fn s<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
     v.get(k).and_then(Value::as_str)
 }
 
-fn values(kind: ParamType, item: &Item<'_>, reg: &Registry) -> Vec<IndexValue> {
-    let model = reg.model();
+fn token(c: &Value, sys: &str, code: &str) -> IndexValue {
+    IndexValue::Token(
+        s(c, sys).unwrap_or("").into(),
+        s(c, code).unwrap_or("").into(),
+    )
+}
+
+fn string_rows(v: &Value, out: &mut Vec<IndexValue>) {
+    for k in [
+        "text",
+        "family",
+        "city",
+        "district",
+        "state",
+        "postalCode",
+        "country",
+    ] {
+        if let Some(x) = s(v, k) {
+            out.push(IndexValue::String(normalise(x), x.to_string()));
+        }
+    }
+    for k in ["given", "prefix", "suffix", "line"] {
+        for x in v
+            .get(k)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            out.push(IndexValue::String(normalise(x), x.to_string()));
+        }
+    }
+}
+
+fn range_of(x: &str) -> Option<(i64, i64)> {
+    DateTime::parse(x, false).and_then(|d| date_range(&d))
+}
+
+fn number_of(v: Option<&Value>) -> Option<f64> {
+    match v {
+        Some(Value::Number(n)) => n.as_f64(),
+        _ => None,
+    }
+}
+
+/// The index values of one item a parameter's expression selected.
+pub(crate) fn values(kind: ParamType, item: &Item<'_>, model: &TypeModel) -> Vec<IndexValue> {
     let (node_ty, v) = match item {
-        Item::Node(n) => (model.type_name(n.ty).to_string(), n.value),
-        _ => (String::new(), None),
+        Item::Node(n) => (model.type_name(n.ty), n.value),
+        _ => ("", None),
+    };
+    let Some(v) = v else {
+        return Vec::new();
     };
     let mut out = Vec::new();
     match kind {
-        ParamType::Token => match (node_ty.as_str(), v) {
-            ("Coding", Some(c)) => out.push(IndexValue::Token(
-                s(c, "system").unwrap_or("").into(),
-                s(c, "code").unwrap_or("").into(),
-            )),
-            ("CodeableConcept", Some(cc)) => {
+        ParamType::Token => match (node_ty, v) {
+            ("Coding", c) => out.push(token(c, "system", "code")),
+            ("CodeableConcept", cc) => {
                 for c in cc
                     .get("coding")
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
                 {
-                    out.push(IndexValue::Token(
-                        s(c, "system").unwrap_or("").into(),
-                        s(c, "code").unwrap_or("").into(),
+                    out.push(token(c, "system", "code"));
+                }
+            }
+            ("Identifier", i) => out.push(token(i, "system", "value")),
+            ("ContactPoint", c) => out.push(token(c, "system", "value")),
+            (_, Value::String(code)) => out.push(IndexValue::Token(String::new(), code.clone())),
+            (_, Value::Bool(b)) => out.push(IndexValue::Token(String::new(), b.to_string())),
+            _ => {}
+        },
+        ParamType::String => match (node_ty, v) {
+            ("HumanName" | "Address", n) => string_rows(n, &mut out),
+            (_, Value::String(x)) => out.push(IndexValue::String(normalise(x), x.clone())),
+            _ => {}
+        },
+        ParamType::Date => match (node_ty, v) {
+            ("Period", p) => {
+                let lo = s(p, "start").and_then(range_of).map(|r| r.0);
+                let hi = s(p, "end").and_then(range_of).map(|r| r.1);
+                if lo.is_some() || hi.is_some() {
+                    out.push(IndexValue::Date(
+                        lo.unwrap_or(OPEN_START),
+                        hi.unwrap_or(OPEN_END),
                     ));
                 }
             }
-            ("Identifier", Some(i)) => out.push(IndexValue::Token(
-                s(i, "system").unwrap_or("").into(),
-                s(i, "value").unwrap_or("").into(),
-            )),
-            ("ContactPoint", Some(c)) => out.push(IndexValue::Token(
-                s(c, "system").unwrap_or("").into(),
-                s(c, "value").unwrap_or("").into(),
-            )),
-            (_, Some(Value::String(code))) => {
-                out.push(IndexValue::Token(String::new(), code.clone()))
-            }
-            (_, Some(Value::Bool(b))) => out.push(IndexValue::Token(String::new(), b.to_string())),
-            _ => {}
-        },
-        ParamType::String => match (node_ty.as_str(), v) {
-            ("HumanName", Some(n)) | ("Address", Some(n)) => {
-                let mut parts: Vec<String> = Vec::new();
-                for k in [
-                    "text",
-                    "family",
-                    "city",
-                    "district",
-                    "state",
-                    "postalCode",
-                    "country",
-                ] {
-                    if let Some(x) = s(n, k) {
-                        parts.push(x.to_string());
+            ("Timing", t) => {
+                for e in t
+                    .get("event")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                {
+                    if let Some((lo, hi)) = range_of(e) {
+                        out.push(IndexValue::Date(lo, hi));
                     }
                 }
-                for k in ["given", "prefix", "suffix", "line"] {
-                    for x in n
-                        .get(k)
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                    {
-                        parts.push(x.to_string());
-                    }
-                }
-                for p in parts {
-                    out.push(IndexValue::String(normalise(&p), p));
+            }
+            (_, Value::String(x)) => {
+                if let Some((lo, hi)) = range_of(x) {
+                    out.push(IndexValue::Date(lo, hi));
                 }
             }
-            (_, Some(Value::String(x))) => out.push(IndexValue::String(normalise(x), x.clone())),
             _ => {}
         },
-        ParamType::Date => {
-            let range = match (node_ty.as_str(), v) {
-                ("Period", Some(p)) => {
-                    let lo = s(p, "start")
-                        .and_then(|x| DateTime::parse(x, false))
-                        .and_then(|d| date_range(&d))
-                        .map(|r| r.0)
-                        .unwrap_or(i64::MIN / 2);
-                    let hi = s(p, "end")
-                        .and_then(|x| DateTime::parse(x, false))
-                        .and_then(|d| date_range(&d))
-                        .map(|r| r.1)
-                        .unwrap_or(i64::MAX / 2);
-                    Some((lo, hi))
-                }
-                (_, Some(Value::String(x))) => {
-                    DateTime::parse(x, false).and_then(|d| date_range(&d))
-                }
-                _ => None,
-            };
-            if let Some((lo, hi)) = range {
-                out.push(IndexValue::Date(lo, hi));
-            }
-        }
         ParamType::Reference => {
             let r = match v {
-                Some(Value::Object(_)) => v.and_then(|x| s(x, "reference")).map(str::to_string),
-                Some(Value::String(x)) => Some(x.clone()),
+                Value::Object(_) => s(v, "reference"),
+                Value::String(x) => Some(x.as_str()),
                 _ => None,
             };
             if let Some(r) = r {
-                let mut parts = r.rsplit('/');
-                match (parts.next(), parts.next()) {
-                    (Some(id), Some(t)) if t.starts_with(|c: char| c.is_ascii_uppercase()) => {
-                        out.push(IndexValue::Reference(t.to_string(), id.to_string()))
-                    }
-                    _ => out.push(IndexValue::Reference(String::new(), r)),
-                }
+                let (t, i) = reference_key(r);
+                out.push(IndexValue::Reference(t, i));
             }
         }
         ParamType::Number => {
-            let n = match v {
-                Some(Value::Number(n)) => n.as_f64(),
-                Some(Value::Object(q)) => q.get("value").and_then(Value::as_f64),
-                _ => None,
-            };
-            if let Some(n) = n {
+            if let Some(n) = number_of(Some(v)) {
                 out.push(IndexValue::Number(n));
             }
         }
+        ParamType::Quantity => match (node_ty, v) {
+            ("Money", m) => {
+                if let Some(value) = number_of(m.get("value")) {
+                    let cur = s(m, "currency").unwrap_or("").to_string();
+                    out.push(IndexValue::Quantity {
+                        value,
+                        system: "urn:iso:std:iso:4217".into(),
+                        code: cur.clone(),
+                        unit: cur,
+                    });
+                }
+            }
+            (_, Value::Object(q)) => {
+                if let Some(value) = number_of(q.get("value")) {
+                    out.push(IndexValue::Quantity {
+                        value,
+                        system: s(v, "system").unwrap_or("").into(),
+                        code: s(v, "code").unwrap_or("").into(),
+                        unit: s(v, "unit").unwrap_or("").into(),
+                    });
+                }
+            }
+            _ => {}
+        },
         ParamType::Uri => {
-            if let Some(Value::String(x)) = v {
+            if let Value::String(x) = v {
                 out.push(IndexValue::Uri(x.clone()));
+                // A versioned canonical (`url|1`) is also found by its bare URL.
+                if node_ty == "canonical" {
+                    if let Some((bare, _)) = x.split_once('|') {
+                        out.push(IndexValue::Uri(bare.to_string()));
+                    }
+                }
             }
         }
+        ParamType::Composite => {}
     }
     out
 }
 
+/// The low end of a period without a start (and the high end without an end): far enough from any
+/// real date, near enough to stay exact as a double in composite rows.
+pub const OPEN_START: i64 = -(1 << 52);
+/// See [`OPEN_START`].
+pub const OPEN_END: i64 = 1 << 52;
+
 #[cfg(test)]
 mod tests {
-    use super::without_resolve;
+    use super::{normalise, reference_key, without_resolve};
+
+    #[test]
+    fn reference_keys() {
+        let k = |r: &str| reference_key(r);
+        let p = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(k("Patient/123"), p("Patient", "123"));
+        assert_eq!(k("Patient/123/_history/4"), p("Patient", "123"));
+        assert_eq!(
+            k("http://other.example/fhir/Patient/9"),
+            p("Patient", "http://other.example/fhir/Patient/9")
+        );
+        assert_eq!(k("urn:uuid:abc"), p("", "urn:uuid:abc"));
+        assert_eq!(k("#contained"), p("", "#contained"));
+        assert_eq!(k("123"), p("", "123"));
+        assert_eq!(k("a/b/c"), p("", "a/b/c"));
+        assert_eq!(
+            k("http://hl7.org/fhir/StructureDefinition/Patient|4.0.1"),
+            p(
+                "StructureDefinition",
+                "http://hl7.org/fhir/StructureDefinition/Patient"
+            )
+        );
+    }
+
+    #[test]
+    fn normalisation_folds_width_case_and_latin_accents_only() {
+        assert_eq!(normalise("ｻﾄｳ  Ｔａｒｏ"), "サトウ taro");
+        assert_eq!(normalise("ｶﾞｸ"), "ガク");
+        assert_ne!(normalise("ガ"), normalise("カ"));
+        assert_eq!(normalise("Ève"), "eve");
+    }
 
     #[test]
     fn resolve_is_becomes_a_reference_test() {

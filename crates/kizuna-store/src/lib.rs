@@ -20,7 +20,7 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 
 pub use include::Include;
 pub use index::{IndexValue, Indexer, ParamType};
-pub use search::{SearchParamValue, SearchQuery, SearchResult, SortKey};
+pub use search::{SearchParamValue, SearchQuery, SearchResult, SortSpec, Total};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +141,26 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS idx_uri (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, val TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS idx_uri_r ON idx_uri (rtype, id)",
     "CREATE INDEX IF NOT EXISTS idx_uri_q ON idx_uri (rtype, param, val)",
+    "CREATE TABLE IF NOT EXISTS idx_quantity (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, val DOUBLE PRECISION NOT NULL, system TEXT NOT NULL, code TEXT NOT NULL, unit TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS idx_quantity_q ON idx_quantity (rtype, param, val)",
+    "CREATE INDEX IF NOT EXISTS idx_quantity_r ON idx_quantity (rtype, id)",
+    "CREATE TABLE IF NOT EXISTS idx_composite (rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, \
+     c0_s1 TEXT, c0_s2 TEXT, c0_s3 TEXT, c0_n1 DOUBLE PRECISION, c0_n2 DOUBLE PRECISION, \
+     c1_s1 TEXT, c1_s2 TEXT, c1_s3 TEXT, c1_n1 DOUBLE PRECISION, c1_n2 DOUBLE PRECISION, \
+     c2_s1 TEXT, c2_s2 TEXT, c2_s3 TEXT, c2_n1 DOUBLE PRECISION, c2_n2 DOUBLE PRECISION)",
+    "CREATE INDEX IF NOT EXISTS idx_composite_q ON idx_composite (rtype, param, c0_s2)",
+    "CREATE INDEX IF NOT EXISTS idx_composite_r ON idx_composite (rtype, id)",
+    // `_has`, `$everything` and compartment exports look references up by their target.
+    "CREATE INDEX IF NOT EXISTS idx_reference_t ON idx_reference (tid, ttype)",
 ];
+
+/// PostgreSQL only: its `LIKE 'prefix%'` uses a B-tree only with pattern operators.
+const SCHEMA_POSTGRES: &[&str] = &[
+    "CREATE INDEX IF NOT EXISTS idx_string_p ON idx_string (rtype, param, norm text_pattern_ops)",
+];
+
+/// How many components a composite parameter may have (R4 has two or three).
+pub const COMPOSITE_PARTS: usize = 3;
 
 /// Turns the database's "someone else wrote this first" answers into [`StoreError::Concurrent`]:
 /// a duplicate key (two creates of one id), PostgreSQL serialization failure or deadlock, SQLite busy.
@@ -156,8 +175,9 @@ fn concurrent_or_db(e: StoreError) -> StoreError {
     e
 }
 
-/// The current schema version (recorded in `kz_meta`).
-pub const SCHEMA_VERSION: &str = "1";
+/// The current schema version (recorded in `kz_meta`). Version 2 added quantity and composite
+/// tables and the `:text`/`:of-type`/`:identifier` rows; opening an older store re-indexes it.
+pub const SCHEMA_VERSION: &str = "2";
 
 /// The store: a connection pool, the dialect, and the index definitions.
 #[derive(Clone)]
@@ -261,6 +281,18 @@ impl Store {
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&mut *tx).await?;
         }
+        if self.backend == Backend::Postgres {
+            for stmt in SCHEMA_POSTGRES {
+                sqlx::query(stmt).execute(&mut *tx).await?;
+            }
+        }
+        let before: Option<String> =
+            sqlx::query(&self.sql("SELECT value FROM kz_meta WHERE key = ?"))
+                .bind("schema_version")
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?;
         let upsert = self.sql("INSERT INTO kz_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value");
         sqlx::query(&upsert)
             .bind("schema_version")
@@ -268,7 +300,67 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        if before.as_deref().is_some_and(|v| v != SCHEMA_VERSION) {
+            let n = self.reindex().await?;
+            tracing::info!(resources = n, from = ?before, "search index rebuilt for the new schema");
+        }
         Ok(())
+    }
+
+    /// Rebuilds the search index of every current resource from its stored body (after a schema
+    /// change or new SearchParameters), a page at a time, each page in its own transaction.
+    pub async fn reindex(&self) -> Result<u64, StoreError> {
+        let mut after: (String, String) = (String::new(), String::new());
+        let mut n = 0u64;
+        loop {
+            let q = self.sql(
+                "SELECT rtype, id, body FROM resources WHERE deleted = 0 AND (rtype > ? OR (rtype = ? AND id > ?)) ORDER BY rtype, id LIMIT 500",
+            );
+            let rows = sqlx::query(&q)
+                .bind(&after.0)
+                .bind(&after.0)
+                .bind(&after.1)
+                .fetch_all(&self.pool)
+                .await?;
+            let Some(last) = rows.last() else {
+                return Ok(n);
+            };
+            after = (last.try_get(0)?, last.try_get(1)?);
+            let mut pending = PendingRows::default();
+            let mut keys = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let rt: String = r.try_get(0)?;
+                let id: String = r.try_get(1)?;
+                let body: Option<String> = r.try_get(2)?;
+                if let Some(b) = body {
+                    let v: Value = serde_json::from_str(&b)?;
+                    for (param, iv) in self.indexer.extract(self.registry, &v) {
+                        if param != "_lastUpdated" {
+                            pending.push_index(&rt, &id, param, iv);
+                        }
+                    }
+                }
+                keys.push((rt, id));
+            }
+            let _serial = match self.backend {
+                Backend::Sqlite => Some(self.sqlite_writer.lock().await),
+                Backend::Postgres => None,
+            };
+            let mut tx = self.begin_write().await?;
+            for (rt, id) in &keys {
+                for table in INDEX_TABLES {
+                    let del = self.sql(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?"));
+                    sqlx::query(&del)
+                        .bind(rt)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            self.flush(&mut tx, pending).await?;
+            tx.commit().await?;
+            n += keys.len() as u64;
+        }
     }
 
     /// Runs one statement (administration and tests).
@@ -624,16 +716,7 @@ impl Store {
         }
         if !delete {
             for (param, v) in index_rows {
-                let head = [Bind::S(rt.clone()), Bind::S(id.clone()), Bind::S(param)];
-                let (slot, vals) = match v {
-                    IndexValue::Token(s, c) => (0, vec![Bind::S(s), Bind::S(c)]),
-                    IndexValue::String(n, e) => (1, vec![Bind::S(n), Bind::S(e)]),
-                    IndexValue::Date(lo, hi) => (2, vec![Bind::I(lo), Bind::I(hi)]),
-                    IndexValue::Reference(t, i) => (3, vec![Bind::S(t), Bind::S(i)]),
-                    IndexValue::Number(n) => (4, vec![Bind::F(n)]),
-                    IndexValue::Uri(u) => (5, vec![Bind::S(u)]),
-                };
-                pending.index[slot].push(head.into_iter().chain(vals).collect());
+                pending.push_index(&rt, &id, param, v);
             }
         }
         Ok(Stored {
@@ -738,23 +821,51 @@ enum Bind {
 }
 
 /// The search index tables, in the order of [`PendingRows::index`].
-const INDEX_TABLES: [&str; 6] = [
+pub(crate) const INDEX_TABLES: [&str; 8] = [
     "idx_token",
     "idx_string",
     "idx_date",
     "idx_reference",
     "idx_number",
     "idx_uri",
+    "idx_quantity",
+    "idx_composite",
 ];
 
-const INDEX_COLUMNS: [&str; 6] = [
+const INDEX_COLUMNS: [&str; 8] = [
     "rtype, id, param, system, code",
     "rtype, id, param, norm, exact",
     "rtype, id, param, lo, hi",
     "rtype, id, param, ttype, tid",
     "rtype, id, param, val",
     "rtype, id, param, val",
+    "rtype, id, param, val, system, code, unit",
+    "rtype, id, param, c0_s1, c0_s2, c0_s3, c0_n1, c0_n2, c1_s1, c1_s2, c1_s3, c1_n1, c1_n2, c2_s1, c2_s2, c2_s3, c2_n1, c2_n2",
 ];
+
+/// A component value spread over the generic composite columns (s1, s2, s3, n1, n2); the search
+/// side reads them through the same mapping ([`crate::search`]). Unused columns hold `''` and 0,
+/// never NULL: sqlx's `Any` driver declares a NULL double as `float4` to PostgreSQL, which then
+/// refuses the cached statement's next real `float8`.
+fn component_columns(v: IndexValue) -> [Bind; 5] {
+    let t = Bind::S;
+    let e = || Bind::S(String::new());
+    match v {
+        IndexValue::Token(a, b) | IndexValue::String(a, b) | IndexValue::Reference(a, b) => {
+            [t(a), t(b), e(), Bind::F(0.0), Bind::F(0.0)]
+        }
+        IndexValue::Date(lo, hi) => [e(), e(), e(), Bind::F(lo as f64), Bind::F(hi as f64)],
+        IndexValue::Number(n) => [e(), e(), e(), Bind::F(n), Bind::F(0.0)],
+        IndexValue::Quantity {
+            value,
+            system,
+            code,
+            unit,
+        } => [t(system), t(code), t(unit), Bind::F(value), Bind::F(0.0)],
+        IndexValue::Uri(u) => [e(), t(u), e(), Bind::F(0.0), Bind::F(0.0)],
+        IndexValue::Composite(_) => [e(), e(), e(), Bind::F(0.0), Bind::F(0.0)],
+    }
+}
 
 /// How one write treats the row it replaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -779,10 +890,51 @@ struct Write<'p> {
 struct PendingRows {
     resources: Vec<Vec<Bind>>,
     history: Vec<Vec<Bind>>,
-    index: [Vec<Vec<Bind>>; 6],
+    index: [Vec<Vec<Bind>>; 8],
 }
 
 impl PendingRows {
+    /// Queues one index row in the table its value belongs to.
+    fn push_index(&mut self, rt: &str, id: &str, param: String, v: IndexValue) {
+        let head = [
+            Bind::S(rt.to_string()),
+            Bind::S(id.to_string()),
+            Bind::S(param),
+        ];
+        let (slot, vals) = match v {
+            IndexValue::Token(s, c) => (0, vec![Bind::S(s), Bind::S(c)]),
+            IndexValue::String(n, e) => (1, vec![Bind::S(n), Bind::S(e)]),
+            IndexValue::Date(lo, hi) => (2, vec![Bind::I(lo), Bind::I(hi)]),
+            IndexValue::Reference(t, i) => (3, vec![Bind::S(t), Bind::S(i)]),
+            IndexValue::Number(n) => (4, vec![Bind::F(n)]),
+            IndexValue::Uri(u) => (5, vec![Bind::S(u)]),
+            IndexValue::Quantity {
+                value,
+                system,
+                code,
+                unit,
+            } => (
+                6,
+                vec![
+                    Bind::F(value),
+                    Bind::S(system),
+                    Bind::S(code),
+                    Bind::S(unit),
+                ],
+            ),
+            IndexValue::Composite(parts) => {
+                let mut cols = Vec::with_capacity(5 * COMPOSITE_PARTS);
+                let mut parts = parts.into_iter();
+                for _ in 0..COMPOSITE_PARTS {
+                    let c = parts.next().unwrap_or(IndexValue::Composite(Vec::new()));
+                    cols.extend(component_columns(c));
+                }
+                (7, cols)
+            }
+        };
+        self.index[slot].push(head.into_iter().chain(vals).collect());
+    }
+
     /// Drops the pending index rows of one resource (it is being written again).
     fn forget(&mut self, rt: &str, id: &str) {
         let is = |row: &Vec<Bind>| matches!((&row[0], &row[1]), (Bind::S(t), Bind::S(i)) if t == rt && i == id);
@@ -804,7 +956,7 @@ impl PendingRows {
                 self.history.as_slice(),
             ),
         ];
-        for i in 0..6 {
+        for i in 0..INDEX_TABLES.len() {
             out.push((INDEX_TABLES[i], INDEX_COLUMNS[i], self.index[i].as_slice()));
         }
         out

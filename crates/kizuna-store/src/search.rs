@@ -1,33 +1,59 @@
-//! Search over the index tables: each parameter becomes an `EXISTS` over its table (AND across
-//! parameters, OR across comma-separated values), with FHIR's modifiers and comparison prefixes.
+//! Search over the index tables, per the FHIR R4 search specification.
+//!
+//! A query is compiled, parameter by parameter, into sets of resource ids selected from the index
+//! tables (AND across parameters, OR across comma-separated values). Chained parameters
+//! (`subject:Patient.name=…`, several levels) and reverse chains (`_has:Observation:patient:code=…`,
+//! nested) become nested id sets over the reference index, so one SQL statement answers the whole
+//! query on SQLite and PostgreSQL alike. The most selective parameter drives the statement
+//! (`r.id IN (…)`); the others are probed per candidate (`EXISTS`).
 
 use kizuna_fhir::fhirpath::DateTime;
 use serde_json::Value;
 use sqlx::Row;
 
-use crate::index::{date_range, normalise, ParamType};
-use crate::{Store, StoreError, Stored};
+use crate::index::{
+    date_range, normalise, reference_key, ParamType, IDENTIFIER_SUFFIX, OF_TYPE_SUFFIX, TEXT_SUFFIX,
+};
+use crate::{Backend, Store, StoreError, Stored};
 
 /// One `name[:modifier]=value` of a query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchParamValue {
-    /// Parameter code.
+    /// Parameter code (for chains and `_has`, the part before the first colon).
     pub name: String,
-    /// Modifier without the colon (`exact`, `contains`, `not`, `missing` …).
+    /// What followed the first colon: a modifier (`exact`, `not`, `missing` …), a chain's type
+    /// restriction, or the rest of a `_has` key.
     pub modifier: Option<String>,
     /// The raw value (may hold commas for OR).
     pub value: String,
 }
 
-/// Sort keys the store supports.
+impl SearchParamValue {
+    /// The key as written in the query (`name[:modifier]`).
+    pub fn key(&self) -> String {
+        match &self.modifier {
+            Some(m) => format!("{}:{m}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+/// One `_sort` key: `_id`, `_lastUpdated` or a search parameter of the type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SortSpec {
+    /// The parameter.
+    pub param: String,
+    /// `-param`: descending.
+    pub descending: bool,
+}
+
+/// `_total`: whether the searchset carries a count of all matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SortKey {
-    /// `_lastUpdated` ascending.
-    LastUpdated,
-    /// `-_lastUpdated`.
-    LastUpdatedDesc,
-    /// `_id`.
-    Id,
+pub enum Total {
+    /// Counted exactly (the default; `_total=accurate` and `_total=estimate`).
+    Accurate,
+    /// Not counted (`_total=none`): one query less for clients that only page.
+    None,
 }
 
 /// A search request.
@@ -39,8 +65,8 @@ pub struct SearchQuery {
     pub count: i64,
     /// Offset of the page.
     pub offset: i64,
-    /// Sort.
-    pub sort: SortKey,
+    /// Sort keys, most significant first; empty sorts by `_lastUpdated`.
+    pub sort: Vec<SortSpec>,
     /// Unknown parameters are errors (`Prefer: handling=strict`) rather than ignored.
     pub strict: bool,
     /// `_include` values.
@@ -49,6 +75,10 @@ pub struct SearchQuery {
     pub revincludes: Vec<crate::Include>,
     /// Control parameters whose value could not be read (reported by [`Store::search`]).
     pub malformed: Vec<String>,
+    /// `_total`.
+    pub total: Total,
+    /// The instant `ap` on dates measures from (epoch ms); `None` reads the clock.
+    pub now_ms: Option<i64>,
 }
 
 impl Default for SearchQuery {
@@ -57,14 +87,20 @@ impl Default for SearchQuery {
             params: Vec::new(),
             count: 50,
             offset: 0,
-            sort: SortKey::LastUpdated,
+            sort: Vec::new(),
             strict: true,
             includes: Vec::new(),
             revincludes: Vec::new(),
             malformed: Vec::new(),
+            total: Total::Accurate,
+            now_ms: None,
         }
     }
 }
+
+/// Result-shaping parameters the server applies (`_summary`, `_elements`, `_format`, `_pretty`):
+/// not search criteria, so the store passes over them.
+const VIEW_PARAMS: &[&str] = &["_summary", "_elements", "_format", "_pretty"];
 
 impl SearchQuery {
     /// Parses `a=b&c:exact=d` pairs (already percent-decoded).
@@ -72,15 +108,31 @@ impl SearchQuery {
         let mut q = SearchQuery::default();
         for (k, v) in pairs {
             match k.as_str() {
-                "_count" => q.count = v.parse().unwrap_or(50),
-                "_offset" => q.offset = v.parse().unwrap_or(0),
+                "_count" => match v.parse::<i64>() {
+                    Ok(n) if n >= 0 => q.count = n,
+                    _ => q.malformed.push(k.clone()),
+                },
+                "_offset" => match v.parse::<i64>() {
+                    Ok(n) if n >= 0 => q.offset = n,
+                    _ => q.malformed.push(k.clone()),
+                },
                 "_sort" => {
-                    q.sort = match v.as_str() {
-                        "-_lastUpdated" => SortKey::LastUpdatedDesc,
-                        "_id" => SortKey::Id,
-                        _ => SortKey::LastUpdated,
+                    for part in v.split(',').filter(|s| !s.is_empty()) {
+                        let (param, descending) = match part.strip_prefix('-') {
+                            Some(p) => (p, true),
+                            None => (part, false),
+                        };
+                        q.sort.push(SortSpec {
+                            param: param.to_string(),
+                            descending,
+                        });
                     }
                 }
+                "_total" => match v.as_str() {
+                    "none" => q.total = Total::None,
+                    "accurate" | "estimate" => q.total = Total::Accurate,
+                    _ => q.malformed.push(k.clone()),
+                },
                 "_include" | "_include:iterate" | "_revinclude" | "_revinclude:iterate" => {
                     let iterate = k.ends_with(":iterate");
                     let target = if k.starts_with("_include") {
@@ -93,6 +145,7 @@ impl SearchQuery {
                         None => q.malformed.push(k.clone()),
                     }
                 }
+                k if VIEW_PARAMS.contains(&k) => {}
                 _ => {
                     let (name, modifier) = match k.split_once(':') {
                         Some((n, m)) => (n.to_string(), Some(m.to_string())),
@@ -113,8 +166,8 @@ impl SearchQuery {
 /// A page of results.
 #[derive(Debug, Clone)]
 pub struct SearchResult {
-    /// Matches in total.
-    pub total: i64,
+    /// Matches in total (`None` with `_total=none`).
+    pub total: Option<i64>,
     /// This page.
     pub resources: Vec<Stored>,
     /// Parameters that were ignored (lenient handling).
@@ -123,29 +176,49 @@ pub struct SearchResult {
     pub included: Vec<Stored>,
 }
 
-enum B {
+#[derive(Debug, Clone)]
+pub(crate) enum B {
     S(String),
     I(i64),
     F(f64),
 }
 
-/// Splits on commas not escaped with a backslash.
-fn split_or(v: &str) -> Vec<String> {
+/// Splits on `sep` where it is not escaped with a backslash; escapes stay for the next level.
+fn split_unescaped(v: &str, sep: char) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut esc = false;
     for c in v.chars() {
-        match (esc, c) {
-            (true, c) => {
-                cur.push(c);
-                esc = false;
-            }
-            (false, '\\') => esc = true,
-            (false, ',') => out.push(std::mem::take(&mut cur)),
-            (false, c) => cur.push(c),
+        if esc {
+            cur.push(c);
+            esc = false;
+        } else if c == '\\' {
+            cur.push(c);
+            esc = true;
+        } else if c == sep {
+            out.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
         }
     }
     out.push(cur);
+    out
+}
+
+/// Removes FHIR search escapes (`\,` `\$` `\|` `\\`).
+fn unescape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let mut esc = false;
+    for c in v.chars() {
+        if esc {
+            out.push(c);
+            esc = false;
+        } else if c == '\\' {
+            esc = true;
+        } else {
+            out.push(c);
+        }
+    }
     out
 }
 
@@ -155,10 +228,11 @@ fn like_escape(s: &str) -> String {
         .replace('_', "\\_")
 }
 
+/// Splits a comparison prefix (`ge2020`, `lt5.4`) from a date, number or quantity value.
 fn prefix(v: &str) -> (&str, &str) {
     for p in ["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"] {
         if let Some(rest) = v.strip_prefix(p) {
-            if rest.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
+            if rest.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.') {
                 return (p, rest);
             }
         }
@@ -173,262 +247,736 @@ fn bad(p: &str, v: &str) -> StoreError {
     }
 }
 
-fn date_condition(
-    col_lo: &str,
-    col_hi: &str,
-    p: &str,
-    v: &str,
-    binds: &mut Vec<B>,
-) -> Result<String, StoreError> {
-    let (pre, rest) = prefix(v);
-    let d = DateTime::parse(rest, true).ok_or_else(|| bad(p, v))?;
-    let (lo, hi) = date_range(&d).ok_or_else(|| bad(p, v))?;
-    let (sql, vals): (String, Vec<i64>) = match pre {
-        "eq" | "ap" => (format!("({col_lo} >= ? AND {col_hi} <= ?)"), vec![lo, hi]),
-        "ne" => (
-            format!("NOT ({col_lo} >= ? AND {col_hi} <= ?)"),
-            vec![lo, hi],
-        ),
-        "lt" => (format!("{col_lo} < ?"), vec![lo]),
-        "gt" => (format!("{col_hi} > ?"), vec![hi]),
-        "le" => (format!("{col_lo} <= ?"), vec![hi]),
-        "ge" => (format!("{col_hi} >= ?"), vec![lo]),
-        "sa" => (format!("{col_lo} > ?"), vec![hi]),
-        "eb" => (format!("{col_hi} < ?"), vec![lo]),
-        _ => return Err(bad(p, v)),
+/// Column names of one index row as the value conditions see them: two or three texts and two
+/// numbers, so one condition builder serves a main index table and a composite's component.
+#[derive(Debug, Clone, Copy)]
+struct Cols {
+    s1: &'static str,
+    s2: &'static str,
+    s3: &'static str,
+    n1: &'static str,
+    n2: &'static str,
+}
+
+const fn cols(
+    s1: &'static str,
+    s2: &'static str,
+    s3: &'static str,
+    n1: &'static str,
+    n2: &'static str,
+) -> Cols {
+    Cols { s1, s2, s3, n1, n2 }
+}
+
+/// The index table and columns of a parameter type.
+fn table_of(kind: ParamType) -> (&'static str, Cols) {
+    match kind {
+        ParamType::Token => ("idx_token", cols("system", "code", "", "", "")),
+        ParamType::String => ("idx_string", cols("norm", "exact", "", "", "")),
+        ParamType::Date => ("idx_date", cols("", "", "", "lo", "hi")),
+        ParamType::Reference => ("idx_reference", cols("ttype", "tid", "", "", "")),
+        ParamType::Number => ("idx_number", cols("", "", "", "val", "")),
+        ParamType::Quantity => ("idx_quantity", cols("system", "code", "unit", "val", "")),
+        ParamType::Uri => ("idx_uri", cols("", "val", "", "", "")),
+        ParamType::Composite => ("idx_composite", cols("", "", "", "", "")),
+    }
+}
+
+/// The composite component columns (the mapping `component_columns` in the store writes).
+const COMPONENT_COLS: [Cols; crate::COMPOSITE_PARTS] = [
+    cols("c0_s1", "c0_s2", "c0_s3", "c0_n1", "c0_n2"),
+    cols("c1_s1", "c1_s2", "c1_s3", "c1_n1", "c1_n2"),
+    cols("c2_s1", "c2_s2", "c2_s3", "c2_n1", "c2_n2"),
+];
+
+/// How deep chains and `_has` may nest.
+const MAX_DEPTH: usize = 4;
+
+/// One compiled criterion.
+enum Crit {
+    /// A condition on the outer resources row, written with `@R` for its alias (`_id`, `_lastUpdated`).
+    Direct(String, Vec<B>),
+    /// A set of ids: `SELECT {idcol} FROM {from_where}`, or its complement when `negate`.
+    Set {
+        from_where: String,
+        idcol: String,
+        binds: Vec<B>,
+        negate: bool,
+    },
+}
+
+/// Compiles criteria; holds the alias counter and the parameters lenient handling skipped.
+struct Compiler<'s> {
+    store: &'s Store,
+    strict: bool,
+    aliases: usize,
+    ignored: Vec<String>,
+    now_ms: i64,
+    /// ` COLLATE "C"` on PostgreSQL, so text ranges compare bytes as SQLite's BINARY does.
+    bytewise: &'static str,
+}
+
+impl Compiler<'_> {
+    fn alias(&mut self) -> String {
+        self.aliases += 1;
+        format!("x{}", self.aliases)
+    }
+
+    fn unknown(&mut self, key: &str) -> Result<Option<(Crit, u8)>, StoreError> {
+        if self.strict {
+            Err(StoreError::UnknownParameter(key.to_string()))
+        } else {
+            self.ignored.push(key.to_string());
+            Ok(None)
+        }
+    }
+
+    /// A criterion as a plain id set (`SELECT id …`), for use inside chains and `_has`.
+    fn positive(&mut self, rt: &str, c: Crit) -> (String, Vec<B>) {
+        match c {
+            Crit::Set {
+                from_where,
+                idcol,
+                binds,
+                negate: false,
+            } => (format!("SELECT {idcol} FROM {from_where}"), binds),
+            Crit::Set {
+                from_where,
+                idcol,
+                binds,
+                negate: true,
+            } => {
+                let a = self.alias();
+                let mut b = vec![B::S(rt.to_string())];
+                b.extend(binds);
+                (
+                    format!("SELECT {a}.id FROM resources {a} WHERE {a}.rtype = ? AND {a}.deleted = 0 AND {a}.id NOT IN (SELECT {idcol} FROM {from_where})"),
+                    b,
+                )
+            }
+            Crit::Direct(cond, binds) => {
+                let a = self.alias();
+                let mut b = vec![B::S(rt.to_string())];
+                b.extend(binds);
+                (
+                    format!(
+                        "SELECT {a}.id FROM resources {a} WHERE {a}.rtype = ? AND {a}.deleted = 0 AND ({})",
+                        cond.replace("@R", &a)
+                    ),
+                    b,
+                )
+            }
+        }
+    }
+
+    /// Compiles `key=value` on resources of type `rt`; `None` when lenient handling skipped it.
+    /// The second value ranks how selective the criterion is likely to be (lower drives the query).
+    fn compile(
+        &mut self,
+        rt: &str,
+        key: &str,
+        value: &str,
+        depth: usize,
+    ) -> Result<Option<(Crit, u8)>, StoreError> {
+        if depth > MAX_DEPTH {
+            return Err(bad(key, "chains and _has nest at most 4 levels"));
+        }
+        if let Some(rest) = key.strip_prefix("_has:") {
+            return self.compile_has(rt, key, rest, value, depth);
+        }
+        if let Some(dot) = key.find('.') {
+            return self.compile_chain(rt, key, &key[..dot], &key[dot + 1..], value, depth);
+        }
+        let (name, modifier) = match key.split_once(':') {
+            Some((n, m)) => (n, Some(m)),
+            None => (key, None),
+        };
+        if name == "_id" || name == "_lastUpdated" {
+            if modifier.is_some() {
+                return Err(bad(
+                    key,
+                    "modifiers are not supported on _id and _lastUpdated",
+                ));
+            }
+            let mut ors = Vec::new();
+            let mut binds = Vec::new();
+            for v in split_unescaped(value, ',') {
+                if name == "_id" {
+                    ors.push("@R.id = ?".to_string());
+                    binds.push(B::S(unescape(&v)));
+                } else {
+                    ors.push(self.date_cond("@R.lu_ms", "@R.lu_ms", key, &v, &mut binds)?);
+                }
+            }
+            let rank = if name == "_id" { 0 } else { 6 };
+            return Ok(Some((
+                Crit::Direct(format!("({})", ors.join(" OR ")), binds),
+                rank,
+            )));
+        }
+        let Some(sp) = self.store.indexer().param(rt, name) else {
+            return self.unknown(key);
+        };
+        let kind = sp.kind;
+        let a = self.alias();
+        let (mut table, mut c) = table_of(kind);
+        let mut param = name.to_string();
+        let mut negate = false;
+        let mut value_kind = kind;
+        let mut ref_type: Option<&str> = None;
+        let mut string_mode = modifier;
+        match (kind, modifier) {
+            (_, Some("missing")) => {
+                let missing = match value {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad(key, ":missing takes true or false")),
+                };
+                return Ok(Some((
+                    Crit::Set {
+                        from_where: format!("{table} {a} WHERE {a}.rtype = ? AND {a}.param = ?"),
+                        idcol: format!("{a}.id"),
+                        binds: vec![B::S(rt.to_string()), B::S(param)],
+                        negate: missing,
+                    },
+                    5,
+                )));
+            }
+            (ParamType::Token, Some("not")) => negate = true,
+            (ParamType::Token, Some("text")) => {
+                (table, c) = table_of(ParamType::String);
+                param = format!("{name}{TEXT_SUFFIX}");
+                value_kind = ParamType::String;
+                string_mode = None;
+            }
+            (ParamType::Token, Some("of-type")) => param = format!("{name}{OF_TYPE_SUFFIX}"),
+            (ParamType::Reference, Some("identifier")) => {
+                (table, c) = table_of(ParamType::Token);
+                param = format!("{name}{IDENTIFIER_SUFFIX}");
+                value_kind = ParamType::Token;
+            }
+            (ParamType::Reference, Some(t)) if self.store.registry().model().is_resource(t) => {
+                ref_type = Some(t)
+            }
+            (ParamType::String, Some("exact" | "contains")) => {}
+            (ParamType::Uri, Some("below" | "above")) => {}
+            (_, None) => {}
+            (_, Some(m)) => {
+                return Err(bad(
+                    key,
+                    &format!(":{m} is not supported on {} parameters", kind.name()),
+                ))
+            }
+        }
+        let mut ors = Vec::new();
+        let mut binds = vec![B::S(rt.to_string()), B::S(param)];
+        for v in split_unescaped(value, ',') {
+            let cond = if kind == ParamType::Composite {
+                self.composite_cond(&a, rt, name, key, &v, &mut binds)?
+            } else if modifier == Some("of-type") {
+                let parts = split_unescaped(&v, '|');
+                let [sys, code, val] = parts.as_slice() else {
+                    return Err(bad(key, ":of-type takes system|code|value"));
+                };
+                binds.push(B::S(format!("{}|{}", unescape(sys), unescape(code))));
+                binds.push(B::S(unescape(val)));
+                format!("({a}.system = ? AND {a}.code = ?)")
+            } else {
+                self.value_cond(
+                    &a,
+                    c,
+                    value_kind,
+                    string_mode,
+                    ref_type,
+                    key,
+                    &v,
+                    &mut binds,
+                )?
+            };
+            ors.push(cond);
+        }
+        let rank = match kind {
+            ParamType::Reference => 1,
+            ParamType::Token | ParamType::Uri => 2,
+            ParamType::Composite => 2,
+            ParamType::String => 3,
+            ParamType::Number | ParamType::Quantity => 4,
+            ParamType::Date => 6,
+        };
+        Ok(Some((
+            Crit::Set {
+                from_where: format!(
+                    "{table} {a} WHERE {a}.rtype = ? AND {a}.param = ? AND ({})",
+                    ors.join(" OR ")
+                ),
+                idcol: format!("{a}.id"),
+                binds,
+                negate,
+            },
+            rank,
+        )))
+    }
+
+    /// `_has:Source:param:rest` — resources of `rt` that some `Source` refers to through `param`,
+    /// where that `Source` matches `rest`.
+    fn compile_has(
+        &mut self,
+        rt: &str,
+        key: &str,
+        rest: &str,
+        value: &str,
+        depth: usize,
+    ) -> Result<Option<(Crit, u8)>, StoreError> {
+        let mut parts = rest.splitn(3, ':');
+        let (Some(source), Some(refp), Some(inner)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad(
+                key,
+                "_has takes _has:Type:reference-parameter:parameter",
+            ));
+        };
+        if !self.store.registry().model().is_resource(source) {
+            return Err(bad(key, &format!("unknown resource type {source}")));
+        }
+        match self.store.indexer().param(source, refp) {
+            Some(p) if p.kind == ParamType::Reference => {}
+            _ => return self.unknown(key),
+        }
+        let Some((inner, _)) = self.compile(source, inner, value, depth + 1)? else {
+            return Ok(None);
+        };
+        let (sql, inner_binds) = self.positive(source, inner);
+        let a = self.alias();
+        let mut binds = vec![
+            B::S(source.to_string()),
+            B::S(refp.to_string()),
+            B::S(rt.to_string()),
+        ];
+        binds.extend(inner_binds);
+        Ok(Some((
+            Crit::Set {
+                from_where: format!(
+                    "idx_reference {a} WHERE {a}.rtype = ? AND {a}.param = ? AND {a}.ttype = ? AND {a}.id IN ({sql})"
+                ),
+                idcol: format!("{a}.tid"),
+                binds,
+                negate: false,
+            },
+            3,
+        )))
+    }
+
+    /// `ref[:Type].rest` — resources whose reference `ref` points to a resource matching `rest`.
+    fn compile_chain(
+        &mut self,
+        rt: &str,
+        key: &str,
+        link: &str,
+        rest: &str,
+        value: &str,
+        depth: usize,
+    ) -> Result<Option<(Crit, u8)>, StoreError> {
+        let (pname, restrict) = match link.split_once(':') {
+            Some((p, t)) => (p, Some(t)),
+            None => (link, None),
+        };
+        let Some(sp) = self.store.indexer().param(rt, pname) else {
+            return self.unknown(key);
+        };
+        if sp.kind != ParamType::Reference {
+            return Err(bad(key, &format!("{pname} is not a reference parameter")));
+        }
+        let next_name = rest.split(['.', ':']).next().unwrap_or(rest).to_string();
+        let targets: Vec<String> = match restrict {
+            Some(t) if self.store.registry().model().is_resource(t) => vec![t.to_string()],
+            Some(t) => return Err(bad(key, &format!("unknown resource type {t}"))),
+            None => sp
+                .targets
+                .iter()
+                .filter(|t| {
+                    matches!(next_name.as_str(), "_id" | "_lastUpdated" | "_has")
+                        || self.store.indexer().param(t, &next_name).is_some()
+                })
+                .cloned()
+                .collect(),
+        };
+        if targets.is_empty() {
+            return self.unknown(key);
+        }
+        let a = self.alias();
+        let mut binds = vec![B::S(rt.to_string()), B::S(pname.to_string())];
+        let mut ors = Vec::new();
+        for t in &targets {
+            let Some((inner, _)) = self.compile(t, rest, value, depth + 1)? else {
+                return Ok(None);
+            };
+            let (sql, inner_binds) = self.positive(t, inner);
+            ors.push(format!("({a}.ttype = ? AND {a}.tid IN ({sql}))"));
+            binds.push(B::S(t.clone()));
+            binds.extend(inner_binds);
+        }
+        Ok(Some((
+            Crit::Set {
+                from_where: format!(
+                    "idx_reference {a} WHERE {a}.rtype = ? AND {a}.param = ? AND ({})",
+                    ors.join(" OR ")
+                ),
+                idcol: format!("{a}.id"),
+                binds,
+                negate: false,
+            },
+            3,
+        )))
+    }
+
+    /// `a$b[$c]` against the composite row's component columns, each part by its component's type.
+    fn composite_cond(
+        &mut self,
+        a: &str,
+        rt: &str,
+        name: &str,
+        key: &str,
+        v: &str,
+        binds: &mut Vec<B>,
+    ) -> Result<String, StoreError> {
+        let comps: Vec<ParamType> = self
+            .store
+            .indexer()
+            .param(rt, name)
+            .map(|p| p.components.iter().map(|c| c.kind).collect())
+            .unwrap_or_default();
+        let parts = split_unescaped(v, '$');
+        if parts.len() != comps.len() {
+            return Err(bad(
+                key,
+                &format!("a composite value has {} parts joined by $", comps.len()),
+            ));
+        }
+        let mut ands = Vec::new();
+        for (i, (part, kind)) in parts.iter().zip(comps).enumerate() {
+            ands.push(self.value_cond(a, COMPONENT_COLS[i], kind, None, None, key, part, binds)?);
+        }
+        Ok(format!("({})", ands.join(" AND ")))
+    }
+
+    /// The condition one value (no commas) puts on an index row.
+    #[allow(clippy::too_many_arguments)]
+    fn value_cond(
+        &mut self,
+        a: &str,
+        c: Cols,
+        kind: ParamType,
+        modifier: Option<&str>,
+        ref_type: Option<&str>,
+        key: &str,
+        v: &str,
+        binds: &mut Vec<B>,
+    ) -> Result<String, StoreError> {
+        let col = |n: &str| format!("{a}.{n}");
+        Ok(match kind {
+            ParamType::Token => {
+                let parts = split_unescaped(v, '|');
+                match parts.as_slice() {
+                    [code] => {
+                        binds.push(B::S(unescape(code)));
+                        format!("{} = ?", col(c.s2))
+                    }
+                    [sys, code] if sys.is_empty() => {
+                        binds.push(B::S(String::new()));
+                        binds.push(B::S(unescape(code)));
+                        format!("({} = ? AND {} = ?)", col(c.s1), col(c.s2))
+                    }
+                    [sys, code] if code.is_empty() => {
+                        binds.push(B::S(unescape(sys)));
+                        format!("{} = ?", col(c.s1))
+                    }
+                    [sys, code] => {
+                        binds.push(B::S(unescape(sys)));
+                        binds.push(B::S(unescape(code)));
+                        format!("({} = ? AND {} = ?)", col(c.s1), col(c.s2))
+                    }
+                    _ => return Err(bad(key, v)),
+                }
+            }
+            ParamType::String => {
+                let text = unescape(v);
+                match modifier {
+                    Some("exact") => {
+                        binds.push(B::S(text));
+                        format!("{} = ?", col(c.s2))
+                    }
+                    Some("contains") => {
+                        binds.push(B::S(format!("%{}%", like_escape(&normalise(&text)))));
+                        format!("{} LIKE ? ESCAPE '\\'", col(c.s1))
+                    }
+                    _ => {
+                        let n = normalise(&text);
+                        let upper = format!("{n}{}", char::MAX);
+                        binds.push(B::S(n));
+                        binds.push(B::S(upper));
+                        let b = self.bytewise;
+                        format!("({0}{b} >= ? AND {0}{b} < ?)", col(c.s1))
+                    }
+                }
+            }
+            ParamType::Reference => {
+                let (t, i) = reference_key(&unescape(v));
+                match (ref_type, t.as_str()) {
+                    (Some(rt), "") => {
+                        binds.push(B::S(rt.to_string()));
+                        binds.push(B::S(i));
+                        format!("({} = ? AND {} = ?)", col(c.s1), col(c.s2))
+                    }
+                    (Some(rt), t) if rt != t => "1 = 0".to_string(),
+                    (_, "") => {
+                        binds.push(B::S(i));
+                        format!("{} = ?", col(c.s2))
+                    }
+                    (_, t) => {
+                        binds.push(B::S(t.to_string()));
+                        binds.push(B::S(i));
+                        format!("({} = ? AND {} = ?)", col(c.s1), col(c.s2))
+                    }
+                }
+            }
+            ParamType::Uri => {
+                let u = unescape(v);
+                match modifier {
+                    Some("below") => {
+                        binds.push(B::S(format!("{}%", like_escape(&u))));
+                        format!("{} LIKE ? ESCAPE '\\'", col(c.s2))
+                    }
+                    Some("above") => {
+                        binds.push(B::S(u));
+                        format!(
+                            "substr(?, 1, length({0})) = {0} AND length({0}) > 0",
+                            col(c.s2)
+                        )
+                    }
+                    _ => {
+                        binds.push(B::S(u));
+                        format!("{} = ?", col(c.s2))
+                    }
+                }
+            }
+            ParamType::Date => self.date_cond(&col(c.n1), &col(c.n2), key, v, binds)?,
+            ParamType::Number => number_cond(&col(c.n1), key, v, binds)?,
+            ParamType::Quantity => {
+                let parts = split_unescaped(v, '|');
+                match parts.as_slice() {
+                    [n] => number_cond(&col(c.n1), key, n, binds)?,
+                    [n, sys, code] => {
+                        let mut conds = vec![number_cond(&col(c.n1), key, n, binds)?];
+                        let (sys, code) = (unescape(sys), unescape(code));
+                        if !sys.is_empty() {
+                            conds.push(format!("{} = ?", col(c.s1)));
+                            binds.push(B::S(sys.clone()));
+                        }
+                        if !code.is_empty() {
+                            if sys.is_empty() {
+                                conds.push(format!("({} = ? OR {} = ?)", col(c.s2), col(c.s3)));
+                                binds.push(B::S(code.clone()));
+                            } else {
+                                conds.push(format!("{} = ?", col(c.s2)));
+                            }
+                            binds.push(B::S(code));
+                        }
+                        format!("({})", conds.join(" AND "))
+                    }
+                    _ => return Err(bad(key, "quantity takes number or number|system|code")),
+                }
+            }
+            ParamType::Composite => return Err(bad(key, "composites do not nest")),
+        })
+    }
+
+    /// A date value against an inclusive range `[lo, hi]` (the target's), per the R4 prefix table.
+    fn date_cond(
+        &self,
+        lo: &str,
+        hi: &str,
+        key: &str,
+        v: &str,
+        binds: &mut Vec<B>,
+    ) -> Result<String, StoreError> {
+        let (pre, rest) = prefix(v);
+        let d = DateTime::parse(rest, true).ok_or_else(|| bad(key, v))?;
+        let (slo, shi) = date_range(&d).ok_or_else(|| bad(key, v))?;
+        let within = format!("({lo} >= ? AND {hi} <= ?)");
+        let (sql, vals): (String, Vec<i64>) = match pre {
+            "eq" => (within, vec![slo, shi]),
+            "ne" => (format!("NOT {within}"), vec![slo, shi]),
+            "gt" => (format!("{hi} > ?"), vec![shi]),
+            "lt" => (format!("{lo} < ?"), vec![slo]),
+            "ge" => (format!("({hi} > ? OR {within})"), vec![shi, slo, shi]),
+            "le" => (format!("({lo} < ? OR {within})"), vec![slo, slo, shi]),
+            "sa" => (format!("{lo} > ?"), vec![shi]),
+            "eb" => (format!("{hi} < ?"), vec![slo]),
+            _ => {
+                // ap: within a tenth of the distance from now, at least a day.
+                let gap = approx_gap(self.now_ms, slo, shi);
+                (
+                    format!("({hi} >= ? AND {lo} <= ?)"),
+                    vec![slo - gap, shi + gap],
+                )
+            }
+        };
+        binds.extend(vals.into_iter().map(B::I));
+        Ok(sql)
+    }
+}
+
+/// The widening `ap` applies to a date range: 10 % of its distance from `now`, at least one day.
+pub fn approx_gap(now_ms: i64, lo: i64, hi: i64) -> i64 {
+    let dist = if now_ms < lo {
+        lo - now_ms
+    } else if now_ms > hi {
+        now_ms - hi
+    } else {
+        0
     };
-    binds.extend(vals.into_iter().map(B::I));
-    Ok(sql)
+    (dist / 10).max(86_400_000)
+}
+
+/// The implicit range of a decimal as written: `100` is [99.5, 100.5), `1.50` is [1.495, 1.505).
+pub fn number_bounds(text: &str) -> Option<(f64, f64, f64)> {
+    let n: f64 = text.parse().ok()?;
+    if !n.is_finite() {
+        return None;
+    }
+    let mantissa = text.split(['e', 'E']).next().unwrap_or(text);
+    let places = mantissa.split('.').nth(1).map(str::len).unwrap_or(0) as i32;
+    let exp: i32 = text
+        .split(['e', 'E'])
+        .nth(1)
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(0);
+    let half = 0.5 * 10f64.powi(exp - places);
+    Some((n, n - half, n + half))
+}
+
+fn number_cond(col: &str, key: &str, v: &str, binds: &mut Vec<B>) -> Result<String, StoreError> {
+    let (pre, rest) = prefix(v);
+    let (n, lo, hi) = number_bounds(rest).ok_or_else(|| bad(key, v))?;
+    Ok(match pre {
+        "eq" => {
+            binds.extend([B::F(lo), B::F(hi)]);
+            format!("({col} >= ? AND {col} < ?)")
+        }
+        "ne" => {
+            binds.extend([B::F(lo), B::F(hi)]);
+            format!("NOT ({col} >= ? AND {col} < ?)")
+        }
+        "ap" => {
+            let d = (n * 0.1).abs();
+            binds.extend([B::F(n - d), B::F(n + d)]);
+            format!("({col} >= ? AND {col} <= ?)")
+        }
+        op => {
+            binds.push(B::F(n));
+            let sym = match op {
+                "lt" | "eb" => "<",
+                "gt" | "sa" => ">",
+                "le" => "<=",
+                _ => ">=",
+            };
+            format!("{col} {sym} ?")
+        }
+    })
+}
+
+fn bind_all<'q>(
+    sql: &'q str,
+    binds: &[B],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let mut query = sqlx::query(sql);
+    for b in binds {
+        query = match b {
+            B::S(s) => query.bind(s.clone()),
+            B::I(i) => query.bind(*i),
+            B::F(f) => query.bind(*f),
+        };
+    }
+    query
 }
 
 impl Store {
     /// Searches one resource type.
     pub async fn search(&self, rt: &str, q: &SearchQuery) -> Result<SearchResult, StoreError> {
-        let mut wheres: Vec<String> = vec!["r.rtype = ?".into(), "r.deleted = 0".into()];
-        let mut binds: Vec<B> = vec![B::S(rt.to_string())];
-        let mut ignored = Vec::new();
         if let Some(m) = q.malformed.first() {
             return Err(StoreError::BadSearchValue {
                 param: m.clone(),
                 value: String::new(),
             });
         }
-        // The most selective kind of parameter drives the query (`r.id IN (…)`, read from its value
-        // index); the others are probed per candidate (`EXISTS`, via the (rtype, id) index).
-        // Without this, SQLite walked every resource of the type in `_lastUpdated` order.
-        let rank = |name: &str| match self.indexer().param(rt, name).map(|sp| sp.kind) {
-            Some(ParamType::Reference) => 0,
-            Some(ParamType::Token | ParamType::Uri) => 1,
-            Some(ParamType::String) => 2,
-            Some(ParamType::Number) => 3,
-            Some(ParamType::Date) => 4,
-            None => 5,
-        };
-        let mut ordered: Vec<&SearchParamValue> = q.params.iter().collect();
-        ordered.sort_by_key(|p| rank(&p.name));
-        let mut driven = false;
-        for p in ordered {
-            if p.name == "_id" {
-                let ids = split_or(&p.value);
-                wheres.push(format!("r.id IN ({})", vec!["?"; ids.len()].join(", ")));
-                binds.extend(ids.into_iter().map(B::S));
-                continue;
-            }
-            if p.name == "_lastUpdated" {
-                let mut ors = Vec::new();
-                for v in split_or(&p.value) {
-                    ors.push(date_condition(
-                        "r.lu_ms", "r.lu_ms", &p.name, &v, &mut binds,
-                    )?);
-                }
-                wheres.push(format!("({})", ors.join(" OR ")));
-                continue;
-            }
-            let Some(sp) = self.indexer().param(rt, &p.name) else {
-                if q.strict {
-                    return Err(StoreError::UnknownParameter(p.name.clone()));
-                }
-                ignored.push(p.name.clone());
-                continue;
-            };
-            let table = match sp.kind {
-                ParamType::Token => "idx_token",
-                ParamType::String => "idx_string",
-                ParamType::Date => "idx_date",
-                ParamType::Reference => "idx_reference",
-                ParamType::Number => "idx_number",
-                ParamType::Uri => "idx_uri",
-            };
-            // `r.id IN (subquery)` lets the planner start from the index on (rtype, param, value)
-            // instead of probing the index once per resource of the type.
-            let exists = format!("SELECT x.id FROM {table} x WHERE x.rtype = ? AND x.param = ?");
-            if p.modifier.as_deref() == Some("missing") {
-                let missing = p.value == "true";
-                wheres.push(format!(
-                    "r.id {}IN ({exists})",
-                    if missing { "NOT " } else { "" }
-                ));
-                binds.push(B::S(rt.to_string()));
-                binds.push(B::S(p.name.clone()));
-                continue;
-            }
-            let mut ors = Vec::new();
-            let mut vbinds = Vec::new();
-            for v in split_or(&p.value) {
-                let cond = match sp.kind {
-                    ParamType::Token => {
-                        if p.modifier.as_deref() == Some("text") {
-                            return Err(bad(&p.name, ":text is not supported yet"));
-                        }
-                        match v.split_once('|') {
-                            Some(("", code)) => {
-                                vbinds.push(B::S(code.to_string()));
-                                "(x.system = '' AND x.code = ?)".to_string()
-                            }
-                            Some((sys, "")) => {
-                                vbinds.push(B::S(sys.to_string()));
-                                "x.system = ?".to_string()
-                            }
-                            Some((sys, code)) => {
-                                vbinds.push(B::S(sys.to_string()));
-                                vbinds.push(B::S(code.to_string()));
-                                "(x.system = ? AND x.code = ?)".to_string()
-                            }
-                            None => {
-                                vbinds.push(B::S(v.clone()));
-                                "x.code = ?".to_string()
-                            }
-                        }
-                    }
-                    ParamType::String => match p.modifier.as_deref() {
-                        Some("exact") => {
-                            vbinds.push(B::S(v.clone()));
-                            "x.exact = ?".to_string()
-                        }
-                        Some("contains") => {
-                            vbinds.push(B::S(format!("%{}%", like_escape(&normalise(&v)))));
-                            "x.norm LIKE ? ESCAPE '\\'".to_string()
-                        }
-                        None => {
-                            vbinds.push(B::S(format!("{}%", like_escape(&normalise(&v)))));
-                            "x.norm LIKE ? ESCAPE '\\'".to_string()
-                        }
-                        Some(m) => return Err(bad(&p.name, &format!(":{m}"))),
-                    },
-                    ParamType::Date => {
-                        let mut b = Vec::new();
-                        let c = date_condition("x.lo", "x.hi", &p.name, &v, &mut b)?;
-                        vbinds.extend(b);
-                        c
-                    }
-                    ParamType::Reference => {
-                        if p.modifier.as_deref() == Some("identifier") {
-                            return Err(bad(&p.name, ":identifier is not supported yet"));
-                        }
-                        let mut parts = v.rsplit('/');
-                        match (parts.next(), parts.next()) {
-                            (Some(id), Some(t)) => {
-                                vbinds.push(B::S(t.to_string()));
-                                vbinds.push(B::S(id.to_string()));
-                                "(x.ttype = ? AND x.tid = ?)".to_string()
-                            }
-                            _ => {
-                                vbinds.push(B::S(v.clone()));
-                                "x.tid = ?".to_string()
-                            }
-                        }
-                    }
-                    ParamType::Number => {
-                        let (pre, rest) = prefix(&v);
-                        let n: f64 = rest.parse().map_err(|_| bad(&p.name, &v))?;
-                        let places = rest.split('.').nth(1).map(str::len).unwrap_or(0) as i32;
-                        let half = 0.5 * 10f64.powi(-places);
-                        match pre {
-                            "eq" | "ap" => {
-                                vbinds.push(B::F(n - half));
-                                vbinds.push(B::F(n + half));
-                                "(x.val >= ? AND x.val < ?)".to_string()
-                            }
-                            "ne" => {
-                                vbinds.push(B::F(n - half));
-                                vbinds.push(B::F(n + half));
-                                "NOT (x.val >= ? AND x.val < ?)".to_string()
-                            }
-                            op => {
-                                vbinds.push(B::F(n));
-                                let sym = match op {
-                                    "lt" | "eb" => "<",
-                                    "gt" | "sa" => ">",
-                                    "le" => "<=",
-                                    _ => ">=",
-                                };
-                                format!("x.val {sym} ?")
-                            }
-                        }
-                    }
-                    ParamType::Uri => match p.modifier.as_deref() {
-                        Some("below") => {
-                            vbinds.push(B::S(format!("{}%", like_escape(&v))));
-                            "x.val LIKE ? ESCAPE '\\'".to_string()
-                        }
-                        _ => {
-                            vbinds.push(B::S(v.clone()));
-                            "x.val = ?".to_string()
-                        }
-                    },
-                };
-                ors.push(cond);
-            }
-            let not = p.modifier.as_deref() == Some("not");
-            if !driven && !not {
-                driven = true;
-                wheres.push(format!("r.id IN ({exists} AND ({}))", ors.join(" OR ")));
-                binds.push(B::S(rt.to_string()));
-            } else {
-                wheres.push(format!(
-                    "{}EXISTS (SELECT 1 FROM {table} x WHERE x.rtype = r.rtype AND x.id = r.id AND x.param = ? AND ({}))",
-                    if not { "NOT " } else { "" },
-                    ors.join(" OR ")
-                ));
-            }
-            binds.push(B::S(p.name.clone()));
-            binds.extend(vbinds);
-        }
-        let where_sql = wheres.join(" AND ");
+        let (where_sql, mut binds, driven, ignored) = self.compile_where(rt, q)?;
         // When a value index drives the query, sort its (few) matches instead of letting SQLite
         // walk the `_lastUpdated` index to avoid a sort (`+ 0` hides that index from ORDER BY).
-        let lu = if driven && self.backend() == crate::Backend::Sqlite {
+        let lu = if driven && self.backend() == Backend::Sqlite {
             "r.lu_ms + 0"
         } else {
             "r.lu_ms"
         };
-        let order = match q.sort {
-            SortKey::LastUpdated => format!("{lu} ASC, r.id ASC"),
-            SortKey::LastUpdatedDesc => format!("{lu} DESC, r.id ASC"),
-            SortKey::Id => "r.id ASC".to_string(),
+        // Text sorts compare bytes on both backends (PostgreSQL's locale collations would not).
+        let bytewise = match self.backend() {
+            Backend::Sqlite => "",
+            Backend::Postgres => " COLLATE \"C\"",
         };
-        let count_sql = self.sql(&format!(
-            "SELECT COUNT(*) FROM resources r WHERE {where_sql}"
-        ));
-        let page_sql = self.sql(&format!("SELECT r.id, r.version, r.last_updated, r.deleted, r.body FROM resources r WHERE {where_sql} ORDER BY {order} LIMIT ? OFFSET ?"));
-        fn bind_all<'q>(
-            sql: &'q str,
-            binds: &[B],
-        ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-            let mut query = sqlx::query(sql);
-            for b in binds {
-                query = match b {
-                    B::S(s) => query.bind(s.clone()),
-                    B::I(i) => query.bind(*i),
-                    B::F(f) => query.bind(*f),
-                };
-            }
-            query
+        let mut order = Vec::new();
+        let mut order_binds = Vec::new();
+        for s in &q.sort {
+            let dir = if s.descending { "DESC" } else { "ASC" };
+            let expr = match s.param.as_str() {
+                "_id" => format!("r.id{bytewise}"),
+                "_lastUpdated" => lu.to_string(),
+                p => {
+                    let Some(sp) = self.indexer().param(rt, p) else {
+                        return Err(StoreError::UnknownParameter(format!("_sort={p}")));
+                    };
+                    let (table, c) = table_of(sp.kind);
+                    let col = match sp.kind {
+                        ParamType::Date if s.descending => c.n2,
+                        ParamType::Date | ParamType::Number | ParamType::Quantity => c.n1,
+                        ParamType::String => c.s1,
+                        ParamType::Token | ParamType::Reference | ParamType::Uri => c.s2,
+                        ParamType::Composite => {
+                            return Err(bad("_sort", &format!("{p} is a composite")))
+                        }
+                    };
+                    let agg = if s.descending { "MAX" } else { "MIN" };
+                    order_binds.push(B::S(p.to_string()));
+                    let coll = match sp.kind {
+                        ParamType::Date | ParamType::Number | ParamType::Quantity => "",
+                        _ => bytewise,
+                    };
+                    format!("(SELECT {agg}(s.{col}{coll}) FROM {table} s WHERE s.rtype = r.rtype AND s.id = r.id AND s.param = ?)")
+                }
+            };
+            order.push(format!("{expr} {dir} NULLS LAST"));
         }
-        let total: i64 = bind_all(&count_sql, &binds)
-            .fetch_one(self.pool())
-            .await?
-            .try_get(0)?;
+        if q.sort.is_empty() {
+            order.push(format!("{lu} ASC"));
+        }
+        order.push(format!("r.id{bytewise} ASC"));
+        let total = match q.total {
+            Total::Accurate => {
+                let count_sql = self.sql(&format!(
+                    "SELECT COUNT(*) FROM resources r WHERE {where_sql}"
+                ));
+                Some(
+                    bind_all(&count_sql, &binds)
+                        .fetch_one(self.pool())
+                        .await?
+                        .try_get::<i64, _>(0)?,
+                )
+            }
+            Total::None => None,
+        };
+        let page_sql = self.sql(&format!(
+            "SELECT r.id, r.version, r.last_updated, r.deleted, r.body FROM resources r WHERE {where_sql} ORDER BY {} LIMIT ? OFFSET ?",
+            order.join(", ")
+        ));
+        binds.extend(order_binds);
         let rows = bind_all(&page_sql, &binds)
             .bind(q.count.clamp(0, 1000))
             .bind(q.offset.max(0))
@@ -458,5 +1006,101 @@ impl Store {
             ignored,
             included,
         })
+    }
+
+    /// The ids of every current resource of `rt` matching the criteria of `q` (no paging): for
+    /// conditional update and delete, and for exports restricted by a query.
+    pub async fn search_ids(&self, rt: &str, q: &SearchQuery) -> Result<Vec<String>, StoreError> {
+        let (where_sql, binds, _, _) = self.compile_where(rt, q)?;
+        let sql = self.sql(&format!(
+            "SELECT r.id FROM resources r WHERE {where_sql} ORDER BY r.id"
+        ));
+        let rows = bind_all(&sql, &binds).fetch_all(self.pool()).await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// The WHERE clause over `resources r` for a query's criteria: its text, binds, whether an
+    /// index set drives it, and the parameters lenient handling ignored.
+    #[allow(clippy::type_complexity)]
+    fn compile_where(
+        &self,
+        rt: &str,
+        q: &SearchQuery,
+    ) -> Result<(String, Vec<B>, bool, Vec<String>), StoreError> {
+        let mut c = Compiler {
+            store: self,
+            strict: q.strict,
+            aliases: 0,
+            ignored: Vec::new(),
+            now_ms: q
+                .now_ms
+                .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+            bytewise: match self.backend() {
+                Backend::Sqlite => "",
+                Backend::Postgres => " COLLATE \"C\"",
+            },
+        };
+        let mut crits = Vec::new();
+        for p in &q.params {
+            if let Some(cr) = c.compile(rt, &p.key(), &p.value, 0)? {
+                crits.push(cr);
+            }
+        }
+        crits.sort_by_key(|(_, rank)| *rank);
+        let mut wheres: Vec<String> = vec!["r.rtype = ?".into(), "r.deleted = 0".into()];
+        let mut binds: Vec<B> = vec![B::S(rt.to_string())];
+        let mut driven = false;
+        for (crit, _) in crits {
+            match crit {
+                Crit::Direct(cond, b) => {
+                    wheres.push(cond.replace("@R", "r"));
+                    binds.extend(b);
+                }
+                Crit::Set {
+                    from_where,
+                    idcol,
+                    binds: b,
+                    negate,
+                } => {
+                    if !driven && !negate {
+                        driven = true;
+                        wheres.push(format!("r.id IN (SELECT {idcol} FROM {from_where})"));
+                    } else {
+                        wheres.push(format!(
+                            "{}EXISTS (SELECT 1 FROM {from_where} AND {idcol} = r.id)",
+                            if negate { "NOT " } else { "" }
+                        ));
+                    }
+                    binds.extend(b);
+                }
+            }
+        }
+        Ok((wheres.join(" AND "), binds, driven, c.ignored))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{number_bounds, split_unescaped, unescape};
+
+    #[test]
+    fn escapes_split_only_their_level() {
+        assert_eq!(split_unescaped(r"a\,b,c", ','), vec![r"a\,b", "c"]);
+        assert_eq!(unescape(r"a\,b\$c\|d\\e"), r"a,b$c|d\e");
+        assert_eq!(split_unescaped(r"x|y\|z", '|'), vec!["x", r"y\|z"]);
+    }
+
+    #[test]
+    fn implicit_number_ranges() {
+        let r = |t: &str| number_bounds(t).map(|(_, lo, hi)| (lo, hi));
+        assert_eq!(r("100"), Some((99.5, 100.5)));
+        let (lo, hi) = r("1.50").unwrap_or_default();
+        assert!((lo - 1.495).abs() < 1e-12 && (hi - 1.505).abs() < 1e-12);
+        let (lo, hi) = r("1e2").unwrap_or_default();
+        assert!((lo - 50.0).abs() < 1e-9 && (hi - 150.0).abs() < 1e-9);
+        assert_eq!(r("abc"), None);
+        assert_eq!(r("NaN"), None);
     }
 }

@@ -260,7 +260,7 @@ async fn store_bench(a: StoreBenchArgs) -> anyhow::Result<ExitCode> {
             let t = Instant::now();
             let r = store.search(rt, &q).await?;
             times.push(t.elapsed());
-            totals += r.total;
+            totals += r.total.unwrap_or(0);
         }
         let mut p = percentiles(times);
         p["query"] = json!(format!("{rt}?{label}"));
