@@ -27,6 +27,8 @@ const READ_ONLY_OPERATIONS: &[&str] = &[
     "lastn",
     "stats",
     "document",
+    "export-status",
+    "export-file",
 ];
 
 /// A request classified as a FHIR interaction on a resource type (and id).
@@ -66,6 +68,9 @@ pub fn classify(method: &Method, path: &str) -> Option<FhirRequest> {
         [] => plain(Interaction::Search, "*", None),
         ["metadata"] | [".well-known", ..] => return None,
         ["_history"] => plain(Interaction::History, "*", None),
+        // Bulk export polling and downloads: the handler checks the job belongs to the caller.
+        ["$export-status", job] => op("export-status", "*", Some(job)),
+        ["$export-file", job, ..] => op("export-file", "*", Some(job)),
         [o] if o.starts_with('$') => op(&o[1..], "*", None),
         [rt] if *method == Method::POST => plain(Interaction::Create, rt, None),
         [rt] if *method == Method::PUT || *method == Method::PATCH => {
@@ -133,6 +138,16 @@ pub struct Authorized {
 
 /// Checks a principal's scopes for an interaction (for handlers checking each entry of a transaction).
 pub fn check_scope(p: &Principal, r: &FhirRequest) -> Result<Grant, AuthError> {
+    if let Interaction::Operation { name, .. } = &r.interaction {
+        // Bulk export: any read scope lets the request in; the handler exports only the types the
+        // token may read and refuses a `_type` it may not.
+        if matches!(name.as_str(), "export" | "export-status" | "export-file") {
+            return p
+                .scopes
+                .grant_any_read()
+                .ok_or_else(|| AuthError::InsufficientScope("user/*.r".into()));
+        }
+    }
     p.scopes
         .grant(&r.resource_type, &r.interaction)
         .ok_or_else(|| {

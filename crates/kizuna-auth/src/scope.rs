@@ -358,6 +358,16 @@ impl ScopeSet {
         })
     }
 
+    /// The widest scope allowing a read of some type: enough to poll and download one's own bulk
+    /// export, whose types were checked when it started.
+    pub fn grant_any_read(&self) -> Option<Grant> {
+        self.scopes
+            .iter()
+            .filter(|sc| sc.permissions.has(Permission::Read))
+            .filter_map(|sc| self.grant(sc.resource.as_deref().unwrap_or("*"), &Interaction::Read))
+            .max_by_key(|g| g.context)
+    }
+
     /// The scope text that would be needed, for a 403 message.
     pub fn needed(resource_type: &str, interaction: &Interaction) -> String {
         let letters: String = interaction.needs().iter().map(|p| p.letter()).collect();

@@ -1,12 +1,14 @@
-//! `/fhir` handlers.
+//! `/fhir`: the routes, the helpers every handler shares (parsing, validation, audit, response
+//! headers), and the instance and type interactions: read, vread, create, update, patch, delete
+//! (plain and conditional), history and search.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Extension, Router};
 use kizuna_audit::{Actor, ActorKind, NewEntry, Outcome, Purpose, Target};
 use kizuna_auth::http::Authorized;
@@ -15,22 +17,42 @@ use kizuna_fhir::subset::SubsetView;
 use kizuna_store::{SearchQuery, Stored, WriteOp};
 use serde_json::{json, Value};
 
-use crate::{fhir_json, ApiError, AppState, ValidationMode};
+use crate::ValidationMode;
+use crate::{bundle, capability, everything, export, fhir_json, format, ApiError, AppState};
 
-type St = State<Arc<AppState>>;
-type Auth = Option<Extension<Authorized>>;
+pub(crate) type St = State<Arc<AppState>>;
+pub(crate) type Auth = Option<Extension<Authorized>>;
 type Pairs = Query<Vec<(String, String)>>;
 
 /// The `/fhir` routes (with the auth middleware when configured) and `/healthz`.
 pub fn router(state: Arc<AppState>) -> Router {
     let fhir = Router::new()
-        .route("/fhir/metadata", get(metadata))
-        .route("/fhir", axum::routing::post(batch))
+        .route("/fhir/metadata", get(capability::metadata))
+        .route("/fhir", post(bundle::batch))
         .route("/fhir/_history", get(history_system))
-        .route("/fhir/{rt}", get(search_get).post(create))
-        .route("/fhir/{rt}/_search", axum::routing::post(search_post))
+        .route("/fhir/$export", get(export::kickoff_system))
+        .route(
+            "/fhir/$export-status/{job}",
+            get(export::status).delete(export::cancel),
+        )
+        .route("/fhir/$export-file/{job}/{file}", get(export::file))
+        .route(
+            "/fhir/{rt}",
+            get(search_get)
+                .post(create)
+                .put(conditional_update)
+                .delete(conditional_delete)
+                .patch(conditional_patch),
+        )
+        .route("/fhir/{rt}/_search", post(search_post))
         .route("/fhir/{rt}/_history", get(history_type))
-        .route("/fhir/{rt}/{id}", get(read).put(update).delete(delete))
+        .route("/fhir/{rt}/$export", get(export::kickoff_patients))
+        .route(
+            "/fhir/{rt}/{id}",
+            get(read).put(update).delete(delete).patch(patch),
+        )
+        .route("/fhir/{rt}/{id}/$everything", get(everything::everything))
+        .route("/fhir/{rt}/{id}/$export", get(export::kickoff_group))
         .route("/fhir/{rt}/{id}/_history", get(history_instance))
         .route("/fhir/{rt}/{id}/_history/{vid}", get(vread));
     let fhir = match &state.auth {
@@ -40,11 +62,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         )),
         None => fhir,
     };
-    fhir.route("/healthz", get(|| async { "ok" }))
-        .with_state(state)
+    fhir.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        format::negotiate,
+    ))
+    .layer(DefaultBodyLimit::max(state.max_body_bytes))
+    .layer(tower_http::decompression::RequestDecompressionLayer::new())
+    .layer(tower_http::compression::CompressionLayer::new())
+    .route("/healthz", get(|| async { "ok" }))
+    .with_state(state)
 }
 
-fn check_type(s: &AppState, rt: &str) -> Result<(), ApiError> {
+pub(crate) fn check_type(s: &AppState, rt: &str) -> Result<(), ApiError> {
     if s.store.registry().model().is_resource(rt) && rt != "Resource" && rt != "DomainResource" {
         Ok(())
     } else {
@@ -58,7 +87,11 @@ fn check_type(s: &AppState, rt: &str) -> Result<(), ApiError> {
     }
 }
 
-fn parse_body(headers: &HeaderMap, body: &Bytes, s: &AppState) -> Result<Value, ApiError> {
+pub(crate) fn parse_body(
+    headers: &HeaderMap,
+    body: &Bytes,
+    s: &AppState,
+) -> Result<Value, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -95,7 +128,7 @@ fn parse_body(headers: &HeaderMap, body: &Bytes, s: &AppState) -> Result<Value, 
 }
 
 /// Validates per the configured mode: `Err` refuses, `Ok(issues)` carries warnings to return.
-fn validate(s: &AppState, resource: &Value) -> Result<Option<Value>, ApiError> {
+pub(crate) fn validate(s: &AppState, resource: &Value) -> Result<Option<Value>, ApiError> {
     match s.validation.mode_for(resource) {
         ValidationMode::Off => Ok(None),
         mode => {
@@ -117,7 +150,7 @@ fn validate(s: &AppState, resource: &Value) -> Result<Option<Value>, ApiError> {
     }
 }
 
-fn actor(a: &Auth) -> Actor {
+pub(crate) fn actor(a: &Auth) -> Actor {
     match a {
         Some(Extension(a)) => a.principal.audit_actor(),
         None => Actor {
@@ -129,7 +162,8 @@ fn actor(a: &Auth) -> Actor {
     }
 }
 
-fn person_of(r: &Value) -> Option<String> {
+/// The patient a resource is about, for the patient's access history.
+pub(crate) fn person_of(r: &Value) -> Option<String> {
     if r.get("resourceType").and_then(Value::as_str) == Some("Patient") {
         return r.get("id").and_then(Value::as_str).map(str::to_string);
     }
@@ -148,7 +182,7 @@ fn person_of(r: &Value) -> Option<String> {
 }
 
 /// One audit entry per resource touched (a search returning 20 resources writes 20 entries).
-fn audit(s: &AppState, a: &Auth, action: &str, stored: &[&Stored]) {
+pub(crate) fn audit(s: &AppState, a: &Auth, action: &str, stored: &[&Stored]) {
     let Some(w) = &s.audit else { return };
     let actor = actor(a);
     let time = chrono::Utc::now().to_rfc3339();
@@ -178,45 +212,66 @@ fn audit(s: &AppState, a: &Auth, action: &str, stored: &[&Stored]) {
     w.record_batch(entries);
 }
 
-fn etag(v: i64) -> HeaderValue {
+pub(crate) fn etag(v: i64) -> HeaderValue {
     HeaderValue::from_str(&format!("W/\"{v}\"")).unwrap_or(HeaderValue::from_static("W/\"0\""))
+}
+
+/// `Last-Modified` text (RFC 7231) for a stored `lastUpdated`.
+pub(crate) fn http_date(last_updated: &str) -> Option<String> {
+    chrono::DateTime::parse_from_rfc3339(last_updated)
+        .ok()
+        .map(|t| {
+            t.with_timezone(&chrono::Utc)
+                .format("%a, %d %b %Y %H:%M:%S GMT")
+                .to_string()
+        })
 }
 
 fn with_version_headers(mut r: Response, st: &Stored) -> Response {
     r.headers_mut().insert(header::ETAG, etag(st.version));
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&st.last_updated) {
-        if let Ok(v) = HeaderValue::from_str(
-            &t.with_timezone(&chrono::Utc)
-                .format("%a, %d %b %Y %H:%M:%S GMT")
-                .to_string(),
-        ) {
-            r.headers_mut().insert(header::LAST_MODIFIED, v);
-        }
+    if let Some(v) = http_date(&st.last_updated).and_then(|d| HeaderValue::from_str(&d).ok()) {
+        r.headers_mut().insert(header::LAST_MODIFIED, v);
     }
     r
 }
 
-fn resource_response(
+/// What `Prefer: return=` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Return {
+    Minimal,
+    Representation,
+    Outcome,
+}
+
+pub(crate) fn prefer_return(headers: &HeaderMap) -> Return {
+    let prefer = headers
+        .get("prefer")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if prefer.contains("return=minimal") {
+        Return::Minimal
+    } else if prefer.contains("return=OperationOutcome") {
+        Return::Outcome
+    } else {
+        Return::Representation
+    }
+}
+
+pub(crate) fn resource_response(
     s: &AppState,
     status: StatusCode,
     st: &Stored,
     headers: &HeaderMap,
     warnings: Option<Value>,
 ) -> Response {
-    let prefer = headers
-        .get("prefer")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let body = if prefer.contains("return=minimal") {
-        None
-    } else if prefer.contains("return=OperationOutcome") {
-        Some(
+    let body = match prefer_return(headers) {
+        Return::Minimal => None,
+        Return::Outcome => Some(
             warnings
                 .clone()
                 .unwrap_or_else(|| kizuna_fhir::outcome::OperationOutcome::default().to_fhir()),
-        )
-    } else {
-        st.resource.clone()
+        ),
+        Return::Representation => st.resource.clone(),
     };
     let mut r = match body {
         Some(b) => fhir_json(status, &b),
@@ -233,93 +288,14 @@ fn resource_response(
     with_version_headers(r, st)
 }
 
-async fn metadata(State(s): St) -> Response {
-    let reg = s.store.registry();
-    let mut types: Vec<&str> = Vec::new();
-    for sd in reg.definitions_of("StructureDefinition") {
-        if sd.get("kind").and_then(Value::as_str) == Some("resource")
-            && sd.get("derivation").and_then(Value::as_str) == Some("specialization")
-            && sd.get("abstract").and_then(Value::as_bool) != Some(true)
-        {
-            if let Some(t) = sd.get("type").and_then(Value::as_str) {
-                types.push(t);
-            }
-        }
-    }
-    types.sort_unstable();
-    types.dedup();
-    let interactions: Vec<Value> = [
-        "read",
-        "vread",
-        "update",
-        "delete",
-        "history-instance",
-        "history-type",
-        "create",
-        "search-type",
-    ]
-    .iter()
-    .map(|c| json!({"code": c}))
-    .collect();
-    let resources: Vec<Value> = types
-        .iter()
-        .map(|t| {
-            let params: Vec<Value> = s
-                .store
-                .indexer()
-                .params(t)
-                .map(|p| json!({"name": p.code, "type": format!("{:?}", p.kind).to_lowercase()}))
-                .collect();
-            let mut includes: Vec<String> = s
-                .store
-                .indexer()
-                .params(t)
-                .filter(|p| p.kind == kizuna_store::ParamType::Reference)
-                .map(|p| format!("{t}:{}", p.code))
-                .collect();
-            if !includes.is_empty() {
-                includes.push(format!("{t}:*"));
-            }
-            json!({
-                "searchInclude": includes,
-                "type": t,
-                "versioning": "versioned",
-                "readHistory": true,
-                "updateCreate": true,
-                "conditionalCreate": true,
-                "conditionalUpdate": false,
-                "conditionalDelete": "not-supported",
-                "interaction": interactions.clone(),
-                "searchParam": params
-            })
-        })
-        .collect();
-    let cs = json!({
-        "resourceType": "CapabilityStatement",
-        "status": "active",
-        "date": "2026-11-21",
-        "kind": "instance",
-        "software": {"name": "kizuna", "version": env!("CARGO_PKG_VERSION")},
-        "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json", "application/fhir+xml"],
-        "rest": [{
-            "mode": "server",
-            "security": {"cors": false, "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}]}]},
-            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
-            "resource": resources
-        }]
-    });
-    fhir_json(StatusCode::OK, &cs)
-}
-
-fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+pub(crate) fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
 
 /// The `_summary`/`_elements` view a request asks for; a bad `_summary` is a 400 naming it.
-fn view_of(pairs: &[(String, String)]) -> Result<SubsetView, ApiError> {
+pub(crate) fn view_of(pairs: &[(String, String)]) -> Result<SubsetView, ApiError> {
     let get = |name: &str| {
         pairs
             .iter()
@@ -337,13 +313,32 @@ fn view_of(pairs: &[(String, String)]) -> Result<SubsetView, ApiError> {
     })
 }
 
-fn apply_view(s: &AppState, view: &SubsetView, mut st: Stored) -> Stored {
+pub(crate) fn apply_view(s: &AppState, view: &SubsetView, mut st: Stored) -> Stored {
     if *view != SubsetView::Full {
         if let Some(r) = st.resource.as_ref() {
             st.resource = Some(view.apply(s.store.registry().model(), r));
         }
     }
     st
+}
+
+fn not_found(rt: &str, id: &str) -> ApiError {
+    if id.starts_with('$') {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-supported",
+            id,
+            &format!("操作 {id} は {rt} にありません"),
+            &format!("operation {id} is not supported on {rt}"),
+        );
+    }
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "",
+        &format!("{rt}/{id} はありません"),
+        &format!("{rt}/{id} not found"),
+    )
 }
 
 async fn read(
@@ -358,16 +353,20 @@ async fn read(
     match s.store.read(&rt, &id).await? {
         Some(st) => {
             audit(&s, &a, "read", &[&st]);
+            // A client holding the current version gets 304 instead of the body again.
+            if let Some(inm) = headers
+                .get(header::IF_NONE_MATCH)
+                .and_then(|v| v.to_str().ok())
+            {
+                if parse_version(inm) == Some(st.version) {
+                    let r = StatusCode::NOT_MODIFIED.into_response();
+                    return Ok(with_version_headers(r, &st));
+                }
+            }
             let st = apply_view(&s, &view, st);
             Ok(resource_response(&s, StatusCode::OK, &st, &headers, None))
         }
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "",
-            &format!("{rt}/{id} はありません"),
-            &format!("{rt}/{id} not found"),
-        )),
+        None => Err(not_found(&rt, &id)),
     }
 }
 
@@ -413,7 +412,7 @@ async fn vread(
 }
 
 /// The request body as a resource of the type the URL names.
-fn parse_typed_body(
+pub(crate) fn parse_typed_body(
     headers: &HeaderMap,
     body: &Bytes,
     s: &AppState,
@@ -432,6 +431,43 @@ fn parse_typed_body(
     Ok(resource)
 }
 
+/// The search criteria of a conditional interaction (`If-None-Exist`, `PUT Type?…`), strict: a
+/// condition the server cannot evaluate must not silently match everything.
+pub(crate) fn criteria(pairs: &[(String, String)], what: &str) -> Result<SearchQuery, ApiError> {
+    let q = SearchQuery::from_pairs(pairs);
+    if q.params.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            what,
+            &format!("{what} には検索条件が必要です"),
+            &format!("{what} needs search criteria"),
+        ));
+    }
+    Ok(q)
+}
+
+/// Ids matching a condition, refusing more than one where one is required.
+pub(crate) async fn resolve_condition(
+    s: &AppState,
+    rt: &str,
+    pairs: &[(String, String)],
+    what: &str,
+) -> Result<Option<String>, ApiError> {
+    let ids = s.store.search_ids(rt, &criteria(pairs, what)?).await?;
+    match ids.len() {
+        0 => Ok(None),
+        1 => Ok(ids.into_iter().next()),
+        n => Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "multiple-matches",
+            what,
+            &format!("条件に合う資源が {n} 件あります (1 件であるべきです)"),
+            &format!("the condition matches {n} resources; it must match at most one"),
+        )),
+    }
+}
+
 async fn create(
     State(s): St,
     a: Auth,
@@ -440,36 +476,19 @@ async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_type(&s, &rt)?;
-    let resource = parse_typed_body(&headers, &body, &s, &rt)?;
-    // Conditional create.
+    let mut resource = parse_typed_body(&headers, &body, &s, &rt)?;
     if let Some(cond) = headers.get("if-none-exist").and_then(|v| v.to_str().ok()) {
-        let pairs: Vec<(String, String)> = cond
-            .split('&')
-            .filter_map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
-            .collect();
-        let found = s
-            .store
-            .search(&rt, &SearchQuery::from_pairs(&pairs))
-            .await?;
-        match found.total.unwrap_or(found.resources.len() as i64) {
-            0 => {}
-            1 => {
-                let st = &found.resources[0];
-                return Ok(resource_response(&s, StatusCode::OK, st, &headers, None));
-            }
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::PRECONDITION_FAILED,
-                    "duplicate",
-                    "",
-                    "条件に合う資源が複数あります",
-                    "If-None-Exist matches more than one resource",
-                ))
+        let pairs = query_pairs(Some(cond.trim_start_matches('?')));
+        if let Some(id) = resolve_condition(&s, &rt, &pairs, "If-None-Exist").await? {
+            if let Some(st) = s.store.read(&rt, &id).await? {
+                audit(&s, &a, "read", &[&st]);
+                return Ok(resource_response(&s, StatusCode::OK, &st, &headers, None));
             }
         }
+    }
+    // The server assigns the id of a created resource; a client's id is ignored.
+    if let Some(o) = resource.as_object_mut() {
+        o.remove("id");
     }
     let warnings = validate(&s, &resource)?;
     let st = s.store.create(resource).await?;
@@ -481,6 +500,50 @@ async fn create(
         &headers,
         warnings,
     ))
+}
+
+/// Reads `If-Match` (`W/"3"`, `"3"`, `3`).
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    match headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
+        Some(v) => parse_version(v).map(Some).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "value",
+                "If-Match",
+                "If-Match が不正です",
+                "malformed If-Match",
+            )
+        }),
+        None => Ok(None),
+    }
+}
+
+/// A version from an ETag-like value.
+pub(crate) fn parse_version(v: &str) -> Option<i64> {
+    v.trim()
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .parse::<i64>()
+        .ok()
+}
+
+/// The write of an update once the target id is known.
+async fn store_update(
+    s: &AppState,
+    a: &Auth,
+    resource: Value,
+    version: Option<i64>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let warnings = validate(s, &resource)?;
+    let st = s.store.update(resource, version).await?;
+    audit(s, a, "update", &[&st]);
+    let status = if st.version == 1 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(resource_response(s, status, &st, headers, warnings))
 }
 
 async fn update(
@@ -501,32 +564,44 @@ async fn update(
             "the id in the body does not match the URL",
         ));
     }
-    let if_match = match headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
-        Some(v) => Some(
-            v.trim_start_matches("W/")
-                .trim_matches('"')
-                .parse::<i64>()
-                .map_err(|_| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "value",
-                        "If-Match",
-                        "If-Match が不正です",
-                        "malformed If-Match",
-                    )
-                })?,
-        ),
-        None => None,
+    let version = if_match(&headers)?;
+    store_update(&s, &a, resource, version, &headers).await
+}
+
+/// `PUT Type?criteria`: no match creates, one match updates it, several are a 412.
+async fn conditional_update(
+    State(s): St,
+    a: Auth,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_type(&s, &rt)?;
+    let mut resource = parse_typed_body(&headers, &body, &s, &rt)?;
+    let pairs = query_pairs(query.as_deref());
+    let body_id = resource
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let id = match resolve_condition(&s, &rt, &pairs, "conditional update").await? {
+        Some(found) => {
+            if body_id.as_deref().is_some_and(|b| b != found) {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    &format!("{rt}.id"),
+                    "本文の id が条件に合う資源と違います",
+                    "the id in the body differs from the resource the condition matched",
+                ));
+            }
+            found
+        }
+        None => body_id.unwrap_or_else(kizuna_store::new_id),
     };
-    let warnings = validate(&s, &resource)?;
-    let st = s.store.update(resource, if_match).await?;
-    audit(&s, &a, "update", &[&st]);
-    let status = if st.version == 1 {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok(resource_response(&s, status, &st, &headers, warnings))
+    resource["id"] = json!(id);
+    let version = if_match(&headers)?;
+    store_update(&s, &a, resource, version, &headers).await
 }
 
 async fn delete(
@@ -544,8 +619,138 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-fn bundle(
+/// How many resources one conditional delete may remove.
+const MAX_CONDITIONAL_DELETE: usize = 1000;
+
+/// `DELETE Type?criteria`: every match is deleted in one transaction (at most 1,000).
+async fn conditional_delete(
+    State(s): St,
+    a: Auth,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    check_type(&s, &rt)?;
+    let pairs = query_pairs(query.as_deref());
+    let ids = s
+        .store
+        .search_ids(&rt, &criteria(&pairs, "conditional delete")?)
+        .await?;
+    if ids.len() > MAX_CONDITIONAL_DELETE {
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "too-costly",
+            "conditional delete",
+            &format!("条件に合う資源が {} 件あり、一度に削除できる上限 {MAX_CONDITIONAL_DELETE} を超えます", ids.len()),
+            &format!("the condition matches {} resources, more than the {MAX_CONDITIONAL_DELETE} one request may delete", ids.len()),
+        ));
+    }
+    let ops = ids
+        .into_iter()
+        .map(|id| WriteOp::Delete {
+            resource_type: rt.clone(),
+            id,
+        })
+        .collect();
+    let done = s.store.transaction(ops).await?;
+    let deleted: Vec<&Stored> = done.iter().filter(|d| d.deleted).collect();
+    audit(&s, &a, "delete", &deleted);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Applies an RFC 6902 JSON Patch to the current version and stores the result as the next version
+/// (refused with 409/412 if someone else wrote in between).
+async fn apply_patch(
     s: &AppState,
+    a: &Auth,
+    rt: &str,
+    id: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.starts_with("application/json-patch+json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            "Content-Type",
+            "PATCH は application/json-patch+json を受け付けます",
+            "PATCH accepts application/json-patch+json",
+        ));
+    }
+    let patch: json_patch::Patch = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            "",
+            &format!("JSON Patch が不正です: {e}"),
+            &format!("invalid JSON Patch: {e}"),
+        )
+    })?;
+    let Some(current) = s.store.read(rt, id).await? else {
+        return Err(not_found(rt, id));
+    };
+    let expected = if_match(headers)?.unwrap_or(current.version);
+    let mut doc = current.resource.clone().unwrap_or(Value::Null);
+    json_patch::patch(&mut doc, &patch).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            "",
+            &format!("JSON Patch を適用できません: {e}"),
+            &format!("the JSON Patch does not apply: {e}"),
+        )
+    })?;
+    if doc.get("resourceType").and_then(Value::as_str) != Some(rt)
+        || doc.get("id").and_then(Value::as_str) != Some(id)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            &format!("{rt}.id"),
+            "resourceType と id は変更できません",
+            "a patch may not change resourceType or id",
+        ));
+    }
+    store_update(s, a, doc, Some(expected), headers).await
+}
+
+async fn patch(
+    State(s): St,
+    a: Auth,
+    Path((rt, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_type(&s, &rt)?;
+    apply_patch(&s, &a, &rt, &id, &headers, &body).await
+}
+
+async fn conditional_patch(
+    State(s): St,
+    a: Auth,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_type(&s, &rt)?;
+    let pairs = query_pairs(query.as_deref());
+    match resolve_condition(&s, &rt, &pairs, "conditional patch").await? {
+        Some(id) => apply_patch(&s, &a, &rt, &id, &headers, &body).await,
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "conditional patch",
+            "条件に合う資源がありません",
+            "no resource matches the condition",
+        )),
+    }
+}
+
+pub(crate) fn bundle(
     kind: &str,
     total: Option<i64>,
     entries: Vec<Value>,
@@ -555,26 +760,33 @@ fn bundle(
     if let Some(t) = total {
         b["total"] = json!(t);
     }
-    let _ = s;
     b
 }
 
-async fn do_search(
+/// A searchset answer as a response.
+pub(crate) async fn do_search(
     s: &AppState,
     a: &Auth,
     rt: &str,
     pairs: Vec<(String, String)>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    let b = search_bundle(s, a, rt, pairs, headers).await?;
+    Ok(fhir_json(StatusCode::OK, &b))
+}
+
+/// A searchset: matches, includes, paging links (the query repeated with a new `_offset`,
+/// `_summary` and `_elements` kept so every page has the same shape).
+pub(crate) async fn search_bundle(
+    s: &AppState,
+    a: &Auth,
+    rt: &str,
+    pairs: Vec<(String, String)>,
+    headers: &HeaderMap,
+) -> Result<Value, ApiError> {
     check_type(s, rt)?;
     let summary_count = pairs.iter().any(|(k, v)| k == "_summary" && v == "count");
-    let control = ["_summary", "_format", "_total", "_elements"];
-    let query_pairs: Vec<(String, String)> = pairs
-        .iter()
-        .filter(|(k, _)| !control.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    let mut q = SearchQuery::from_pairs(&query_pairs);
+    let mut q = SearchQuery::from_pairs(&pairs);
     let prefer = headers
         .get("prefer")
         .and_then(|v| v.to_str().ok())
@@ -583,6 +795,7 @@ async fn do_search(
     if summary_count {
         q.count = 0;
     }
+    q.count = q.count.min(1000);
     let view = view_of(&pairs)?;
     let result = s.store.search(rt, &q).await?;
     let stored: Vec<&Stored> = result
@@ -603,8 +816,6 @@ async fn do_search(
     for st in result.included {
         entries.push(entry(st, "include"));
     }
-    // Paging links repeat the query (encoded) with a new _offset; _summary and _elements travel
-    // along so every page has the same shape.
     let page = |offset: i64| {
         let mut enc = form_urlencoded::Serializer::new(String::new());
         for (k, v) in pairs.iter().filter(|(k, _)| k != "_offset") {
@@ -624,7 +835,7 @@ async fn do_search(
     if q.offset > 0 && q.count > 0 {
         links.push(("previous", page((q.offset - q.count).max(0))));
     }
-    let mut b = bundle(s, "searchset", result.total, entries, links);
+    let mut b = bundle("searchset", result.total, entries, links);
     if !result.ignored.is_empty() {
         let oo = kizuna_fhir::outcome::OperationOutcome {
             issues: result
@@ -645,7 +856,7 @@ async fn do_search(
             e.push(json!({"resource": oo.to_fhir(), "search": {"mode": "outcome"}}));
         }
     }
-    Ok(fhir_json(StatusCode::OK, &b))
+    Ok(b)
 }
 
 async fn search_get(
@@ -666,12 +877,7 @@ async fn search_post(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let form = std::str::from_utf8(&body).unwrap_or("");
-    for kv in form.split('&').filter(|x| !x.is_empty()) {
-        if let Some((k, v)) = kv.split_once('=') {
-            pairs.push((k.to_string(), v.replace('+', " ")));
-        }
-    }
+    pairs.extend(form_urlencoded::parse(&body).map(|(k, v)| (k.into_owned(), v.into_owned())));
     do_search(&s, &a, &rt, pairs, &headers).await
 }
 
@@ -687,7 +893,22 @@ fn history_bundle(s: &AppState, items: &[Stored]) -> Value {
             e
         })
         .collect();
-    bundle(s, "history", Some(items.len() as i64), entries, vec![])
+    bundle("history", Some(items.len() as i64), entries, vec![])
+}
+
+/// An instant parameter (`_since`) as epoch milliseconds; anything else is a 400 naming it.
+pub(crate) fn parse_instant(param: &str, v: &str) -> Result<i64, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "value",
+                param,
+                &format!("{param} は instant (例 2026-01-01T00:00:00Z) です"),
+                &format!("{param} must be an instant (e.g. 2026-01-01T00:00:00Z)"),
+            )
+        })
 }
 
 fn history_params(pairs: &[(String, String)]) -> Result<(Option<i64>, i64), ApiError> {
@@ -695,19 +916,18 @@ fn history_params(pairs: &[(String, String)]) -> Result<(Option<i64>, i64), ApiE
     let mut count = 100;
     for (k, v) in pairs {
         match k.as_str() {
-            "_since" => {
-                let t = chrono::DateTime::parse_from_rfc3339(v).map_err(|_| {
+            "_since" => since = Some(parse_instant("_since", v)?),
+            "_count" => {
+                count = v.parse().map_err(|_| {
                     ApiError::new(
                         StatusCode::BAD_REQUEST,
                         "value",
-                        "_since",
-                        "_since は instant です",
-                        "_since must be an instant",
+                        "_count",
+                        "_count は整数です",
+                        "_count must be an integer",
                     )
-                })?;
-                since = Some(t.timestamp_millis());
+                })?
             }
-            "_count" => count = v.parse().unwrap_or(100),
             _ => {}
         }
     }
@@ -745,125 +965,4 @@ async fn history_system(State(s): St, a: Auth, Query(p): Pairs) -> Result<Respon
     let items = s.store.history(None, None, since, count).await?;
     audit(&s, &a, "history", &items.iter().collect::<Vec<_>>());
     Ok(fhir_json(StatusCode::OK, &history_bundle(&s, &items)))
-}
-
-/// `POST /fhir` with a batch or transaction Bundle. A transaction is validated and stored atomically;
-/// any failing entry rejects the whole Bundle with the entry's path in the OperationOutcome.
-async fn batch(
-    State(s): St,
-    a: Auth,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let b = parse_body(&headers, &body, &s)?;
-    let kind = b.get("type").and_then(Value::as_str).unwrap_or("");
-    if b.get("resourceType").and_then(Value::as_str) != Some("Bundle")
-        || !matches!(kind, "transaction" | "batch")
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            "Bundle.type",
-            "transaction か batch の Bundle が必要です",
-            "expected a transaction or batch Bundle",
-        ));
-    }
-    let entries = b
-        .get("entry")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let mut ops = Vec::with_capacity(entries.len());
-    for (i, e) in entries.iter().enumerate() {
-        let path = format!("Bundle.entry[{i}]");
-        let method = e
-            .pointer("/request/method")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let url = e
-            .pointer("/request/url")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let res = e.get("resource").cloned();
-        let op = match (method, res) {
-            ("POST", Some(r)) => {
-                if let Err(mut err) = validate(&s, &r) {
-                    for issue in &mut err.outcome.issues {
-                        issue.expression = format!(
-                            "{path}.resource.{}",
-                            issue.expression.split_once('.').map(|x| x.1).unwrap_or("")
-                        );
-                    }
-                    return Err(err);
-                }
-                WriteOp::Create {
-                    resource: r,
-                    full_url: e.get("fullUrl").and_then(Value::as_str).map(str::to_string),
-                }
-            }
-            ("PUT", Some(mut r)) => {
-                let id = url.rsplit('/').next().unwrap_or("").to_string();
-                r["id"] = json!(id);
-                validate(&s, &r).map_err(|mut err| {
-                    for issue in &mut err.outcome.issues {
-                        issue.expression = format!(
-                            "{path}.resource.{}",
-                            issue.expression.split_once('.').map(|x| x.1).unwrap_or("")
-                        );
-                    }
-                    err
-                })?;
-                WriteOp::Update {
-                    resource: r,
-                    if_match: None,
-                }
-            }
-            ("DELETE", _) => {
-                let mut parts = url.split('/');
-                let (Some(t), Some(id)) = (parts.next(), parts.next()) else {
-                    return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid",
-                        &format!("{path}.request.url"),
-                        "URL が不正です",
-                        "malformed request.url",
-                    ));
-                };
-                WriteOp::Delete {
-                    resource_type: t.to_string(),
-                    id: id.to_string(),
-                }
-            }
-            _ => return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                &format!("{path}.request"),
-                "request.method と resource が必要です",
-                "each entry needs request.method (POST, PUT, DELETE) and, for POST/PUT, a resource",
-            )),
-        };
-        ops.push(op);
-    }
-    let stored = if kind == "transaction" {
-        s.store.transaction(ops).await?
-    } else {
-        // Batch: each entry on its own.
-        let mut out = Vec::new();
-        for op in ops {
-            match s.store.transaction(vec![op]).await {
-                Ok(mut v) => out.append(&mut v),
-                Err(e) => tracing::warn!(error = %e, "batch entry failed"),
-            }
-        }
-        out
-    };
-    audit(&s, &a, "transaction", &stored.iter().collect::<Vec<_>>());
-    let entries: Vec<Value> = stored
-        .iter()
-        .map(|st| json!({"response": {"status": if st.deleted { "204" } else if st.version == 1 { "201 Created" } else { "200 OK" }, "location": format!("{}/{}/_history/{}", st.resource_type, st.id, st.version), "etag": format!("W/\"{}\"", st.version)}}))
-        .collect();
-    Ok(fhir_json(
-        StatusCode::OK,
-        &bundle(&s, &format!("{kind}-response"), None, entries, vec![]),
-    ))
 }

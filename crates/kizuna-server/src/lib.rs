@@ -1,13 +1,20 @@
 //! # kizuna-server
 //!
 //! The HTTP face of kizuna. This crate serves the FHIR R4 REST API under `/fhir` over
-//! [`kizuna_store::Store`]: read, vread, create (with `If-None-Exist`), update (with `If-Match`), delete,
-//! search (GET and POST `_search`) as searchset Bundles with paging links and totals, history, batch and
-//! transaction Bundles, and a CapabilityStatement generated from what is implemented. Errors are HTTP
-//! 4xx with an OperationOutcome naming the element. Validation on write is configurable per profile;
-//! bearer tokens are verified by `kizuna-auth` and every access is written to the audit log.
+//! [`kizuna_store::Store`]: read, vread, create (with `If-None-Exist`), update (with `If-Match`, and
+//! conditional), JSON Patch, delete (and conditional), search (GET and POST `_search`) as searchset
+//! Bundles with paging links and totals, history, batch and transaction Bundles, `Patient/$everything`,
+//! Bulk Data `$export`, JSON or XML (with gzip), and a CapabilityStatement generated from what is
+//! implemented. Errors are HTTP 4xx with an OperationOutcome naming the element. Validation on write is
+//! configurable per profile; bearer tokens are verified by `kizuna-auth` and every access is written to
+//! the audit log.
 
+mod bundle;
+mod capability;
+mod everything;
+pub mod export;
 mod fhir;
+mod format;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -93,6 +100,10 @@ pub struct AppState {
     pub audit: Option<AuditWriter>,
     /// The public base URL of `/fhir` (for `fullUrl` and paging links).
     pub base_url: String,
+    /// Bulk export jobs and their files.
+    pub exports: export::ExportJobs,
+    /// The largest request body accepted (a transaction Bundle of thousands of entries is large).
+    pub max_body_bytes: usize,
 }
 
 /// An error answer: status and OperationOutcome.

@@ -1,91 +1,13 @@
 //! The `/fhir` API as a client sees it.
 
+mod common;
+
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use kizuna_audit::{AuditLog, AuditQuery, AuditWriter, LogOptions};
-use kizuna_fhir::validate::Validator;
-use kizuna_fhir::Registry;
-use kizuna_server::{router, AppState, ValidationConfig};
-use kizuna_store::Store;
+use axum::http::StatusCode;
+use common::{call, json_body, setup, T};
+use kizuna_audit::AuditQuery;
 use serde_json::{json, Value};
-use tower::ServiceExt;
-
-struct T {
-    app: axum::Router,
-    audit: AuditWriter,
-    _dir: tempfile::TempDir,
-}
-
-async fn setup(auth: Option<Arc<kizuna_auth::http::FhirAuth>>) -> T {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let store = Store::open(
-        &format!("sqlite://{}", dir.path().join("k.db").display()),
-        Registry::builtin(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let audit = AuditWriter::spawn(
-        AuditLog::open(&dir.path().join("audit"), LogOptions::default())
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
-    let state = Arc::new(AppState {
-        store,
-        validator: Validator::builtin(),
-        validation: ValidationConfig::default(),
-        auth,
-        audit: Some(audit.clone()),
-        base_url: "http://test/fhir".into(),
-    });
-    T {
-        app: router(state),
-        audit,
-        _dir: dir,
-    }
-}
-
-async fn call(
-    t: &T,
-    method: &str,
-    uri: &str,
-    body: Option<(&str, String)>,
-    headers: &[(&str, &str)],
-) -> (StatusCode, Value, axum::http::HeaderMap) {
-    let mut b = Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let req = match body {
-        Some((ct, text)) => b.header("content-type", ct).body(Body::from(text)),
-        None => b.body(Body::empty()),
-    }
-    .unwrap_or_default();
-    let resp = t
-        .app
-        .clone()
-        .oneshot(req)
-        .await
-        .unwrap_or_else(|e| match e {});
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        headers,
-    )
-}
-
-fn json_body(v: &Value) -> Option<(&'static str, String)> {
-    Some(("application/fhir+json", v.to_string()))
-}
 
 fn patient() -> Value {
     json!({"resourceType": "Patient", "gender": "female", "birthDate": "1960-02-03", "name": [{"family": "佐藤", "given": ["花子"]}]})

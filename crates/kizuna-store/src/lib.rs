@@ -7,8 +7,10 @@
 //! One implementation serves both backends through sqlx's `Any` driver: SQLite (bundled, WAL) is the
 //! zero-setup default in `./kizuna-data/`, PostgreSQL is for production. The same test suite runs on both.
 
+pub mod compartment;
 pub mod include;
 pub mod index;
+pub mod scan;
 pub mod search;
 
 use std::sync::Arc;
@@ -18,8 +20,10 @@ use serde_json::Value;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
 
+pub use compartment::PatientCompartment;
 pub use include::Include;
 pub use index::{IndexValue, Indexer, ParamType};
+pub use scan::{CompartmentScope, ScanFilter, ScannedRow};
 pub use search::{SearchParamValue, SearchQuery, SearchResult, SortSpec, Total};
 
 /// Why a store operation failed.
@@ -100,6 +104,12 @@ pub enum WriteOp {
         resource: Value,
         /// Its `fullUrl` in the Bundle, if any.
         full_url: Option<String>,
+    },
+    /// Create with the id the resource carries, which the caller took from [`new_id`] (so it is new):
+    /// for callers that rewrite references between entries themselves.
+    CreateWithId {
+        /// The resource, `id` set.
+        resource: Value,
     },
     /// Create or update at a known id, optionally only if the current version matches.
     Update {
@@ -189,6 +199,7 @@ pub struct Store {
     backend: Backend,
     registry: &'static Registry,
     indexer: Arc<Indexer>,
+    compartment: Arc<PatientCompartment>,
 }
 
 impl std::fmt::Debug for Store {
@@ -203,7 +214,7 @@ impl std::fmt::Debug for Store {
 /// per-process sequence, 16 random. Ordered ids land at the right edge of every `(rtype, id)`
 /// B-tree, so a commit dirties a few pages instead of one per row (random ids made ingest
 /// several times slower); the random tail keeps ids from different processes apart.
-fn new_id() -> String {
+pub fn new_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +282,7 @@ impl Store {
             backend,
             registry,
             indexer: Arc::new(Indexer::new(registry)),
+            compartment: Arc::new(PatientCompartment::from_registry(registry)),
         };
         store.migrate().await?;
         Ok(store)
@@ -379,6 +391,11 @@ impl Store {
         &self.indexer
     }
 
+    /// The Patient compartment definition.
+    pub fn compartment(&self) -> &PatientCompartment {
+        &self.compartment
+    }
+
     /// The registry.
     pub fn registry(&self) -> &'static Registry {
         self.registry
@@ -473,9 +490,9 @@ impl Store {
         if !map.is_empty() {
             for op in ops.iter_mut() {
                 match op {
-                    WriteOp::Create { resource, .. } | WriteOp::Update { resource, .. } => {
-                        rewrite_refs(resource, &map)
-                    }
+                    WriteOp::Create { resource, .. }
+                    | WriteOp::CreateWithId { resource }
+                    | WriteOp::Update { resource, .. } => rewrite_refs(resource, &map),
                     WriteOp::Delete { .. } => {}
                 }
             }
@@ -490,7 +507,9 @@ impl Store {
         let rows: Vec<Vec<(String, IndexValue)>> = ops
             .iter()
             .map(|op| match op {
-                WriteOp::Create { resource, .. } | WriteOp::Update { resource, .. } => self
+                WriteOp::Create { resource, .. }
+                | WriteOp::CreateWithId { resource }
+                | WriteOp::Update { resource, .. } => self
                     .indexer
                     .extract(self.registry, resource)
                     .into_iter()
@@ -515,7 +534,7 @@ impl Store {
             };
             let stored = match op {
                 // `transaction` gave every create a new random id: nothing to look up or replace.
-                WriteOp::Create { resource, .. } => {
+                WriteOp::Create { resource, .. } | WriteOp::CreateWithId { resource } => {
                     self.write(&mut tx, w, resource, None, WriteKind::Fresh)
                         .await?
                 }

@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// 公開ベース URL / public base URL of /fhir (default: http://ADDR/fhir)
     #[arg(long)]
     base_url: Option<String>,
+    /// リクエスト本文の上限 (MB) / largest request body accepted, in MB
+    #[arg(long, default_value_t = 64)]
+    max_body_mb: usize,
 }
 
 /// Refusals by the auth middleware, written to the audit log.
@@ -137,6 +140,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         auth: Some(auth),
         audit: Some(audit.clone()),
         base_url: base_url.clone(),
+        exports: kizuna_server::export::ExportJobs::open(&a.data_dir.join("export"))
+            .with_context(|| a.data_dir.join("export").display().to_string())?,
+        max_body_bytes: a.max_body_mb.saturating_mul(1024 * 1024),
     });
     let app = kizuna_server::router(state);
     let listener = tokio::net::TcpListener::bind(a.addr)

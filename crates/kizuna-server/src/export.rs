@@ -1,0 +1,664 @@
+//! FHIR Bulk Data export (`$export`, the async request pattern): system, `Patient` and `Group` level,
+//! with `_type` and `_since`. A kick-off answers 202 with a status URL; a background task reads the
+//! store a page at a time in id order and writes NDJSON files (the stored JSON text, never parsed),
+//! so memory stays flat whatever the export's size; the status URL answers 202 with progress, then
+//! 200 with the manifest; DELETE cancels; files are streamed from disk to the requester only.
+//!
+//! Jobs live under `<data dir>/export/<job>/` with a `job.json` (owner, request) and, once done, a
+//! `manifest.json`; finished jobs survive a restart and are removed after the retention period.
+
+use std::collections::HashMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use kizuna_audit::{NewEntry, Outcome, Purpose, Target};
+use kizuna_auth::http::{check_scope, FhirRequest};
+use kizuna_auth::scope::Interaction;
+use kizuna_store::{CompartmentScope, ScanFilter};
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+
+use crate::fhir::{actor, Auth, St};
+use crate::{fhir_json, ApiError, AppState};
+
+/// Where a job stands.
+#[derive(Debug, Clone)]
+enum JobState {
+    Running,
+    Complete(Value),
+    Failed(String),
+}
+
+/// One export job.
+struct Job {
+    id: String,
+    /// The audit subject of whoever started it; only they may poll, cancel and download.
+    owner: String,
+    dir: PathBuf,
+    created: SystemTime,
+    state: Mutex<JobState>,
+    cancelled: AtomicBool,
+    written: AtomicU64,
+}
+
+/// The export jobs of this server and where their files go.
+pub struct ExportJobs {
+    dir: PathBuf,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    /// How long finished jobs and their files are kept.
+    pub retention: Duration,
+    /// Resources read per store page.
+    pub page_size: i64,
+    /// Resources per NDJSON file before a new file starts.
+    pub file_limit: u64,
+}
+
+impl std::fmt::Debug for ExportJobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportJobs")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl ExportJobs {
+    /// Jobs under `dir` (created if missing); finished jobs found there are served again.
+    pub fn open(dir: &FsPath) -> std::io::Result<ExportJobs> {
+        std::fs::create_dir_all(dir)?;
+        let jobs = ExportJobs {
+            dir: dir.to_path_buf(),
+            jobs: Mutex::new(HashMap::new()),
+            retention: Duration::from_secs(24 * 3600),
+            page_size: 1000,
+            file_limit: 100_000,
+        };
+        for e in std::fs::read_dir(dir)?.flatten() {
+            let jd = e.path();
+            let (Ok(job), Ok(manifest)) = (
+                std::fs::read_to_string(jd.join("job.json")),
+                std::fs::read_to_string(jd.join("manifest.json")),
+            ) else {
+                // An unfinished job from before a restart: its files are incomplete.
+                let _ = std::fs::remove_dir_all(&jd);
+                continue;
+            };
+            let (Ok(job), Ok(manifest)) = (
+                serde_json::from_str::<Value>(&job),
+                serde_json::from_str::<Value>(&manifest),
+            ) else {
+                continue;
+            };
+            let id = e.file_name().to_string_lossy().to_string();
+            let created = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::now());
+            if let Ok(mut map) = jobs.jobs.lock() {
+                map.insert(
+                    id.clone(),
+                    Arc::new(Job {
+                        id,
+                        owner: job["owner"].as_str().unwrap_or("").to_string(),
+                        dir: jd,
+                        created,
+                        state: Mutex::new(JobState::Complete(manifest)),
+                        cancelled: AtomicBool::new(false),
+                        written: AtomicU64::new(0),
+                    }),
+                );
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Job>> {
+        self.jobs.lock().ok()?.get(id).cloned()
+    }
+
+    fn remove(&self, id: &str) -> Option<Arc<Job>> {
+        self.jobs.lock().ok()?.remove(id)
+    }
+
+    /// Drops finished jobs older than the retention period, with their files.
+    fn purge(&self) {
+        let now = SystemTime::now();
+        let expired: Vec<Arc<Job>> = match self.jobs.lock() {
+            Ok(mut map) => {
+                let ids: Vec<String> = map
+                    .values()
+                    .filter(|j| {
+                        !matches!(j.state.lock().map(|s| s.clone()), Ok(JobState::Running))
+                            && now.duration_since(j.created).unwrap_or_default() > self.retention
+                    })
+                    .map(|j| j.id.clone())
+                    .collect();
+                ids.iter().filter_map(|i| map.remove(i)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for j in expired {
+            let _ = std::fs::remove_dir_all(&j.dir);
+        }
+    }
+}
+
+fn bad(param: &str, ja: &str, en: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid", param, ja, en)
+}
+
+/// The resource types an export will read, after `_type` and the caller's scopes.
+fn types_for(
+    s: &AppState,
+    a: &Auth,
+    requested: Option<Vec<String>>,
+    available: Vec<String>,
+) -> Result<Vec<String>, ApiError> {
+    // A patient-context scope reaches one person's data, never a bulk export of everyone's.
+    let can_read = |t: &str| match a {
+        Some(Extension(auth)) => check_scope(
+            &auth.principal,
+            &FhirRequest {
+                interaction: Interaction::Search,
+                resource_type: t.to_string(),
+                resource_id: None,
+            },
+        )
+        .is_ok_and(|g| g.context != kizuna_auth::scope::Context::Patient),
+        None => true,
+    };
+    match requested {
+        Some(ts) => {
+            for t in &ts {
+                if !s.store.registry().model().is_resource(t) {
+                    return Err(bad(
+                        "_type",
+                        &format!("不明なリソース型 {t}"),
+                        &format!("unknown resource type {t}"),
+                    ));
+                }
+                if !can_read(t) {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "_type",
+                        &format!("{t} を読む権限がありません"),
+                        &format!("the token does not allow reading {t}"),
+                    ));
+                }
+            }
+            Ok(ts)
+        }
+        None => Ok(available.into_iter().filter(|t| can_read(t)).collect()),
+    }
+}
+
+/// Reads the kick-off parameters; unknown ones are refused unless `Prefer: handling=lenient`.
+fn kickoff_params(
+    pairs: &[(String, String)],
+    headers: &HeaderMap,
+) -> Result<(Option<i64>, Option<Vec<String>>), ApiError> {
+    let prefer = headers
+        .get("prefer")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !prefer.contains("respond-async") {
+        return Err(bad(
+            "Prefer",
+            "$export には Prefer: respond-async が必要です",
+            "$export needs the header Prefer: respond-async",
+        ));
+    }
+    let lenient = prefer.contains("handling=lenient");
+    let mut since = None;
+    let mut types = None;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "_outputFormat" => {
+                if !matches!(
+                    v.as_str(),
+                    "application/fhir+ndjson" | "application/ndjson" | "ndjson"
+                ) {
+                    return Err(bad(
+                        "_outputFormat",
+                        &format!("出力形式 {v} は未対応です (NDJSON のみ)"),
+                        &format!("output format {v} is not supported (NDJSON only)"),
+                    ));
+                }
+            }
+            "_since" => since = Some(crate::fhir::parse_instant("_since", v)?),
+            "_type" => {
+                types = Some(
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                )
+            }
+            _ if lenient => {}
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "not-supported",
+                    other,
+                    &format!("パラメータ {other} は未対応です"),
+                    &format!("parameter {other} is not supported"),
+                ))
+            }
+        }
+    }
+    Ok((since, types))
+}
+
+/// Starts a job: 202 with `Content-Location` of its status.
+async fn start(
+    s: Arc<AppState>,
+    a: Auth,
+    request: String,
+    types: Vec<String>,
+    filter: ScanFilter,
+) -> Result<Response, ApiError> {
+    let exports = &s.exports;
+    exports.purge();
+    let id = kizuna_store::new_id();
+    let dir = exports.dir.join(&id);
+    let io = |e: std::io::Error| {
+        tracing::error!(error = %e, "export directory");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            "",
+            "出力先を作れません",
+            "cannot create the export directory",
+        )
+    };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let owner = actor(&a).id;
+    std::fs::write(
+        dir.join("job.json"),
+        json!({"owner": owner, "request": request, "types": types}).to_string(),
+    )
+    .map_err(io)?;
+    let job = Arc::new(Job {
+        id: id.clone(),
+        owner,
+        dir,
+        created: SystemTime::now(),
+        state: Mutex::new(JobState::Running),
+        cancelled: AtomicBool::new(false),
+        written: AtomicU64::new(0),
+    });
+    if let Ok(mut m) = exports.jobs.lock() {
+        m.insert(id.clone(), job.clone());
+    }
+    let transaction_time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    tracing::info!(job = %id, types = types.len(), "export started");
+    let task_state = s.clone();
+    tokio::spawn(async move {
+        let result = run(&task_state, &a, &job, &types, &filter).await;
+        let state = match result {
+            Ok(outputs) => {
+                let manifest = json!({
+                    "transactionTime": transaction_time,
+                    "request": request,
+                    "requiresAccessToken": true,
+                    "output": outputs,
+                    "error": []
+                });
+                if let Err(e) = std::fs::write(job.dir.join("manifest.json"), manifest.to_string())
+                {
+                    JobState::Failed(e.to_string())
+                } else {
+                    JobState::Complete(manifest)
+                }
+            }
+            Err(e) => JobState::Failed(e),
+        };
+        if job.cancelled.load(Ordering::Relaxed) {
+            let _ = std::fs::remove_dir_all(&job.dir);
+            return;
+        }
+        tracing::info!(job = %job.id, resources = job.written.load(Ordering::Relaxed), failed = matches!(state, JobState::Failed(_)), "export finished");
+        if let Ok(mut st) = job.state.lock() {
+            *st = state;
+        }
+    });
+    let mut r = StatusCode::ACCEPTED.into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("{}/$export-status/{id}", s.base_url)) {
+        r.headers_mut().insert(header::CONTENT_LOCATION, v);
+    }
+    Ok(r)
+}
+
+/// The export itself: every type, page by page, into NDJSON files of at most `file_limit` lines.
+async fn run(
+    s: &AppState,
+    a: &Auth,
+    job: &Job,
+    types: &[String],
+    filter: &ScanFilter,
+) -> Result<Vec<Value>, String> {
+    let mut outputs = Vec::new();
+    let actor = actor(a);
+    for rt in types {
+        let mut after = String::new();
+        let mut file_no = 0;
+        let mut in_file = 0u64;
+        let mut writer: Option<(String, tokio::io::BufWriter<tokio::fs::File>)> = None;
+        let mut finish = |name: String, count: u64| {
+            outputs.push(json!({"type": rt, "url": format!("{}/$export-file/{}/{name}", s.base_url, job.id), "count": count}));
+        };
+        let mut type_total = 0u64;
+        loop {
+            if job.cancelled.load(Ordering::Relaxed) {
+                return Err("cancelled".into());
+            }
+            let page = s
+                .store
+                .scan_page(rt, filter, &after, s.exports.page_size)
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some(page) = page else { break };
+            let Some(last) = page.last() else { break };
+            after = last.id.clone();
+            let mut people = Vec::new();
+            for row in &page {
+                if writer.is_none() || in_file >= s.exports.file_limit {
+                    if let Some((name, mut w)) = writer.take() {
+                        w.flush().await.map_err(|e| e.to_string())?;
+                        finish(name, in_file);
+                    }
+                    file_no += 1;
+                    let name = format!("{rt}-{file_no}.ndjson");
+                    let f = tokio::fs::File::create(job.dir.join(&name))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    writer = Some((name, tokio::io::BufWriter::with_capacity(256 * 1024, f)));
+                    in_file = 0;
+                }
+                if let Some((_, w)) = writer.as_mut() {
+                    w.write_all(row.body.as_bytes())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    w.write_all(b"\n").await.map_err(|e| e.to_string())?;
+                }
+                in_file += 1;
+                if rt == "Patient" {
+                    people.push(row.id.clone());
+                }
+            }
+            type_total += page.len() as u64;
+            job.written.fetch_add(page.len() as u64, Ordering::Relaxed);
+            // Each patient whose record left the server is told so in their access history.
+            if let Some(w) = &s.audit {
+                let time = chrono::Utc::now().to_rfc3339();
+                w.record_batch(
+                    people
+                        .into_iter()
+                        .map(|p| NewEntry {
+                            time: time.clone(),
+                            actor: actor.clone(),
+                            action: "export".into(),
+                            target: Target {
+                                resource_type: Some("Patient".into()),
+                                resource_id: Some(p.clone()),
+                                person: Some(p),
+                                ..Target::default()
+                            },
+                            purpose: Purpose::Operations,
+                            outcome: Outcome::allow("scope"),
+                            source: None,
+                            request: Some(format!("export-{}", job.id)),
+                        })
+                        .collect(),
+                );
+            }
+        }
+        if let Some((name, mut w)) = writer.take() {
+            w.flush().await.map_err(|e| e.to_string())?;
+            finish(name, in_file);
+        }
+        if let Some(w) = &s.audit {
+            w.record(NewEntry {
+                time: chrono::Utc::now().to_rfc3339(),
+                actor: actor.clone(),
+                action: "export".into(),
+                target: Target {
+                    resource_type: Some(rt.clone()),
+                    ..Target::default()
+                },
+                purpose: Purpose::Operations,
+                outcome: Outcome::allow(format!("scope; {type_total} resources")),
+                source: None,
+                request: Some(format!("export-{}", job.id)),
+            });
+        }
+    }
+    Ok(outputs)
+}
+
+fn request_url(s: &AppState, uri: &axum::http::Uri) -> String {
+    let base = s.base_url.trim_end_matches("/fhir");
+    format!("{base}{uri}")
+}
+
+/// `GET /fhir/$export`.
+pub(crate) async fn kickoff_system(
+    State(s): St,
+    a: Auth,
+    uri: axum::http::Uri,
+    Query(pairs): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (since_ms, requested) = kickoff_params(&pairs, &headers)?;
+    let available = s.store.stored_types().await?;
+    let types = types_for(&s, &a, requested, available)?;
+    let filter = ScanFilter {
+        since_ms,
+        compartment: None,
+    };
+    start(s.clone(), a, request_url(&s, &uri), types, filter).await
+}
+
+/// `GET /fhir/Patient/$export`: every patient's compartment.
+pub(crate) async fn kickoff_patients(
+    State(s): St,
+    a: Auth,
+    Path(rt): Path<String>,
+    uri: axum::http::Uri,
+    Query(pairs): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if rt != "Patient" {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-supported",
+            "$export",
+            "型レベルの $export は Patient のみです",
+            "type-level $export is supported on Patient only",
+        ));
+    }
+    let (since_ms, requested) = kickoff_params(&pairs, &headers)?;
+    let types = types_for(&s, &a, requested, compartment_types(&s))?;
+    let filter = ScanFilter {
+        since_ms,
+        compartment: Some(CompartmentScope::AllPatients),
+    };
+    start(s.clone(), a, request_url(&s, &uri), types, filter).await
+}
+
+/// `GET /fhir/Group/{id}/$export`: the compartments of the Group's member Patients.
+pub(crate) async fn kickoff_group(
+    State(s): St,
+    a: Auth,
+    Path((rt, id)): Path<(String, String)>,
+    uri: axum::http::Uri,
+    Query(pairs): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if rt != "Group" {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-supported",
+            "$export",
+            "インスタンスの $export は Group のみです",
+            "instance-level $export is supported on Group only",
+        ));
+    }
+    let (since_ms, requested) = kickoff_params(&pairs, &headers)?;
+    if s.store.read("Group", &id).await?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "",
+            &format!("Group/{id} はありません"),
+            &format!("Group/{id} not found"),
+        ));
+    }
+    let types = types_for(&s, &a, requested, compartment_types(&s))?;
+    let filter = ScanFilter {
+        since_ms,
+        compartment: Some(CompartmentScope::GroupMembers(id)),
+    };
+    start(s.clone(), a, request_url(&s, &uri), types, filter).await
+}
+
+fn compartment_types(s: &AppState) -> Vec<String> {
+    let mut v: Vec<String> = std::iter::once("Patient")
+        .chain(s.store.compartment().types())
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The job, if it exists and belongs to the caller (someone else's job is as good as absent).
+fn owned(s: &AppState, a: &Auth, id: &str) -> Result<Arc<Job>, ApiError> {
+    let who = actor(a).id;
+    match s.exports.get(id) {
+        Some(j) if j.owner == who => Ok(j),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "",
+            "エクスポートがありません",
+            "no such export",
+        )),
+    }
+}
+
+/// `GET /fhir/$export-status/{job}`.
+pub(crate) async fn status(
+    State(s): St,
+    a: Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = owned(&s, &a, &id)?;
+    let state = job
+        .state
+        .lock()
+        .map(|g| g.clone())
+        .unwrap_or(JobState::Failed("poisoned".into()));
+    Ok(match state {
+        JobState::Running => {
+            let mut r = StatusCode::ACCEPTED.into_response();
+            let n = job.written.load(Ordering::Relaxed);
+            if let Ok(v) = HeaderValue::from_str(&format!("{n} resources written")) {
+                r.headers_mut().insert("x-progress", v);
+            }
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            r
+        }
+        JobState::Complete(m) => {
+            let mut r = fhir_json(StatusCode::OK, &m);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            let expires = job.created + s.exports.retention;
+            let t: chrono::DateTime<chrono::Utc> = expires.into();
+            if let Ok(v) = HeaderValue::from_str(&t.format("%a, %d %b %Y %H:%M:%S GMT").to_string())
+            {
+                r.headers_mut().insert(header::EXPIRES, v);
+            }
+            r
+        }
+        JobState::Failed(e) => {
+            tracing::error!(job = %id, error = %e, "export failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "",
+                "エクスポートに失敗しました",
+                "the export failed",
+            )
+            .into_response()
+        }
+    })
+}
+
+/// `DELETE /fhir/$export-status/{job}`: stops a running job or removes a finished one.
+pub(crate) async fn cancel(
+    State(s): St,
+    a: Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = owned(&s, &a, &id)?;
+    job.cancelled.store(true, Ordering::Relaxed);
+    s.exports.remove(&id);
+    let running = matches!(job.state.lock().map(|g| g.clone()), Ok(JobState::Running));
+    if !running {
+        let _ = std::fs::remove_dir_all(&job.dir);
+    }
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// `GET /fhir/$export-file/{job}/{file}`: streamed from disk.
+pub(crate) async fn file(
+    State(s): St,
+    a: Auth,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let job = owned(&s, &a, &id)?;
+    let valid = name.ends_with(".ndjson")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && !name.contains("..");
+    let missing = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "",
+            "ファイルがありません",
+            "no such file",
+        )
+    };
+    if !valid
+        || !matches!(
+            job.state.lock().map(|g| g.clone()),
+            Ok(JobState::Complete(_))
+        )
+    {
+        return Err(missing());
+    }
+    let f = tokio::fs::File::open(job.dir.join(&name))
+        .await
+        .map_err(|_| missing())?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024));
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+ndjson"),
+    );
+    Ok(r)
+}
