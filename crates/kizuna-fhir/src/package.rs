@@ -122,20 +122,42 @@ pub fn read_bundle_gz(bytes: &[u8], name: &str) -> Result<Vec<Value>, PackageErr
     let mut gz = flate2::read::GzDecoder::new(bytes);
     let mut buf = Vec::new();
     gz.read_to_end(&mut buf)?;
-    let v = parse_json(&buf, name)?;
-    let mut out = Vec::new();
-    if let Some(Value::Array(entries)) = v.get("entry") {
-        for e in entries {
-            if let Some(r) = e.get("resource") {
-                let mut r = r.clone();
-                compact_definition(&mut r);
-                out.push(r);
-            }
-        }
-    } else {
-        out.push(v);
+    let buf = buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&buf);
+    // Each resource is compacted as soon as it is parsed, so the narratives and mappings of the
+    // whole Bundle never sit in memory at once (they are most of its size).
+    let bundle: CompactBundle =
+        serde_json::from_slice(buf).map_err(|source| PackageError::Json {
+            file: name.to_string(),
+            source,
+        })?;
+    Ok(bundle
+        .entry
+        .into_iter()
+        .filter_map(|e| e.resource.map(|r| r.0))
+        .collect())
+}
+
+/// A Bundle read for its resources only.
+#[derive(serde::Deserialize)]
+struct CompactBundle {
+    #[serde(default)]
+    entry: Vec<CompactEntry>,
+}
+
+#[derive(serde::Deserialize)]
+struct CompactEntry {
+    resource: Option<Compacted>,
+}
+
+/// A definition, compacted ([`compact_definition`]) as it is deserialized.
+struct Compacted(Value);
+
+impl<'de> serde::Deserialize<'de> for Compacted {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut v = Value::deserialize(d)?;
+        compact_definition(&mut v);
+        Ok(Compacted(v))
     }
-    Ok(out)
 }
 
 fn parse_json(buf: &[u8], file: &str) -> Result<Value, PackageError> {
@@ -147,26 +169,68 @@ fn parse_json(buf: &[u8], file: &str) -> Result<Value, PackageError> {
     })
 }
 
-/// Drops the parts of a definition no code path reads (narrative, mappings, differential), to keep memory
-/// and start-up small.
+/// Drops the parts of a definition no code path reads (narrative, mappings, differential, prose
+/// written for people, XPath), to keep memory and start-up small: the definitions of a server are
+/// most of its resident memory.
 fn compact_definition(v: &mut Value) {
+    const PROSE: &[&str] = &[
+        "text",
+        "description",
+        "purpose",
+        "copyright",
+        "contact",
+        "mapping",
+        "xpath",
+        "xpathUsage",
+    ];
     if let Some(o) = v.as_object_mut() {
-        o.remove("text");
+        for k in PROSE {
+            o.remove(*k);
+        }
         if o.get("resourceType").and_then(Value::as_str) == Some("StructureDefinition")
             && o.contains_key("snapshot")
         {
             o.remove("differential");
         }
-        o.remove("mapping");
         if let Some(Value::Array(els)) = o.get_mut("snapshot").and_then(|s| s.get_mut("element")) {
             for el in els {
                 if let Some(eo) = el.as_object_mut() {
-                    eo.remove("mapping");
-                    eo.remove("requirements");
-                    eo.remove("comment");
-                    eo.remove("alias");
+                    for k in [
+                        "mapping",
+                        "requirements",
+                        "comment",
+                        "alias",
+                        "definition",
+                        "isModifierReason",
+                        "meaningWhenMissing",
+                        "orderMeaning",
+                        "example",
+                        "short",
+                    ] {
+                        eo.remove(k);
+                    }
+                    if let Some(Value::Array(cs)) = eo.get_mut("constraint") {
+                        for c in cs.iter_mut().filter_map(Value::as_object_mut) {
+                            for k in ["xpath", "source", "requirements", "extension"] {
+                                c.remove(k);
+                            }
+                        }
+                    }
                 }
             }
+        }
+        if let Some(Value::Array(cs)) = o.get_mut("concept") {
+            drop_concept_definitions(cs);
+        }
+    }
+}
+
+/// CodeSystem concept definitions (prose), recursively through nested concepts.
+fn drop_concept_definitions(cs: &mut [Value]) {
+    for c in cs.iter_mut().filter_map(Value::as_object_mut) {
+        c.remove("definition");
+        if let Some(Value::Array(sub)) = c.get_mut("concept") {
+            drop_concept_definitions(sub);
         }
     }
 }

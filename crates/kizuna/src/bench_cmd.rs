@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 pub enum BenchCmd {
     /// 保存・検索の性能 / Store ingest, read and search latency (JSON report).
     Store(StoreBenchArgs),
+    /// FHIR API の性能 / The FHIR server over HTTP: transaction ingest, read, search, $export and its memory (JSON report).
+    Fhir(crate::bench_fhir::FhirBenchArgs),
 }
 
 /// Options of `kizuna bench store`.
@@ -49,6 +51,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             .enable_all()
             .build()?
             .block_on(store_bench(a)),
+        BenchCmd::Fhir(a) => crate::bench_fhir::run(a),
     }
 }
 

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod audit_cmd;
 mod bench_cmd;
+mod bench_fhir;
 mod post;
 mod serve_cmd;
 mod synth_cmd;
