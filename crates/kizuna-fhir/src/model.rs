@@ -125,7 +125,7 @@ impl TypeModel {
         model
     }
 
-    fn add_structure_definition(&mut self, sd: &Value) {
+    pub(crate) fn add_structure_definition(&mut self, sd: &Value) {
         let kind_s = sd.get("kind").and_then(Value::as_str).unwrap_or("");
         if kind_s == "logical" {
             return;
@@ -301,6 +301,20 @@ impl TypeModel {
             }
             _ => key,
         }
+    }
+
+    /// The concrete resource types (not `Resource`, `DomainResource`), sorted: what a server serves.
+    pub fn resource_types(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .types
+            .iter()
+            .filter(|(k, t)| {
+                t.kind == TypeKind::Resource && *k != "Resource" && *k != "DomainResource"
+            })
+            .map(|(k, _)| k.as_str())
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// Number of types known (for diagnostics).

@@ -119,44 +119,118 @@ pub fn read_package_tgz(bytes: &[u8]) -> Result<Package, PackageError> {
 
 /// Reads a gzipped FHIR Bundle (the base definitions ship this way) and returns its entries' resources.
 pub fn read_bundle_gz(bytes: &[u8], name: &str) -> Result<Vec<Value>, PackageError> {
+    let mut out = Vec::new();
+    each_in_bundle_gz(bytes, name, &mut |v| out.push(v))?;
+    Ok(out)
+}
+
+/// Calls `f` with each resource of a gzipped Bundle, compacted ([`compact_definition`]), as it is
+/// parsed: the Bundle is never held as parsed JSON (its narratives and mappings are most of it).
+/// Returns how many resources there were.
+pub fn each_in_bundle_gz(
+    bytes: &[u8],
+    name: &str,
+    f: &mut dyn FnMut(Value),
+) -> Result<usize, PackageError> {
+    use serde::de::DeserializeSeed;
     let mut gz = flate2::read::GzDecoder::new(bytes);
     let mut buf = Vec::new();
     gz.read_to_end(&mut buf)?;
     let buf = buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&buf);
-    // Each resource is compacted as soon as it is parsed, so the narratives and mappings of the
-    // whole Bundle never sit in memory at once (they are most of its size).
-    let bundle: CompactBundle =
-        serde_json::from_slice(buf).map_err(|source| PackageError::Json {
-            file: name.to_string(),
-            source,
-        })?;
-    Ok(bundle
-        .entry
-        .into_iter()
-        .filter_map(|e| e.resource.map(|r| r.0))
-        .collect())
+    let mut de = serde_json::Deserializer::from_slice(buf);
+    let err = |source| PackageError::Json {
+        file: name.to_string(),
+        source,
+    };
+    let n = stream::BundleSeed(f).deserialize(&mut de).map_err(err)?;
+    de.end().map_err(err)?;
+    Ok(n)
 }
 
-/// A Bundle read for its resources only.
-#[derive(serde::Deserialize)]
-struct CompactBundle {
-    #[serde(default)]
-    entry: Vec<CompactEntry>,
-}
+/// The streaming Bundle reader behind [`each_in_bundle_gz`].
+mod stream {
+    use std::fmt;
 
-#[derive(serde::Deserialize)]
-struct CompactEntry {
-    resource: Option<Compacted>,
-}
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde_json::Value;
 
-/// A definition, compacted ([`compact_definition`]) as it is deserialized.
-struct Compacted(Value);
+    /// A Bundle: `entry` is read element by element, everything else skipped.
+    pub(super) struct BundleSeed<'f>(pub(super) &'f mut dyn FnMut(Value));
+    struct EntriesSeed<'f>(&'f mut dyn FnMut(Value));
+    struct EntrySeed<'f>(&'f mut dyn FnMut(Value));
 
-impl<'de> serde::Deserialize<'de> for Compacted {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut v = Value::deserialize(d)?;
-        compact_definition(&mut v);
-        Ok(Compacted(v))
+    impl<'de> DeserializeSeed<'de> for BundleSeed<'_> {
+        type Value = usize;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for BundleSeed<'_> {
+        type Value = usize;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a Bundle")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
+            let mut n = 0;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "entry" {
+                    n += map.next_value_seed(EntriesSeed(&mut *self.0))?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(n)
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for EntriesSeed<'_> {
+        type Value = usize;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for EntriesSeed<'_> {
+        type Value = usize;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("Bundle entries")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+            let mut n = 0;
+            while let Some(found) = seq.next_element_seed(EntrySeed(&mut *self.0))? {
+                n += found as usize;
+            }
+            Ok(n)
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for EntrySeed<'_> {
+        type Value = bool;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for EntrySeed<'_> {
+        type Value = bool;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a Bundle entry")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let mut found = false;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "resource" {
+                    let mut v: Value = map.next_value()?;
+                    super::compact_definition(&mut v);
+                    (self.0)(v);
+                    found = true;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
     }
 }
 
@@ -256,12 +330,45 @@ pub mod builtin {
     pub const JP_CHECKUP: &[u8] = include_bytes!("../data/jp-eCheckupReport.r4-1.5.0-snap.tgz");
 }
 
+/// One definition: kept as compact JSON text and parsed the first time it is asked for. A server
+/// touches a few dozen of the thousands of definitions it loads; holding all of them as parsed
+/// JSON took a quarter of a gigabyte.
+#[derive(Debug)]
+struct Definition {
+    resource_type: String,
+    text: Box<str>,
+    parsed: OnceLock<Arc<Value>>,
+}
+
+impl Definition {
+    fn new(v: &Value) -> Definition {
+        Definition {
+            resource_type: v
+                .get("resourceType")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            text: serde_json::to_string(v)
+                .unwrap_or_default()
+                .into_boxed_str(),
+            parsed: OnceLock::new(),
+        }
+    }
+
+    fn value(&self) -> &Arc<Value> {
+        self.parsed.get_or_init(|| {
+            // The text was written by serde_json from a Value: it parses.
+            Arc::new(serde_json::from_str(&self.text).unwrap_or(Value::Null))
+        })
+    }
+}
+
 /// All loaded definitions, by canonical URL, plus the type model derived from the base types.
 #[derive(Debug, Default)]
 pub struct Registry {
-    by_url: HashMap<String, Arc<Value>>,
+    by_url: HashMap<String, Arc<Definition>>,
     /// Every version registered for a URL (packages may carry different editions of one CodeSystem).
-    all_versions: HashMap<String, Vec<Arc<Value>>>,
+    all_versions: HashMap<String, Vec<Arc<Definition>>>,
     model: TypeModel,
     packages: Vec<PackageSummary>,
     examples: Vec<Arc<Value>>,
@@ -284,39 +391,30 @@ impl Registry {
     /// Loads the vendored definitions (two threads: the resource definitions are most of the bytes).
     pub fn load_builtin() -> Result<Registry, PackageError> {
         use builtin::*;
-        let (resources, rest) = std::thread::scope(|s| {
-            let h = s.spawn(|| read_bundle_gz(PROFILES_RESOURCES, "profiles-resources.json"));
-            let rest = (|| -> Result<_, PackageError> {
-                let types = read_bundle_gz(PROFILES_TYPES, "profiles-types.json")?;
-                let vs = read_bundle_gz(VALUESETS, "valuesets.json")?;
-                let sp = read_bundle_gz(SEARCH_PARAMETERS, "search-parameters.json")?;
-                let cp = read_bundle_gz(COMPARTMENT_PATIENT, "compartmentdefinition-patient.json")?;
-                let pk = vec![
-                    read_package_tgz(JP_CORE)?,
-                    read_package_tgz(JP_CLINS)?,
-                    read_package_tgz(JP_CHECKUP)?,
-                ];
-                Ok((types, vs, sp, cp, pk))
-            })();
-            let resources = h.join().unwrap_or_else(|_| Ok(Vec::new()));
-            (resources, rest)
-        });
-        let resources = resources?;
-        let (types, vs, sp, cp, pk) = rest?;
-        let mut reg = Registry {
-            model: TypeModel::from_structure_definitions(types.iter().chain(resources.iter())),
-            ..Registry::default()
-        };
-        let base_count = types.len() + resources.len() + vs.len() + sp.len() + cp.len();
-        for r in types
-            .into_iter()
-            .chain(resources)
-            .chain(vs)
-            .chain(sp)
-            .chain(cp)
-        {
-            reg.add_definition(r);
+        // One resource at a time: parsed, compacted, fed to the type model (base types and
+        // resources), then kept as text. Peak memory is one decompressed file, not its parse tree.
+        let mut reg = Registry::default();
+        let mut model = TypeModel::default();
+        let mut base_count = 0;
+        for (bytes, name, types) in [
+            (PROFILES_TYPES, "profiles-types.json", true),
+            (PROFILES_RESOURCES, "profiles-resources.json", true),
+            (VALUESETS, "valuesets.json", false),
+            (SEARCH_PARAMETERS, "search-parameters.json", false),
+            (
+                COMPARTMENT_PATIENT,
+                "compartmentdefinition-patient.json",
+                false,
+            ),
+        ] {
+            base_count += each_in_bundle_gz(bytes, name, &mut |v| {
+                if types {
+                    model.add_structure_definition(&v);
+                }
+                reg.add_definition(v);
+            })?;
         }
+        reg.model = model;
         reg.packages.push(PackageSummary {
             name: "hl7.fhir.r4.core".into(),
             version: "4.0.1".into(),
@@ -324,8 +422,8 @@ impl Registry {
             resources: base_count,
             examples: 0,
         });
-        for p in pk {
-            reg.add_package(p);
+        for p in [JP_CORE, JP_CLINS, JP_CHECKUP] {
+            reg.add_package(read_package_tgz(p)?);
         }
         Ok(reg)
     }
@@ -345,7 +443,7 @@ impl Registry {
             return;
         };
         let version = r.get("version").and_then(Value::as_str).map(str::to_string);
-        let r = Arc::new(r);
+        let r = Arc::new(Definition::new(&r));
         self.all_versions
             .entry(url.clone())
             .or_default()
@@ -362,15 +460,20 @@ impl Registry {
     /// the unversioned URL only when no version of it matches.
     pub fn resolve(&self, canonical: &str) -> Option<&Arc<Value>> {
         if let Some(r) = self.by_url.get(canonical) {
-            return Some(r);
+            return Some(r.value());
         }
         let (url, _) = canonical.split_once('|')?;
-        self.by_url.get(url)
+        self.by_url.get(url).map(|d| d.value())
     }
 
     /// Every loaded version of a definition.
-    pub fn versions(&self, url: &str) -> &[Arc<Value>] {
-        self.all_versions.get(url).map(Vec::as_slice).unwrap_or(&[])
+    pub fn versions(&self, url: &str) -> Vec<&Arc<Value>> {
+        self.all_versions
+            .get(url)
+            .into_iter()
+            .flatten()
+            .map(|d| d.value())
+            .collect()
     }
 
     /// A StructureDefinition by canonical URL or, for base types, by type name.
@@ -378,9 +481,11 @@ impl Registry {
         if url_or_name.contains('/') {
             self.resolve(url_or_name)
         } else {
-            self.by_url.get(&format!(
-                "http://hl7.org/fhir/StructureDefinition/{url_or_name}"
-            ))
+            self.by_url
+                .get(&format!(
+                    "http://hl7.org/fhir/StructureDefinition/{url_or_name}"
+                ))
+                .map(|d| d.value())
         }
     }
 
@@ -393,7 +498,17 @@ impl Registry {
             .iter()
             .filter(|(k, _)| !k.contains('|'))
             .map(|(_, v)| v)
-            .filter(move |v| v.get("resourceType").and_then(Value::as_str) == Some(resource_type))
+            .filter(move |v| v.resource_type == resource_type)
+            .map(|d| d.value())
+    }
+
+    /// The canonical URLs of the definitions of one resource type, without parsing them.
+    pub fn urls_of<'s>(&'s self, resource_type: &'s str) -> impl Iterator<Item = &'s str> + 's {
+        self.by_url
+            .iter()
+            .filter(|(k, _)| !k.contains('|'))
+            .filter(move |(_, v)| v.resource_type == resource_type)
+            .map(|(k, _)| k.as_str())
     }
 
     /// The type model of the base types.

@@ -30,20 +30,7 @@ const OPERATIONS: &[(&str, &str, &str)] = &[
 ];
 
 pub(crate) async fn metadata(State(s): St) -> Response {
-    let reg = s.store.registry();
-    let mut types: Vec<&str> = Vec::new();
-    for sd in reg.definitions_of("StructureDefinition") {
-        if sd.get("kind").and_then(Value::as_str) == Some("resource")
-            && sd.get("derivation").and_then(Value::as_str) == Some("specialization")
-            && sd.get("abstract").and_then(Value::as_bool) != Some(true)
-        {
-            if let Some(t) = sd.get("type").and_then(Value::as_str) {
-                types.push(t);
-            }
-        }
-    }
-    types.sort_unstable();
-    types.dedup();
+    let types = s.store.registry().model().resource_types();
     let interactions: Vec<Value> = [
         "read",
         "vread",

@@ -70,7 +70,7 @@ impl Store {
         let comp = self.compartment();
         let mut out: Vec<(String, String)> = Vec::new();
         let sql = self.sql(
-            "SELECT DISTINCT x.rtype, x.id, x.param FROM idx_reference x WHERE x.tid = ? AND x.ttype = 'Patient'",
+            "SELECT DISTINCT r.rtype, r.id, x.pid FROM idx_reference x JOIN resources r ON r.rid = x.rid WHERE x.tid = ? AND x.ttype = 'Patient' AND r.deleted = 0",
         );
         let rows = sqlx::query(&sql)
             .bind(patient_id)
@@ -79,8 +79,15 @@ impl Store {
         for r in rows {
             let rt: String = r.try_get(0)?;
             let id: String = r.try_get(1)?;
-            let param: String = r.try_get(2)?;
-            if wanted(&rt) && comp.params(&rt).contains(&param) {
+            let pid: i64 = r.try_get(2)?;
+            let Some((_, param)) = self.param_of(pid) else {
+                continue;
+            };
+            let listed = comp
+                .params(&rt)
+                .iter()
+                .any(|c| c == &param || self.pids(&rt, c, "").contains(&pid));
+            if wanted(&rt) && listed {
                 out.push((rt, id));
             }
         }

@@ -105,11 +105,20 @@ impl Store {
                     .collect();
                 for chunk in ids.chunks(500) {
                     for p in params {
+                        let pids = self.pids(&inc.source_type, p, "");
+                        if pids.is_empty() {
+                            continue;
+                        }
                         let sql = self.sql(&format!(
-                            "SELECT DISTINCT ttype, tid FROM idx_reference WHERE rtype = ? AND param = ? AND id IN ({})",
+                            "SELECT DISTINCT x.ttype, x.tid FROM idx_reference x WHERE x.pid IN ({}) AND x.rid IN (SELECT r.rid FROM resources r WHERE r.rtype = ? AND r.id IN ({}))",
+                            vec!["?"; pids.len()].join(", "),
                             vec!["?"; chunk.len()].join(", ")
                         ));
-                        let mut q = sqlx::query(&sql).bind(&inc.source_type).bind(p);
+                        let mut q = sqlx::query(&sql);
+                        for pid in pids {
+                            q = q.bind(pid);
+                        }
+                        q = q.bind(&inc.source_type);
                         for id in chunk {
                             q = q.bind(*id);
                         }
@@ -137,14 +146,20 @@ impl Store {
                     }
                     for chunk in ids.chunks(500) {
                         for p in params {
+                            let pids = self.pids(&inc.source_type, p, "");
+                            if pids.is_empty() {
+                                continue;
+                            }
                             let sql = self.sql(&format!(
-                                "SELECT DISTINCT id FROM idx_reference WHERE rtype = ? AND param = ? AND ttype = ? AND tid IN ({})",
+                                "SELECT DISTINCT r.id FROM idx_reference x JOIN resources r ON r.rid = x.rid WHERE x.pid IN ({}) AND x.ttype = ? AND x.tid IN ({})",
+                                vec!["?"; pids.len()].join(", "),
                                 vec!["?"; chunk.len()].join(", ")
                             ));
-                            let mut q = sqlx::query(&sql)
-                                .bind(&inc.source_type)
-                                .bind(p)
-                                .bind(target_type);
+                            let mut q = sqlx::query(&sql);
+                            for pid in pids {
+                                q = q.bind(pid);
+                            }
+                            q = q.bind(target_type);
                             for id in chunk {
                                 q = q.bind(*id);
                             }

@@ -86,6 +86,12 @@ pub struct SearchParam {
     pub targets: Vec<String>,
     /// For composite parameters: the components, in order.
     pub components: Vec<Component>,
+    /// When the parameter's expression is the union of other parameters' expressions on this type
+    /// (`combo-code` = `code` | `component-code`), their codes: it is not indexed itself, and a
+    /// search on it reads their rows.
+    pub union_of: Vec<String>,
+    /// The top-level `|` parts of the expression that apply to this type (for union detection).
+    parts: Vec<String>,
 }
 
 /// Rewrites `where(resolve() is Type)` into a test of the reference text. A stored resource is
@@ -142,6 +148,38 @@ pub enum IndexValue {
     Uri(String),
     /// One tuple of a composite parameter, a value per component.
     Composite(Vec<IndexValue>),
+}
+
+impl Eq for IndexValue {}
+
+impl std::hash::Hash for IndexValue {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        std::mem::discriminant(self).hash(h);
+        match self {
+            IndexValue::Token(a, b) | IndexValue::String(a, b) | IndexValue::Reference(a, b) => {
+                a.hash(h);
+                b.hash(h);
+            }
+            IndexValue::Date(lo, hi) => {
+                lo.hash(h);
+                hi.hash(h);
+            }
+            IndexValue::Number(n) => n.to_bits().hash(h),
+            IndexValue::Quantity {
+                value,
+                system,
+                code,
+                unit,
+            } => {
+                value.to_bits().hash(h);
+                system.hash(h);
+                code.hash(h);
+                unit.hash(h);
+            }
+            IndexValue::Uri(u) => u.hash(h),
+            IndexValue::Composite(parts) => parts.hash(h),
+        }
+    }
 }
 
 /// The suffix of the pseudo-parameter holding `CodeableConcept.text` and `Coding.display` for `:text`.
@@ -223,6 +261,7 @@ impl Indexer {
             }
             let targets = strings("target");
             for base in strings("base") {
+                let parts = parts_for(&without_resolve(expr), &base);
                 let list = by_type.entry(base).or_default();
                 if !list.iter().any(|p| p.code == code) {
                     list.push(SearchParam {
@@ -231,9 +270,14 @@ impl Indexer {
                         expr: parsed.clone(),
                         targets: targets.clone(),
                         components: components.clone(),
+                        union_of: Vec::new(),
+                        parts,
                     });
                 }
             }
+        }
+        for list in by_type.values_mut() {
+            mark_unions(list);
         }
         Indexer { by_type }
     }
@@ -266,7 +310,7 @@ impl Indexer {
         let model = reg.model();
         let mut out = Vec::new();
         for p in self.params(rt) {
-            if matches!(p.code.as_str(), "_id" | "_lastUpdated") {
+            if matches!(p.code.as_str(), "_id" | "_lastUpdated") || !p.union_of.is_empty() {
                 continue;
             }
             let Ok(items) = p.expr.evaluate_resource(&ctx, resource) else {
@@ -286,6 +330,71 @@ impl Indexer {
             }
         }
         out
+    }
+}
+
+/// Splits an expression at its top-level `|` and keeps the parts about `rt` (a parameter defined on
+/// several types lists each type's path), normalised for comparison.
+fn parts_for(expr: &str, rt: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let (mut depth, mut quoted, mut cur) = (0i32, false, String::new());
+    for c in expr.chars() {
+        match c {
+            '\'' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => depth -= 1,
+            '|' if !quoted && depth == 0 => {
+                parts.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    parts.push(cur);
+    let mut out: Vec<String> = parts
+        .into_iter()
+        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|p| {
+            let root = p.trim_start_matches('(');
+            root == rt || root.starts_with(&format!("{rt}.")) || root.starts_with(&format!("{rt} "))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Marks the parameters of one type whose parts are exactly the union of two or more other
+/// parameters' parts, of the same kind (and, for composites, the same components).
+fn mark_unions(list: &mut [SearchParam]) {
+    let mut unions: Vec<(usize, Vec<String>)> = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        if p.parts.len() < 2 {
+            continue;
+        }
+        let same_shape = |q: &SearchParam| {
+            q.kind == p.kind
+                && q.code != p.code
+                && !q.parts.is_empty()
+                && q.parts.iter().all(|x| p.parts.contains(x))
+                && q.components.len() == p.components.len()
+                && q.components
+                    .iter()
+                    .zip(&p.components)
+                    .all(|(a, b)| a.kind == b.kind && a.expr.source() == b.expr.source())
+        };
+        let members: Vec<&SearchParam> = list.iter().filter(|q| same_shape(q)).collect();
+        let mut covered: Vec<&String> = members.iter().flat_map(|q| q.parts.iter()).collect();
+        covered.sort();
+        covered.dedup();
+        // Exactly covered, by parameters that are not unions of each other.
+        if covered.len() == p.parts.len() && members.len() >= 2 {
+            unions.push((i, members.iter().map(|q| q.code.clone()).collect()));
+        }
+    }
+    for (i, members) in unions {
+        list[i].union_of = members;
     }
 }
 
@@ -740,5 +849,37 @@ mod tests {
             without_resolve("a.where(resolve() is (x))"),
             "a.where(resolve() is (x))"
         );
+    }
+}
+
+#[cfg(test)]
+mod union_tests {
+    use super::Indexer;
+
+    #[test]
+    fn combo_parameters_read_their_members_rows() {
+        let idx = Indexer::new(kizuna_fhir::Registry::builtin());
+        let union = |code: &str| {
+            let mut u = idx
+                .param("Observation", code)
+                .map(|p| p.union_of.clone())
+                .unwrap_or_default();
+            u.sort();
+            u
+        };
+        assert_eq!(union("combo-code"), vec!["code", "component-code"]);
+        assert_eq!(
+            union("combo-value-quantity"),
+            vec!["component-value-quantity", "value-quantity"]
+        );
+        assert_eq!(
+            union("combo-code-value-quantity"),
+            vec!["code-value-quantity", "component-code-value-quantity"]
+        );
+        // Parameters that are not unions keep their own rows.
+        assert!(union("code").is_empty() && union("value-quantity").is_empty());
+        assert!(idx
+            .param("Patient", "name")
+            .is_some_and(|p| p.union_of.is_empty()));
     }
 }

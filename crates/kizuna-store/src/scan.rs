@@ -43,48 +43,64 @@ impl Store {
         after: &str,
         limit: i64,
     ) -> Result<Option<Vec<ScannedRow>>, StoreError> {
+        enum P {
+            S(String),
+            I(i64),
+        }
         let mut sql = String::from(
             "SELECT r.id, r.body FROM resources r WHERE r.rtype = ? AND r.deleted = 0 AND r.id > ?",
         );
-        let mut binds: Vec<String> = vec![rt.to_string(), after.to_string()];
-        let mut since = None;
+        let mut binds: Vec<P> = vec![P::S(rt.to_string()), P::S(after.to_string())];
         if let Some(s) = filter.since_ms {
             sql.push_str(" AND r.lu_ms >= ?");
-            since = Some(s);
+            binds.push(P::I(s));
         }
-        const MEMBERS: &str = "SELECT g.tid FROM idx_reference g WHERE g.rtype = 'Group' AND g.id = ? AND g.param = 'member' AND g.ttype = 'Patient'";
+        let members = |group: &str, binds: &mut Vec<P>| {
+            binds.push(P::I(
+                self.pids("Group", "member", "")
+                    .first()
+                    .copied()
+                    .unwrap_or(-1),
+            ));
+            binds.push(P::S(group.to_string()));
+            "SELECT g.tid FROM idx_reference g WHERE g.pid = ? AND g.ttype = 'Patient' AND g.rid = (SELECT gr.rid FROM resources gr WHERE gr.rtype = 'Group' AND gr.id = ?)"
+        };
         match (&filter.compartment, rt) {
             (None, _) | (Some(CompartmentScope::AllPatients), "Patient") => {}
             (Some(CompartmentScope::GroupMembers(g)), "Patient") => {
-                sql.push_str(&format!(" AND r.id IN ({MEMBERS})"));
-                binds.push(g.clone());
+                let m = members(g, &mut binds);
+                sql.push_str(&format!(" AND r.id IN ({m})"));
             }
             (Some(scope), _) => {
                 let params = self.compartment().params(rt).to_vec();
                 if params.is_empty() {
                     return Ok(None);
                 }
-                let list = vec!["?"; params.len()].join(", ");
+                let pids: Vec<i64> = params.iter().flat_map(|p| self.pids(rt, p, "")).collect();
+                if pids.is_empty() {
+                    // No resource of the type was ever indexed with a patient link.
+                    return Ok(Some(Vec::new()));
+                }
+                let list = vec!["?"; pids.len()].join(", ");
                 sql.push_str(&format!(
-                    " AND EXISTS (SELECT 1 FROM idx_reference x WHERE x.rtype = r.rtype AND x.id = r.id AND x.ttype = 'Patient' AND x.param IN ({list})"
+                    " AND EXISTS (SELECT 1 FROM idx_reference x WHERE x.rid = r.rid AND x.ttype = 'Patient' AND x.pid IN ({list})"
                 ));
-                binds.extend(params);
+                binds.extend(pids.into_iter().map(P::I));
                 if let CompartmentScope::GroupMembers(g) = scope {
-                    sql.push_str(&format!(" AND x.tid IN ({MEMBERS})"));
-                    binds.push(g.clone());
+                    let m = members(g, &mut binds);
+                    sql.push_str(&format!(" AND x.tid IN ({m})"));
                 }
                 sql.push(')');
             }
         }
         sql.push_str(" ORDER BY r.id LIMIT ?");
-        // Binds in text order: rtype, after, [since], compartment values.
         let sql = self.sql(&sql);
-        let mut q = sqlx::query(&sql).bind(&binds[0]).bind(&binds[1]);
-        if let Some(s) = since {
-            q = q.bind(s);
-        }
-        for b in &binds[2..] {
-            q = q.bind(b);
+        let mut q = sqlx::query(&sql);
+        for b in binds {
+            q = match b {
+                P::S(s) => q.bind(s),
+                P::I(i) => q.bind(i),
+            };
         }
         let rows = q.bind(limit).fetch_all(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());

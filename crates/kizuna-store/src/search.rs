@@ -292,14 +292,33 @@ const COMPONENT_COLS: [Cols; crate::COMPOSITE_PARTS] = [
 /// How deep chains and `_has` may nest.
 const MAX_DEPTH: usize = 4;
 
+/// What a set of resources is given as: row ids (`rid`, from index rows) or logical ids (`id`, the
+/// targets of references, from `_has`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdKind {
+    Rid,
+    Logical,
+}
+
+impl IdKind {
+    /// The column of `resources` this kind compares with.
+    fn column(self) -> &'static str {
+        match self {
+            IdKind::Rid => "rid",
+            IdKind::Logical => "id",
+        }
+    }
+}
+
 /// One compiled criterion.
 enum Crit {
     /// A condition on the outer resources row, written with `@R` for its alias (`_id`, `_lastUpdated`).
     Direct(String, Vec<B>),
-    /// A set of ids: `SELECT {idcol} FROM {from_where}`, or its complement when `negate`.
+    /// A set of resources: `SELECT {idcol} FROM {from_where}`, or its complement when `negate`.
     Set {
         from_where: String,
         idcol: String,
+        kind: IdKind,
         binds: Vec<B>,
         negate: bool,
     },
@@ -331,18 +350,20 @@ impl Compiler<'_> {
         }
     }
 
-    /// A criterion as a plain id set (`SELECT id …`), for use inside chains and `_has`.
-    fn positive(&mut self, rt: &str, c: Crit) -> (String, Vec<B>) {
+    /// A criterion as a plain set (`SELECT … `) of resources of `rt`, for use inside chains and `_has`.
+    fn positive(&mut self, rt: &str, c: Crit) -> (String, Vec<B>, IdKind) {
         match c {
             Crit::Set {
                 from_where,
                 idcol,
+                kind,
                 binds,
                 negate: false,
-            } => (format!("SELECT {idcol} FROM {from_where}"), binds),
+            } => (format!("SELECT {idcol} FROM {from_where}"), binds, kind),
             Crit::Set {
                 from_where,
                 idcol,
+                kind,
                 binds,
                 negate: true,
             } => {
@@ -350,8 +371,12 @@ impl Compiler<'_> {
                 let mut b = vec![B::S(rt.to_string())];
                 b.extend(binds);
                 (
-                    format!("SELECT {a}.id FROM resources {a} WHERE {a}.rtype = ? AND {a}.deleted = 0 AND {a}.id NOT IN (SELECT {idcol} FROM {from_where})"),
+                    format!(
+                        "SELECT {a}.rid FROM resources {a} WHERE {a}.rtype = ? AND {a}.deleted = 0 AND {a}.{} NOT IN (SELECT {idcol} FROM {from_where})",
+                        kind.column()
+                    ),
                     b,
+                    IdKind::Rid,
                 )
             }
             Crit::Direct(cond, binds) => {
@@ -360,13 +385,50 @@ impl Compiler<'_> {
                 b.extend(binds);
                 (
                     format!(
-                        "SELECT {a}.id FROM resources {a} WHERE {a}.rtype = ? AND {a}.deleted = 0 AND ({})",
+                        "SELECT {a}.rid FROM resources {a} WHERE {a}.rtype = ? AND {a}.deleted = 0 AND ({})",
                         cond.replace("@R", &a)
                     ),
                     b,
+                    IdKind::Rid,
                 )
             }
         }
+    }
+
+    /// A set of resources of `rt` given as `want`, converting through `resources` when needed.
+    fn as_kind(
+        &mut self,
+        rt: &str,
+        (sql, binds, kind): (String, Vec<B>, IdKind),
+        want: IdKind,
+    ) -> (String, Vec<B>) {
+        if kind == want {
+            return (sql, binds);
+        }
+        let a = self.alias();
+        let mut b = vec![B::S(rt.to_string())];
+        b.extend(binds);
+        (
+            format!(
+                "SELECT {a}.{} FROM resources {a} WHERE {a}.rtype = ? AND {a}.{} IN ({sql})",
+                want.column(),
+                kind.column()
+            ),
+            b,
+        )
+    }
+
+    /// `IN (?, …)` over the ids of a parameter (of its members, for a union parameter) and the
+    /// binds; a parameter never indexed gets an id no row has.
+    fn pids(&self, rt: &str, code: &str, suffix: &str) -> (String, Vec<B>) {
+        let ids = self.store.pids(rt, code, suffix);
+        let marks = vec!["?"; ids.len().max(1)].join(", ");
+        let binds = if ids.is_empty() {
+            vec![B::I(-1)]
+        } else {
+            ids.into_iter().map(B::I).collect()
+        };
+        (format!("IN ({marks})"), binds)
     }
 
     /// Compiles `key=value` on resources of type `rt`; `None` when lenient handling skipped it.
@@ -420,7 +482,7 @@ impl Compiler<'_> {
         let kind = sp.kind;
         let a = self.alias();
         let (mut table, mut c) = table_of(kind);
-        let mut param = name.to_string();
+        let mut suffix = "";
         let mut negate = false;
         let mut value_kind = kind;
         let mut ref_type: Option<&str> = None;
@@ -432,11 +494,13 @@ impl Compiler<'_> {
                     "false" => false,
                     _ => return Err(bad(key, ":missing takes true or false")),
                 };
+                let (pids, binds) = self.pids(rt, name, suffix);
                 return Ok(Some((
                     Crit::Set {
-                        from_where: format!("{table} {a} WHERE {a}.rtype = ? AND {a}.param = ?"),
-                        idcol: format!("{a}.id"),
-                        binds: vec![B::S(rt.to_string()), B::S(param)],
+                        from_where: format!("{table} {a} WHERE {a}.pid {pids}"),
+                        idcol: format!("{a}.rid"),
+                        kind: IdKind::Rid,
+                        binds,
                         negate: missing,
                     },
                     5,
@@ -445,14 +509,14 @@ impl Compiler<'_> {
             (ParamType::Token, Some("not")) => negate = true,
             (ParamType::Token, Some("text")) => {
                 (table, c) = table_of(ParamType::String);
-                param = format!("{name}{TEXT_SUFFIX}");
+                suffix = TEXT_SUFFIX;
                 value_kind = ParamType::String;
                 string_mode = None;
             }
-            (ParamType::Token, Some("of-type")) => param = format!("{name}{OF_TYPE_SUFFIX}"),
+            (ParamType::Token, Some("of-type")) => suffix = OF_TYPE_SUFFIX,
             (ParamType::Reference, Some("identifier")) => {
                 (table, c) = table_of(ParamType::Token);
-                param = format!("{name}{IDENTIFIER_SUFFIX}");
+                suffix = IDENTIFIER_SUFFIX;
                 value_kind = ParamType::Token;
             }
             (ParamType::Reference, Some(t)) if self.store.registry().model().is_resource(t) => {
@@ -469,7 +533,7 @@ impl Compiler<'_> {
             }
         }
         let mut ors = Vec::new();
-        let mut binds = vec![B::S(rt.to_string()), B::S(param)];
+        let (pids, mut binds) = self.pids(rt, name, suffix);
         for v in split_unescaped(value, ',') {
             let cond = if kind == ParamType::Composite {
                 self.composite_cond(&a, rt, name, key, &v, &mut binds)?
@@ -506,10 +570,11 @@ impl Compiler<'_> {
         Ok(Some((
             Crit::Set {
                 from_where: format!(
-                    "{table} {a} WHERE {a}.rtype = ? AND {a}.param = ? AND ({})",
+                    "{table} {a} WHERE {a}.pid {pids} AND ({})",
                     ors.join(" OR ")
                 ),
-                idcol: format!("{a}.id"),
+                idcol: format!("{a}.rid"),
+                kind: IdKind::Rid,
                 binds,
                 negate,
             },
@@ -545,20 +610,19 @@ impl Compiler<'_> {
         let Some((inner, _)) = self.compile(source, inner, value, depth + 1)? else {
             return Ok(None);
         };
-        let (sql, inner_binds) = self.positive(source, inner);
+        let set = self.positive(source, inner);
+        let (sql, inner_binds) = self.as_kind(source, set, IdKind::Rid);
         let a = self.alias();
-        let mut binds = vec![
-            B::S(source.to_string()),
-            B::S(refp.to_string()),
-            B::S(rt.to_string()),
-        ];
+        let (pids, mut binds) = self.pids(source, refp, "");
+        binds.push(B::S(rt.to_string()));
         binds.extend(inner_binds);
         Ok(Some((
             Crit::Set {
                 from_where: format!(
-                    "idx_reference {a} WHERE {a}.rtype = ? AND {a}.param = ? AND {a}.ttype = ? AND {a}.id IN ({sql})"
+                    "idx_reference {a} WHERE {a}.pid {pids} AND {a}.ttype = ? AND {a}.rid IN ({sql})"
                 ),
                 idcol: format!("{a}.tid"),
+                kind: IdKind::Logical,
                 binds,
                 negate: false,
             },
@@ -604,13 +668,14 @@ impl Compiler<'_> {
             return self.unknown(key);
         }
         let a = self.alias();
-        let mut binds = vec![B::S(rt.to_string()), B::S(pname.to_string())];
+        let (pids, mut binds) = self.pids(rt, pname, "");
         let mut ors = Vec::new();
         for t in &targets {
             let Some((inner, _)) = self.compile(t, rest, value, depth + 1)? else {
                 return Ok(None);
             };
-            let (sql, inner_binds) = self.positive(t, inner);
+            let set = self.positive(t, inner);
+            let (sql, inner_binds) = self.as_kind(t, set, IdKind::Logical);
             ors.push(format!("({a}.ttype = ? AND {a}.tid IN ({sql}))"));
             binds.push(B::S(t.clone()));
             binds.extend(inner_binds);
@@ -618,10 +683,11 @@ impl Compiler<'_> {
         Ok(Some((
             Crit::Set {
                 from_where: format!(
-                    "idx_reference {a} WHERE {a}.rtype = ? AND {a}.param = ? AND ({})",
+                    "idx_reference {a} WHERE {a}.pid {pids} AND ({})",
                     ors.join(" OR ")
                 ),
-                idcol: format!("{a}.id"),
+                idcol: format!("{a}.rid"),
+                kind: IdKind::Rid,
                 binds,
                 negate: false,
             },
@@ -944,12 +1010,17 @@ impl Store {
                         }
                     };
                     let agg = if s.descending { "MAX" } else { "MIN" };
-                    order_binds.push(B::S(p.to_string()));
+                    let ids = self.pids(rt, p, "");
+                    let marks = vec!["?"; ids.len().max(1)].join(", ");
+                    if ids.is_empty() {
+                        order_binds.push(B::I(-1));
+                    }
+                    order_binds.extend(ids.into_iter().map(B::I));
                     let coll = match sp.kind {
                         ParamType::Date | ParamType::Number | ParamType::Quantity => "",
                         _ => bytewise,
                     };
-                    format!("(SELECT {agg}(s.{col}{coll}) FROM {table} s WHERE s.rtype = r.rtype AND s.id = r.id AND s.param = ?)")
+                    format!("(SELECT {agg}(s.{col}{coll}) FROM {table} s WHERE s.rid = r.rid AND s.pid IN ({marks}))")
                 }
             };
             order.push(format!("{expr} {dir} NULLS LAST"));
@@ -1052,6 +1123,21 @@ impl Store {
         let mut wheres: Vec<String> = vec!["r.rtype = ?".into(), "r.deleted = 0".into()];
         let mut binds: Vec<B> = vec![B::S(rt.to_string())];
         let mut driven = false;
+        // A set of row ids drives the query: those rows are of this type already (parameter ids
+        // are per type), and without `r.rtype = ?` SQLite cannot mistake the type index for the
+        // better path.
+        if let Some((
+            Crit::Set {
+                kind: IdKind::Rid,
+                negate: false,
+                ..
+            },
+            _,
+        )) = crits.first()
+        {
+            wheres.remove(0);
+            binds.clear();
+        }
         for (crit, _) in crits {
             match crit {
                 Crit::Direct(cond, b) => {
@@ -1061,15 +1147,17 @@ impl Store {
                 Crit::Set {
                     from_where,
                     idcol,
+                    kind,
                     binds: b,
                     negate,
                 } => {
+                    let col = kind.column();
                     if !driven && !negate {
                         driven = true;
-                        wheres.push(format!("r.id IN (SELECT {idcol} FROM {from_where})"));
+                        wheres.push(format!("r.{col} IN (SELECT {idcol} FROM {from_where})"));
                     } else {
                         wheres.push(format!(
-                            "{}EXISTS (SELECT 1 FROM {from_where} AND {idcol} = r.id)",
+                            "{}EXISTS (SELECT 1 FROM {from_where} AND {idcol} = r.{col})",
                             if negate { "NOT " } else { "" }
                         ));
                     }

@@ -715,6 +715,8 @@ async fn postgres_suite() {
         "idx_reference",
         "idx_number",
         "idx_uri",
+        "idx_quantity",
+        "idx_composite",
     ] {
         let _ = sqlx_truncate(&s, t).await;
     }

@@ -1,0 +1,763 @@
+//! Writes: every create, update and delete goes through [`Store::transaction`], which stores a new
+//! version in the history, replaces the current row and its index rows, and commits all of it or
+//! nothing.
+//!
+//! The CPU-heavy part, extracting index values with FHIRPath, runs before the write lock is taken.
+//! Inside the transaction, rows that nothing reads back (history, index rows, new resources) wait in
+//! [`PendingRows`] and go to the database as one statement per table at the end.
+
+use serde_json::Value;
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+use crate::index::IndexValue;
+use crate::schema::{index_columns, INDEX_TABLES};
+use crate::{
+    concurrent_or_db, new_id, Backend, Store, StoreError, Stored, WriteOp, COMPOSITE_PARTS,
+};
+
+/// A value bound in an insert (rows travel as one JSON array per table).
+#[derive(Debug, Clone)]
+pub(crate) enum Bind {
+    S(String),
+    /// A nullable text (deleted versions have no body).
+    O(Option<String>),
+    I(i64),
+    F(f64),
+}
+
+impl serde::Serialize for Bind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Bind::S(v) => s.serialize_str(v),
+            Bind::O(Some(v)) => s.serialize_str(v),
+            Bind::O(None) => s.serialize_none(),
+            Bind::I(v) => s.serialize_i64(*v),
+            Bind::F(v) => s.serialize_f64(*v),
+        }
+    }
+}
+
+/// One request waiting for the SQLite group commit.
+pub(crate) struct WriteRequest {
+    ops: Vec<WriteOp>,
+    rows: Vec<Vec<(String, IndexValue)>>,
+    now: chrono::DateTime<chrono::Utc>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Stored>, StoreError>>,
+}
+
+/// How one write treats the row it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteKind {
+    /// A create with a new id: nothing to look up or replace.
+    Fresh,
+    /// Create-or-update of a given id.
+    Upsert,
+    /// Delete (a new version without a body).
+    Delete,
+}
+
+/// Index rows of one resource, waiting for its row id.
+struct OwnedRows {
+    rt: String,
+    id: String,
+    /// Known for replaced rows; filled from `RETURNING` for new ones.
+    rid: Option<i64>,
+    rows: Vec<(i64, IndexValue)>,
+}
+
+/// Rows a transaction writes at its end ([`Store::flush`]).
+#[derive(Default)]
+struct PendingRows {
+    fresh: Vec<Vec<Bind>>,
+    history: Vec<Vec<Bind>>,
+    owners: Vec<OwnedRows>,
+}
+
+/// A component value spread over the generic composite columns (s1, s2, s3, n1, n2); the search
+/// side reads them through the same mapping. Unused columns hold `''` and 0, never NULL.
+fn component_columns(v: IndexValue) -> [Bind; 5] {
+    let t = Bind::S;
+    let e = || Bind::S(String::new());
+    match v {
+        IndexValue::Token(a, b) | IndexValue::String(a, b) | IndexValue::Reference(a, b) => {
+            [t(a), t(b), e(), Bind::F(0.0), Bind::F(0.0)]
+        }
+        IndexValue::Date(lo, hi) => [e(), e(), e(), Bind::F(lo as f64), Bind::F(hi as f64)],
+        IndexValue::Number(n) => [e(), e(), e(), Bind::F(n), Bind::F(0.0)],
+        IndexValue::Quantity {
+            value,
+            system,
+            code,
+            unit,
+        } => [t(system), t(code), t(unit), Bind::F(value), Bind::F(0.0)],
+        IndexValue::Uri(u) => [e(), t(u), e(), Bind::F(0.0), Bind::F(0.0)],
+        IndexValue::Composite(_) => [e(), e(), e(), Bind::F(0.0), Bind::F(0.0)],
+    }
+}
+
+/// The table slot and column values of one index row (after `pid, rid`).
+fn index_row(v: IndexValue) -> (usize, Vec<Bind>) {
+    match v {
+        IndexValue::Token(s, c) => (0, vec![Bind::S(s), Bind::S(c)]),
+        IndexValue::String(n, e) => (1, vec![Bind::S(n), Bind::S(e)]),
+        IndexValue::Date(lo, hi) => (2, vec![Bind::I(lo), Bind::I(hi)]),
+        IndexValue::Reference(t, i) => (3, vec![Bind::S(t), Bind::S(i)]),
+        IndexValue::Number(n) => (4, vec![Bind::F(n)]),
+        IndexValue::Uri(u) => (5, vec![Bind::S(u)]),
+        IndexValue::Quantity {
+            value,
+            system,
+            code,
+            unit,
+        } => (
+            6,
+            vec![
+                Bind::F(value),
+                Bind::S(system),
+                Bind::S(code),
+                Bind::S(unit),
+            ],
+        ),
+        IndexValue::Composite(parts) => {
+            let mut cols = Vec::with_capacity(5 * COMPOSITE_PARTS);
+            let mut parts = parts.into_iter();
+            for _ in 0..COMPOSITE_PARTS {
+                let c = parts.next().unwrap_or(IndexValue::Composite(Vec::new()));
+                cols.extend(component_columns(c));
+            }
+            (7, cols)
+        }
+    }
+}
+
+impl Store {
+    /// Creates a resource with a new id.
+    pub async fn create(&self, resource: Value) -> Result<Stored, StoreError> {
+        let mut out = self
+            .transaction(vec![WriteOp::Create {
+                resource,
+                full_url: None,
+            }])
+            .await?;
+        out.pop().ok_or(StoreError::NoResourceType)
+    }
+
+    /// Creates or updates a resource at its id; with `if_match`, only when that is the current version.
+    pub async fn update(
+        &self,
+        resource: Value,
+        if_match: Option<i64>,
+    ) -> Result<Stored, StoreError> {
+        let mut out = self
+            .transaction(vec![WriteOp::Update { resource, if_match }])
+            .await?;
+        out.pop().ok_or(StoreError::NoResourceType)
+    }
+
+    /// Deletes a resource (a new version marked deleted); returns it, or `None` when there was nothing.
+    pub async fn delete(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<Stored>, StoreError> {
+        let mut out = self
+            .transaction(vec![WriteOp::Delete {
+                resource_type: resource_type.to_string(),
+                id: id.to_string(),
+            }])
+            .await?;
+        Ok(out.pop().filter(|s| s.deleted))
+    }
+
+    /// Applies writes atomically: all are stored or none. `urn:uuid` references between entries are
+    /// rewritten to the ids the creates receive.
+    pub async fn transaction(&self, ops: Vec<WriteOp>) -> Result<Vec<Stored>, StoreError> {
+        let mut map: Vec<(String, String)> = Vec::new();
+        let mut ops = ops;
+        for op in ops.iter_mut() {
+            if let WriteOp::Create { resource, full_url } = op {
+                let rt = resource
+                    .get("resourceType")
+                    .and_then(Value::as_str)
+                    .ok_or(StoreError::NoResourceType)?
+                    .to_string();
+                let id = new_id();
+                resource["id"] = Value::String(id.clone());
+                if let Some(u) = full_url {
+                    map.push((u.clone(), format!("{rt}/{id}")));
+                }
+            }
+        }
+        if !map.is_empty() {
+            for op in ops.iter_mut() {
+                match op {
+                    WriteOp::Create { resource, .. }
+                    | WriteOp::CreateWithId { resource }
+                    | WriteOp::Update { resource, .. } => rewrite_refs(resource, &map),
+                    WriteOp::Delete { .. } => {}
+                }
+            }
+        }
+        self.apply(ops).await.map_err(concurrent_or_db)
+    }
+
+    /// Waits for the single in-process SQLite writer (a no-op on PostgreSQL).
+    pub(crate) async fn writer_lock(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.backend() {
+            Backend::Sqlite => Some(self.sqlite_writer.lock().await),
+            Backend::Postgres => None,
+        }
+    }
+
+    /// Starts a write transaction. SQLite takes the write lock up front (`BEGIN IMMEDIATE`), so a
+    /// reader turned writer never fails with `SQLITE_BUSY_SNAPSHOT` and waits on `busy_timeout`
+    /// instead; PostgreSQL locks rows as it reads them (`FOR UPDATE` in [`Store::write`]).
+    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
+        Ok(match self.backend() {
+            Backend::Sqlite => self.write_pool().begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.write_pool().begin().await?,
+        })
+    }
+
+    /// Index rows of a resource (`_lastUpdated` is searched on the resources table: the client's
+    /// meta value would be stale).
+    pub(crate) fn index_rows_of(&self, resource: &Value) -> Vec<(String, IndexValue)> {
+        self.indexer()
+            .extract(self.registry(), resource)
+            .into_iter()
+            .filter(|(p, _)| p != "_lastUpdated")
+            .collect()
+    }
+
+    async fn apply(&self, ops: Vec<WriteOp>) -> Result<Vec<Stored>, StoreError> {
+        let now = chrono::Utc::now();
+        // Index extraction (FHIRPath over every SearchParameter) is the CPU-heavy part of a
+        // write: done before taking the write lock, so one writer computes while another writes.
+        let rows: Vec<Vec<(String, IndexValue)>> = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Create { resource, .. }
+                | WriteOp::CreateWithId { resource }
+                | WriteOp::Update { resource, .. } => self.index_rows_of(resource),
+                WriteOp::Delete { .. } => Vec::new(),
+            })
+            .collect();
+        let keys = ops.iter().zip(&rows).flat_map(|(op, r)| {
+            let rt = match op {
+                WriteOp::Create { resource, .. }
+                | WriteOp::CreateWithId { resource }
+                | WriteOp::Update { resource, .. } => resource
+                    .get("resourceType")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                WriteOp::Delete { .. } => String::new(),
+            };
+            r.iter().map(move |(p, _)| (rt.clone(), p.clone()))
+        });
+        self.ensure_params(keys.collect::<Vec<_>>().into_iter())
+            .await?;
+        if let Some(w) = &self.group_writer {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            w.send(WriteRequest {
+                ops,
+                rows,
+                now,
+                reply,
+            })
+            .map_err(|_| StoreError::WriterStopped)?;
+            return answer.await.map_err(|_| StoreError::WriterStopped)?;
+        }
+        let _serial = self.writer_lock().await;
+        let mut tx = self.begin_write().await?;
+        let out = self.apply_in(&mut tx, ops, rows, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// The writes of one request inside an open transaction.
+    async fn apply_in(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        ops: Vec<WriteOp>,
+        rows: Vec<Vec<(String, IndexValue)>>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let mut out = Vec::with_capacity(ops.len());
+        let mut pending = PendingRows::default();
+        for (op, index_rows) in ops.into_iter().zip(rows) {
+            let stored = match op {
+                WriteOp::Create { resource, .. } | WriteOp::CreateWithId { resource } => {
+                    self.write(
+                        tx,
+                        &mut pending,
+                        index_rows,
+                        now,
+                        resource,
+                        None,
+                        WriteKind::Fresh,
+                    )
+                    .await?
+                }
+                WriteOp::Update { resource, if_match } => {
+                    self.write(
+                        tx,
+                        &mut pending,
+                        index_rows,
+                        now,
+                        resource,
+                        if_match,
+                        WriteKind::Upsert,
+                    )
+                    .await?
+                }
+                WriteOp::Delete { resource_type, id } => {
+                    let stub = serde_json::json!({"resourceType": resource_type, "id": id});
+                    self.write(
+                        tx,
+                        &mut pending,
+                        index_rows,
+                        now,
+                        stub,
+                        None,
+                        WriteKind::Delete,
+                    )
+                    .await?
+                }
+            };
+            out.push(stored);
+        }
+        self.flush(tx, pending).await?;
+        Ok(out)
+    }
+
+    /// The SQLite group commit: requests waiting at the same moment share one transaction, each in
+    /// its own savepoint, so one failing request rolls back alone. Every commit rewrites each
+    /// index page it touched; sharing commits among concurrent writers writes each page once.
+    pub(crate) async fn group_commit(
+        self,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<WriteRequest>,
+    ) {
+        /// Writes per shared transaction, so one commit stays short.
+        const MAX_OPS: usize = 5000;
+        /// Commits between refreshes of the planner's statistics.
+        const OPTIMIZE_EVERY: u64 = 500;
+        let mut commits = 0u64;
+        while let Some(first) = rx.recv().await {
+            commits += 1;
+            if commits % OPTIMIZE_EVERY == 0 {
+                // The planner needs to know the type index is weak and the value indexes strong;
+                // statistics gathered on a young store would say otherwise.
+                let _ = sqlx::query("PRAGMA optimize")
+                    .execute(self.write_pool())
+                    .await;
+            }
+            let mut batch = vec![first];
+            let mut ops = batch[0].ops.len();
+            while ops < MAX_OPS {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        ops += r.ops.len();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let _serial = self.writer_lock().await;
+            let mut tx = match self.begin_write().await {
+                Ok(tx) => tx,
+                Err(e) => {
+                    let msg = e.to_string();
+                    for r in batch {
+                        let _ = r.reply.send(Err(StoreError::Commit(msg.clone())));
+                    }
+                    continue;
+                }
+            };
+            // All requests in one transaction. Failures are rare (a stale If-Match, a duplicate
+            // id): then the shared transaction is dropped and each request runs alone, so one
+            // failing request never takes the others down. (Savepoints per request would cost
+            // every write a copy of each page it touches.)
+            let mut done = Vec::with_capacity(batch.len());
+            let mut failed = false;
+            for r in &batch {
+                match self
+                    .apply_in(&mut tx, r.ops.clone(), r.rows.clone(), r.now)
+                    .await
+                {
+                    Ok(out) => done.push(out),
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            let shared = if failed {
+                let _ = tx.rollback().await;
+                Err(())
+            } else {
+                tx.commit().await.map_err(|_| ())
+            };
+            match shared {
+                Ok(()) => {
+                    for (r, out) in batch.into_iter().zip(done) {
+                        let _ = r.reply.send(Ok(out));
+                    }
+                }
+                Err(()) => {
+                    for r in batch {
+                        let result = async {
+                            let mut tx = self.begin_write().await?;
+                            let out = self.apply_in(&mut tx, r.ops, r.rows, r.now).await?;
+                            tx.commit().await?;
+                            Ok(out)
+                        }
+                        .await;
+                        let _ = r.reply.send(result);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One `INSERT … SELECT` per table, the rows as one JSON array parameter unpacked by the
+    /// database (`json_each` / `json_array_elements`): binding thousands of parameters one by one
+    /// through the driver cost more than inserting the rows.
+    async fn insert_json(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        table: &str,
+        cols: &str,
+        types: &[&str],
+        rows: &[Vec<Bind>],
+        returning: Option<&str>,
+    ) -> Result<Vec<AnyRow>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let select: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match (self.backend(), *t) {
+                (Backend::Sqlite, _) | (Backend::Postgres, "text") => format!("value ->> {i}"),
+                (Backend::Postgres, t) => format!("(value ->> {i})::{t}"),
+            })
+            .collect();
+        let (source, verb) = match self.backend() {
+            Backend::Sqlite => ("json_each(?)", "INSERT OR IGNORE"),
+            Backend::Postgres => ("json_array_elements(CAST($1 AS json))", "INSERT"),
+        };
+        let mut sql = format!(
+            "{verb} INTO {table} ({cols}) SELECT {} FROM {source}",
+            select.join(", ")
+        );
+        if let Some(r) = returning {
+            sql.push_str(&format!(" RETURNING {r}"));
+        }
+        let payload = serde_json::to_string(rows)?;
+        let q = sqlx::query(&sql).bind(payload);
+        Ok(if returning.is_some() {
+            q.fetch_all(&mut **tx).await?
+        } else {
+            q.execute(&mut **tx).await?;
+            Vec::new()
+        })
+    }
+
+    async fn flush(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        mut pending: PendingRows,
+    ) -> Result<(), StoreError> {
+        const RES_COLS: &str = "rtype, id, version, last_updated, lu_ms, deleted, body";
+        const RES_TYPES: &[&str] = &["text", "text", "bigint", "text", "bigint", "bigint", "text"];
+        let created = self
+            .insert_json(
+                tx,
+                "resources",
+                RES_COLS,
+                RES_TYPES,
+                &pending.fresh,
+                Some("rid, rtype, id"),
+            )
+            .await?;
+        let mut rids: std::collections::HashMap<(String, String), i64> =
+            std::collections::HashMap::with_capacity(created.len());
+        for r in created {
+            rids.insert((r.try_get(1)?, r.try_get(2)?), r.try_get(0)?);
+        }
+        self.insert_json(tx, "history", RES_COLS, RES_TYPES, &pending.history, None)
+            .await?;
+        let mut tables: [Vec<Vec<Bind>>; 8] = Default::default();
+        for owner in pending.owners.drain(..) {
+            let Some(rid) = owner
+                .rid
+                .or_else(|| rids.get(&(owner.rt.clone(), owner.id.clone())).copied())
+            else {
+                continue;
+            };
+            for (pid, v) in owner.rows {
+                let (slot, vals) = index_row(v);
+                let mut row = Vec::with_capacity(vals.len() + 2);
+                row.push(Bind::I(pid));
+                row.push(Bind::I(rid));
+                row.extend(vals);
+                tables[slot].push(row);
+            }
+        }
+        for (slot, rows) in tables.iter().enumerate() {
+            let (cols, types) = index_columns(slot);
+            let mut all_types = vec!["bigint", "bigint"];
+            all_types.extend_from_slice(types);
+            self.insert_json(
+                tx,
+                INDEX_TABLES[slot],
+                &format!("pid, rid, {cols}"),
+                &all_types,
+                rows,
+                None,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        pending: &mut PendingRows,
+        index_rows: Vec<(String, IndexValue)>,
+        now: chrono::DateTime<chrono::Utc>,
+        mut resource: Value,
+        if_match: Option<i64>,
+        kind: WriteKind,
+    ) -> Result<Stored, StoreError> {
+        let delete = kind == WriteKind::Delete;
+        let rt = resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .ok_or(StoreError::NoResourceType)?
+            .to_string();
+        let id = match resource.get("id").and_then(Value::as_str) {
+            Some(i) => i.to_string(),
+            None => {
+                let i = new_id();
+                resource["id"] = Value::String(i.clone());
+                i
+            }
+        };
+        let q = match self.backend() {
+            Backend::Sqlite => {
+                self.sql("SELECT version, deleted, rid FROM resources WHERE rtype = ? AND id = ?")
+            }
+            Backend::Postgres => self.sql(
+                "SELECT version, deleted, rid FROM resources WHERE rtype = ? AND id = ? FOR UPDATE",
+            ),
+        };
+        // (version, deleted, rid) of the current row.
+        let current: Option<(i64, i64, i64)> = if kind == WriteKind::Fresh {
+            None
+        } else {
+            match sqlx::query(&q)
+                .bind(&rt)
+                .bind(&id)
+                .fetch_optional(&mut **tx)
+                .await?
+            {
+                Some(r) => Some((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)),
+                None => None,
+            }
+        };
+        if let Some(expected) = if_match {
+            let cur = current.map(|c| c.0).unwrap_or(0);
+            if cur != expected {
+                return Err(StoreError::VersionConflict { current: cur });
+            }
+        }
+        if delete && current.map(|c| c.1 == 1).unwrap_or(true) {
+            // Nothing to delete (absent or already deleted).
+            return Ok(Stored {
+                resource_type: rt,
+                id,
+                version: current.map(|c| c.0).unwrap_or(0),
+                last_updated: String::new(),
+                deleted: false,
+                resource: None,
+            });
+        }
+        let version = current.map(|c| c.0).unwrap_or(0) + 1;
+        let last_updated = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let lu_ms = now.timestamp_millis();
+        let body = if delete {
+            None
+        } else {
+            let meta = resource.as_object_mut().map(|o| {
+                o.entry("meta")
+                    .or_insert_with(|| Value::Object(Default::default()))
+            });
+            if let Some(Value::Object(m)) = meta {
+                m.insert("versionId".into(), Value::String(version.to_string()));
+                m.insert("lastUpdated".into(), Value::String(last_updated.clone()));
+            }
+            Some(serde_json::to_string(&resource)?)
+        };
+        let rid = if kind == WriteKind::Fresh {
+            pending.fresh.push(vec![
+                Bind::S(rt.clone()),
+                Bind::S(id.clone()),
+                Bind::I(version),
+                Bind::S(last_updated.clone()),
+                Bind::I(lu_ms),
+                Bind::I(0),
+                Bind::O(body.clone()),
+            ]);
+            None
+        } else {
+            let upsert = self.sql(
+                "INSERT INTO resources (rtype, id, version, last_updated, lu_ms, deleted, body) VALUES (?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, last_updated = excluded.last_updated, lu_ms = excluded.lu_ms, deleted = excluded.deleted, body = excluded.body RETURNING rid",
+            );
+            let row = sqlx::query(&upsert)
+                .bind(&rt)
+                .bind(&id)
+                .bind(version)
+                .bind(&last_updated)
+                .bind(lu_ms)
+                .bind(delete as i64)
+                .bind(body.clone())
+                .fetch_one(&mut **tx)
+                .await?;
+            Some(row.try_get::<i64, _>(0)?)
+        };
+        pending.history.push(vec![
+            Bind::S(rt.clone()),
+            Bind::S(id.clone()),
+            Bind::I(version),
+            Bind::S(last_updated.clone()),
+            Bind::I(lu_ms),
+            Bind::I(delete as i64),
+            Bind::O(body),
+        ]);
+        // The previous version's index rows: in the database (if it was there before this
+        // transaction) and possibly still pending (if this transaction wrote it earlier).
+        if let Some((_, _, old_rid)) = current {
+            pending.owners.retain(|o| !(o.rt == rt && o.id == id));
+            for table in INDEX_TABLES {
+                let del = self.sql(&format!("DELETE FROM {table} WHERE rid = ?"));
+                sqlx::query(&del).bind(old_rid).execute(&mut **tx).await?;
+            }
+        }
+        if !delete {
+            let mut rows: Vec<(i64, IndexValue)> = index_rows
+                .into_iter()
+                .filter_map(|(p, v)| self.pid(&rt, &p).map(|pid| (pid, v)))
+                .collect();
+            dedupe(&mut rows);
+            pending.owners.push(OwnedRows {
+                rt: rt.clone(),
+                id: id.clone(),
+                rid,
+                rows,
+            });
+        }
+        Ok(Stored {
+            resource_type: rt,
+            id,
+            version,
+            last_updated,
+            deleted: delete,
+            resource: if delete { None } else { Some(resource) },
+        })
+    }
+}
+
+impl Store {
+    /// Rebuilds the search index of every current resource from its stored body (after a schema
+    /// change or new SearchParameters), a page at a time, each page in its own transaction.
+    pub async fn reindex(&self) -> Result<u64, StoreError> {
+        let mut after = 0i64;
+        let mut n = 0u64;
+        loop {
+            let q = self.sql(
+                "SELECT rid, rtype, id, body FROM resources WHERE deleted = 0 AND rid > ? ORDER BY rid LIMIT 500",
+            );
+            let rows = sqlx::query(&q).bind(after).fetch_all(self.pool()).await?;
+            let Some(last) = rows.last() else {
+                return Ok(n);
+            };
+            after = last.try_get(0)?;
+            let mut extracted = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let rid: i64 = r.try_get(0)?;
+                let rt: String = r.try_get(1)?;
+                let id: String = r.try_get(2)?;
+                let body: Option<String> = r.try_get(3)?;
+                let idx = match body {
+                    Some(b) => self.index_rows_of(&serde_json::from_str::<Value>(&b)?),
+                    None => Vec::new(),
+                };
+                extracted.push((rid, rt, id, idx));
+            }
+            let keys: Vec<(String, String)> = extracted
+                .iter()
+                .flat_map(|(_, rt, _, idx)| idx.iter().map(move |(p, _)| (rt.clone(), p.clone())))
+                .collect();
+            self.ensure_params(keys.into_iter()).await?;
+            let mut pending = PendingRows::default();
+            for (rid, rt, id, idx) in extracted {
+                let mut rows: Vec<(i64, IndexValue)> = idx
+                    .into_iter()
+                    .filter_map(|(p, v)| self.pid(&rt, &p).map(|pid| (pid, v)))
+                    .collect();
+                dedupe(&mut rows);
+                pending.owners.push(OwnedRows {
+                    rt,
+                    id,
+                    rid: Some(rid),
+                    rows,
+                });
+            }
+            let _serial = self.writer_lock().await;
+            let mut tx = self.begin_write().await?;
+            for o in &pending.owners {
+                for table in INDEX_TABLES {
+                    let del = self.sql(&format!("DELETE FROM {table} WHERE rid = ?"));
+                    sqlx::query(&del)
+                        .bind(o.rid.unwrap_or(-1))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            n += pending.owners.len() as u64;
+            self.flush(&mut tx, pending).await?;
+            tx.commit().await?;
+        }
+    }
+}
+
+/// Drops repeated (parameter, value) rows of one resource (a CodeableConcept's text equal to its
+/// coding's display, one code in two codings): the index tables are keyed on them.
+fn dedupe(rows: &mut Vec<(i64, IndexValue)>) {
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    rows.retain(|row| seen.insert(row.clone()));
+}
+
+/// Rewrites `reference` values that name a Bundle `fullUrl` to the stored `Type/id`.
+fn rewrite_refs(v: &mut Value, map: &[(String, String)]) {
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(r)) = o.get_mut("reference") {
+                if let Some((_, to)) = map.iter().find(|(from, _)| from == r) {
+                    *r = to.clone();
+                }
+            }
+            for x in o.values_mut() {
+                rewrite_refs(x, map);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rewrite_refs(x, map)),
+        _ => {}
+    }
+}
