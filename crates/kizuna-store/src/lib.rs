@@ -190,9 +190,10 @@ fn sqlite_pool(max: u32, cache_kib: i64) -> AnyPoolOptions {
                     "PRAGMA journal_mode=WAL".to_string(),
                     "PRAGMA synchronous=NORMAL".to_string(),
                     format!("PRAGMA cache_size=-{cache_kib}"),
-                    // Checkpoint every 64 MB of WAL rather than 4 MB: a page changed by many
-                    // commits is copied to the database once.
-                    "PRAGMA wal_autocheckpoint=16384".to_string(),
+                    // Checkpoint every 32 MB of WAL rather than 4 MB while writes keep coming (a
+                    // page changed by many commits is copied once); the writer checkpoints when
+                    // they pause.
+                    "PRAGMA wal_autocheckpoint=8192".to_string(),
                     "PRAGMA busy_timeout=10000".to_string(),
                     // Savepoints of the group commit journal pages in memory, not in a temp file.
                     "PRAGMA temp_store=MEMORY".to_string(),
@@ -245,8 +246,14 @@ impl Store {
             // Readers share four connections; the one writer keeps its own, so its page cache stays
             // warm from one transaction to the next instead of reloading what another connection
             // changed (which made every commit re-read and re-write the same index pages).
+            // Reader connections are renewed every 30 s: SQLite loads planner statistics when a
+            // connection opens, and those the writer gathers as the store grows would otherwise
+            // never reach the readers that plan the searches.
             Backend::Sqlite => (
-                sqlite_pool(4, 16 * 1024).connect(&url).await?,
+                sqlite_pool(4, 16 * 1024)
+                    .max_lifetime(std::time::Duration::from_secs(30))
+                    .connect(&url)
+                    .await?,
                 sqlite_pool(1, 64 * 1024).connect(&url).await?,
             ),
             Backend::Postgres => {

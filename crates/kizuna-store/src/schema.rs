@@ -73,6 +73,8 @@ const POSTGRES: &[&str] = &[
 /// Both backends: the per-resource lookup of every index table (deletes, `EXISTS` probes, sort
 /// keys), and references by target (`_has`, `$everything`, compartment exports).
 const LOOKUPS: &[&str] = &[
+    // A type's resources in the server's default search order.
+    "CREATE INDEX IF NOT EXISTS resources_rt ON resources (rtype, rid)",
     "CREATE INDEX IF NOT EXISTS idx_token_r ON idx_token (rid, pid)",
     "CREATE INDEX IF NOT EXISTS idx_string_r ON idx_string (rid, pid)",
     "CREATE INDEX IF NOT EXISTS idx_date_r ON idx_date (rid, pid)",

@@ -50,11 +50,18 @@ pub struct SortSpec {
 /// `_total`: whether the searchset carries a count of all matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Total {
-    /// Counted exactly (the default; `_total=accurate` and `_total=estimate`).
+    /// Without `_total`: counted up to [`COUNT_CAP`] matches, given when exact and left out beyond
+    /// (the spec makes `total` optional). A patient's records are counted; a population query on a
+    /// large store does not pay for counting thousands of rows it will not return.
+    Bounded,
+    /// Counted exactly (`_total=accurate`, and `_total=estimate`, which kizuna answers exactly).
     Accurate,
     /// Not counted (`_total=none`): one query less for clients that only page.
     None,
 }
+
+/// How many matches a search without `_total` counts before it stops and leaves `total` out.
+pub const COUNT_CAP: i64 = 1000;
 
 /// A search request.
 #[derive(Debug, Clone)]
@@ -92,7 +99,7 @@ impl Default for SearchQuery {
             includes: Vec::new(),
             revincludes: Vec::new(),
             malformed: Vec::new(),
-            total: Total::Accurate,
+            total: Total::Bounded,
             now_ms: None,
         }
     }
@@ -406,16 +413,24 @@ impl Compiler<'_> {
             return (sql, binds);
         }
         let a = self.alias();
-        let mut b = vec![B::S(rt.to_string())];
-        b.extend(binds);
-        (
-            format!(
-                "SELECT {a}.{} FROM resources {a} WHERE {a}.rtype = ? AND {a}.{} IN ({sql})",
-                want.column(),
-                kind.column()
+        match kind {
+            // Row ids are of this type already; testing the type would lead SQLite to scan the
+            // type's rows instead of looking the ids up.
+            IdKind::Rid => (
+                format!("SELECT {a}.id FROM resources {a} WHERE {a}.rid IN ({sql})"),
+                binds,
             ),
-            b,
-        )
+            IdKind::Logical => {
+                let mut b = vec![B::S(rt.to_string())];
+                b.extend(binds);
+                (
+                    format!(
+                        "SELECT {a}.rid FROM resources {a} WHERE {a}.rtype = ? AND {a}.id IN ({sql})"
+                    ),
+                    b,
+                )
+            }
+        }
     }
 
     /// `IN (?, …)` over the ids of a parameter (of its members, for a union parameter) and the
@@ -667,25 +682,37 @@ impl Compiler<'_> {
         if targets.is_empty() {
             return self.unknown(key);
         }
+        // A target type no resource was ever indexed under for the next parameter cannot match:
+        // leaving it out keeps the usual single-target chain free of ORs the planner must weigh.
+        let indexed = |t: &str| {
+            matches!(next_name.as_str(), "_id" | "_lastUpdated" | "_has")
+                || !self.store.pids(t, &next_name, "").is_empty()
+        };
+        let live: Vec<&String> = targets.iter().filter(|t| indexed(t)).collect();
         let a = self.alias();
-        let (pids, mut binds) = self.pids(rt, pname, "");
+        let (pids, pid_binds) = self.pids(rt, pname, "");
+        let mut binds = Vec::new();
         let mut ors = Vec::new();
-        for t in &targets {
+        for t in live {
             let Some((inner, _)) = self.compile(t, rest, value, depth + 1)? else {
                 return Ok(None);
             };
             let set = self.positive(t, inner);
             let (sql, inner_binds) = self.as_kind(t, set, IdKind::Logical);
-            ors.push(format!("({a}.ttype = ? AND {a}.tid IN ({sql}))"));
+            // Each branch carries the parameter, so each is one index range (pid, tid, ttype).
+            ors.push(format!(
+                "({a}.pid {pids} AND {a}.ttype = ? AND {a}.tid IN ({sql}))"
+            ));
+            binds.extend(pid_binds.iter().cloned());
             binds.push(B::S(t.clone()));
             binds.extend(inner_binds);
         }
+        if ors.is_empty() {
+            ors.push("1 = 0".to_string());
+        }
         Ok(Some((
             Crit::Set {
-                from_where: format!(
-                    "idx_reference {a} WHERE {a}.pid {pids} AND ({})",
-                    ors.join(" OR ")
-                ),
+                from_where: format!("idx_reference {a} WHERE ({})", ors.join(" OR ")),
                 idcol: format!("{a}.rid"),
                 kind: IdKind::Rid,
                 binds,
@@ -975,7 +1002,7 @@ impl Store {
                 value: String::new(),
             });
         }
-        let (where_sql, mut binds, driven, ignored) = self.compile_where(rt, q)?;
+        let (where_sql, mut binds, driven, ignored, index_count) = self.compile_where(rt, q)?;
         // When a value index drives the query, sort its (few) matches instead of letting SQLite
         // walk the `_lastUpdated` index to avoid a sort (`+ 0` hides that index from ORDER BY).
         let lu = if driven && self.backend() == Backend::Sqlite {
@@ -1026,22 +1053,48 @@ impl Store {
             order.push(format!("{expr} {dir} NULLS LAST"));
         }
         if q.sort.is_empty() {
-            order.push(format!("{lu} ASC"));
+            // The server's own order (the spec leaves it open): row ids, i.e. the order resources
+            // were first stored. Pages stay stable while new resources arrive, and SQLite reads
+            // the matches in that order straight from its row-id lookups, with no sort.
+            order.push("r.rid ASC".to_string());
+        } else {
+            order.push(format!("r.id{bytewise} ASC"));
         }
-        order.push(format!("r.id{bytewise} ASC"));
-        let total = match q.total {
-            Total::Accurate => {
-                let count_sql = self.sql(&format!(
-                    "SELECT COUNT(*) FROM resources r WHERE {where_sql}"
-                ));
-                Some(
-                    bind_all(&count_sql, &binds)
-                        .fetch_one(self.pool())
-                        .await?
-                        .try_get::<i64, _>(0)?,
-                )
+        let started = std::time::Instant::now();
+        let count_sql = match (q.total, index_count) {
+            (Total::None, _) => None,
+            (Total::Accurate, Some((idcol, from_where, b))) => Some((
+                format!("SELECT COUNT(DISTINCT {idcol}) FROM {from_where}"),
+                b,
+            )),
+            (Total::Bounded, Some((idcol, from_where, b))) => Some((
+                format!(
+                    "SELECT COUNT(*) FROM (SELECT DISTINCT {idcol} FROM {from_where} LIMIT {}) n",
+                    COUNT_CAP + 1
+                ),
+                b,
+            )),
+            (Total::Accurate, None) => Some((
+                format!("SELECT COUNT(*) FROM resources r WHERE {where_sql}"),
+                binds.clone(),
+            )),
+            (Total::Bounded, None) => Some((
+                format!(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM resources r WHERE {where_sql} LIMIT {}) n",
+                    COUNT_CAP + 1
+                ),
+                binds.clone(),
+            )),
+        };
+        let total = match count_sql {
+            Some((sql, b)) => {
+                let n: i64 = bind_all(&self.sql(&sql), &b)
+                    .fetch_one(self.pool())
+                    .await?
+                    .try_get(0)?;
+                (q.total == Total::Accurate || n <= COUNT_CAP).then_some(n)
             }
-            Total::None => None,
+            None => None,
         };
         let page_sql = self.sql(&format!(
             "SELECT r.id, r.version, r.last_updated, r.deleted, r.body FROM resources r WHERE {where_sql} ORDER BY {} LIMIT ? OFFSET ?",
@@ -1068,6 +1121,14 @@ impl Store {
                     .transpose()?,
             });
         }
+        tracing::debug!(
+            rt,
+            params = q.params.len(),
+            total = ?total,
+            page = resources.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "search"
+        );
         let included = self
             .resolve_includes(&resources, &q.includes, &q.revincludes)
             .await?;
@@ -1082,7 +1143,7 @@ impl Store {
     /// The ids of every current resource of `rt` matching the criteria of `q` (no paging): for
     /// conditional update and delete, and for exports restricted by a query.
     pub async fn search_ids(&self, rt: &str, q: &SearchQuery) -> Result<Vec<String>, StoreError> {
-        let (where_sql, binds, _, _) = self.compile_where(rt, q)?;
+        let (where_sql, binds, _, _, _) = self.compile_where(rt, q)?;
         let sql = self.sql(&format!(
             "SELECT r.id FROM resources r WHERE {where_sql} ORDER BY r.id"
         ));
@@ -1093,13 +1154,24 @@ impl Store {
     }
 
     /// The WHERE clause over `resources r` for a query's criteria: its text, binds, whether an
-    /// index set drives it, and the parameters lenient handling ignored.
+    /// index set drives it, the parameters lenient handling ignored, and — when one index
+    /// criterion is the whole query — a count read from the index alone (index rows exist for
+    /// current resources only).
     #[allow(clippy::type_complexity)]
     fn compile_where(
         &self,
         rt: &str,
         q: &SearchQuery,
-    ) -> Result<(String, Vec<B>, bool, Vec<String>), StoreError> {
+    ) -> Result<
+        (
+            String,
+            Vec<B>,
+            bool,
+            Vec<String>,
+            Option<(String, String, Vec<B>)>,
+        ),
+        StoreError,
+    > {
         let mut c = Compiler {
             store: self,
             strict: q.strict,
@@ -1120,6 +1192,19 @@ impl Store {
             }
         }
         crits.sort_by_key(|(_, rank)| *rank);
+        let index_count = match crits.as_slice() {
+            [(
+                Crit::Set {
+                    from_where,
+                    idcol,
+                    kind: IdKind::Rid,
+                    binds,
+                    negate: false,
+                },
+                _,
+            )] => Some((idcol.clone(), from_where.clone(), binds.clone())),
+            _ => None,
+        };
         let mut wheres: Vec<String> = vec!["r.rtype = ?".into(), "r.deleted = 0".into()];
         let mut binds: Vec<B> = vec![B::S(rt.to_string())];
         let mut driven = false;
@@ -1165,7 +1250,7 @@ impl Store {
                 }
             }
         }
-        Ok((wheres.join(" AND "), binds, driven, c.ignored))
+        Ok((wheres.join(" AND "), binds, driven, c.ignored, index_count))
     }
 }
 

@@ -341,14 +341,34 @@ impl Store {
     ) {
         /// Writes per shared transaction, so one commit stays short.
         const MAX_OPS: usize = 5000;
-        /// Commits between refreshes of the planner's statistics.
-        const OPTIMIZE_EVERY: u64 = 500;
-        let mut commits = 0u64;
-        while let Some(first) = rx.recv().await {
-            commits += 1;
-            if commits % OPTIMIZE_EVERY == 0 {
-                // The planner needs to know the type index is weak and the value indexes strong;
-                // statistics gathered on a young store would say otherwise.
+        // Planner statistics are refreshed after 1,000 writes, then after twice as many each time
+        // (up to every 200,000): a growing store gets them early, a large one is not re-analysed
+        // for nothing. Without them SQLite may walk a whole parameter's rows to test a chain.
+        let mut since_stats = 0usize;
+        let mut stats_every = 1000usize;
+        let mut unchecked = false;
+        loop {
+            // When writes pause, the WAL is copied back into the database: readers then find
+            // pages in the file's cache instead of looking each one up in a large log.
+            let first = match tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv())
+                .await
+            {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(_) => {
+                    if unchecked {
+                        unchecked = false;
+                        let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                            .execute(self.write_pool())
+                            .await;
+                    }
+                    continue;
+                }
+            };
+            unchecked = true;
+            if since_stats >= stats_every {
+                since_stats = 0;
+                stats_every = (stats_every * 2).min(200_000);
                 let _ = sqlx::query("PRAGMA optimize")
                     .execute(self.write_pool())
                     .await;
@@ -364,6 +384,7 @@ impl Store {
                     Err(_) => break,
                 }
             }
+            since_stats += ops;
             let _serial = self.writer_lock().await;
             let mut tx = match self.begin_write().await {
                 Ok(tx) => tx,
