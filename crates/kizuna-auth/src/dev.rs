@@ -49,11 +49,12 @@ impl TokenRequest {
     pub fn for_role(role: Role) -> TokenRequest {
         let scope = match role {
             Role::Institution => "system/*.cruds",
-            Role::Clinician => "user/*.rs",
-            Role::Patient => "patient/*.rs",
-            Role::Insurer => "system/Bundle.rs system/Composition.rs",
+            // Reading and searching; recording consent and acknowledging documents.
+            Role::Clinician => "user/*.rs user/Patient.cu user/Bundle.cu user/Consent.cu",
+            Role::Patient => "patient/*.rs patient/Consent.cu",
+            Role::Insurer => "system/Bundle.crus system/Composition.rs system/Coverage.cu",
             Role::Researcher | Role::Reviewer => "openid",
-            Role::Operator => "system/*.rs",
+            Role::Operator => "system/*.cruds",
         };
         TokenRequest {
             role,

@@ -29,6 +29,11 @@ const READ_ONLY_OPERATIONS: &[&str] = &[
     "document",
     "export-status",
     "export-file",
+    "my-record",
+    "access-history",
+    "referral-inbox",
+    "checkup-reports",
+    "identifiers",
 ];
 
 /// A request classified as a FHIR interaction on a resource type (and id).

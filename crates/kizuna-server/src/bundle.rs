@@ -435,6 +435,38 @@ fn error_entry(err: &ApiError) -> Value {
     }})
 }
 
+/// Shared items change only through the sharing service's operations (or by the operator).
+async fn gate_write(s: &AppState, a: &Auth, p: &Plan) -> Result<(), ApiError> {
+    if s.share.is_none() {
+        return Ok(());
+    }
+    match p {
+        Plan::Create(r) => crate::share::may_write(s, a, r),
+        Plan::Update(r, _) => {
+            crate::share::may_write(s, a, r)?;
+            let rt = r["resourceType"].as_str().unwrap_or("");
+            let id = r["id"].as_str().unwrap_or("");
+            if let Ok(Some(cur)) = s.store.read(rt, id).await {
+                if let Some(old) = &cur.resource {
+                    crate::share::may_write(s, a, old)?;
+                }
+            }
+            Ok(())
+        }
+        Plan::Delete(rt, ids) => {
+            for id in ids {
+                if let Ok(Some(cur)) = s.store.read(rt, id).await {
+                    if let Some(old) = &cur.resource {
+                        crate::share::may_write(s, a, old)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        Plan::Exists(_) | Plan::Read(_) => Ok(()),
+    }
+}
+
 /// Runs a `GET` entry: read, vread or search.
 async fn run_read(
     s: &AppState,
@@ -455,6 +487,20 @@ async fn run_read(
         [rt, id] => {
             crate::fhir::check_type(s, rt)?;
             match s.store.read(rt, id).await? {
+                Some(st)
+                    if !st
+                        .resource
+                        .as_ref()
+                        .is_none_or(|r| crate::share::may_read(s, a, r)) =>
+                {
+                    Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "",
+                        "アクセス方針により閲覧できません",
+                        "the access policy does not allow reading this resource",
+                    ))
+                }
                 Some(st) => {
                     audit(s, a, "read", &[&st]);
                     Ok(response_entry(&st, "200 OK", true))
@@ -474,7 +520,13 @@ async fn run_read(
                 .parse()
                 .map_err(|_| invalid("", "版が数値ではありません", "version id is not a number"))?;
             match s.store.vread(rt, id, v).await? {
-                Some(st) if !st.deleted => {
+                Some(st)
+                    if !st.deleted
+                        && st
+                            .resource
+                            .as_ref()
+                            .is_none_or(|r| crate::share::may_read(s, a, r)) =>
+                {
                     audit(s, a, "vread", &[&st]);
                     Ok(response_entry(&st, "200 OK", true))
                 }
@@ -589,6 +641,9 @@ async fn transaction(
             }
         }
     }
+    for p in &plans {
+        gate_write(s, a, p).await?;
+    }
     let mut cache = HashMap::new();
     for (p, e) in plans.iter_mut().zip(&entries) {
         if let Plan::Create(r) | Plan::Update(r, _) = p {
@@ -686,6 +741,7 @@ async fn run_batch(
             }
             let mut map = HashMap::new();
             let mut p = plan(s, &e, &mut map).await?;
+            gate_write(s, a, &p).await?;
             let mut cache = HashMap::new();
             if let Plan::Create(r) | Plan::Update(r, _) = &mut p {
                 rewrite_references(s, r, &HashMap::new(), &mut cache, &e.path).await?;

@@ -66,6 +66,12 @@ pub(crate) async fn metadata(State(s): St) -> Response {
             }
         }
     }
+    // The sharing service's operations, when it runs.
+    let share_ops: Vec<(Option<&str>, &str, String)> = if s.share.is_some() {
+        kizuna_share::operations::declared()
+    } else {
+        Vec::new()
+    };
     let resources: Vec<Value> = types
         .iter()
         .map(|t| {
@@ -99,6 +105,12 @@ pub(crate) async fn metadata(State(s): St) -> Response {
                 .iter()
                 .filter(|(rt, _, _)| rt == t)
                 .map(|(_, name, def)| json!({"name": name, "definition": def}))
+                .chain(
+                    share_ops
+                        .iter()
+                        .filter(|(rt, _, _)| *rt == Some(*t))
+                        .map(|(_, name, def)| json!({"name": name, "definition": def})),
+                )
                 .collect();
             if !ops.is_empty() {
                 r["operation"] = json!(ops);
@@ -130,7 +142,9 @@ pub(crate) async fn metadata(State(s): St) -> Response {
                 {"name": "_summary", "type": "special"},
                 {"name": "_elements", "type": "special"}
             ],
-            "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}],
+            "operation": std::iter::once(json!({"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}))
+                .chain(share_ops.iter().filter(|(rt, _, _)| rt.is_none()).map(|(_, name, def)| json!({"name": name, "definition": def})))
+                .collect::<Vec<_>>(),
             "resource": resources
         }]
     });

@@ -1,14 +1,13 @@
 //! `GET /fhir/Patient/{id}/$everything`: the patient, every resource in their compartment, and the
 //! resources those refer to (practitioners, organisations, medications …), paged.
 
-use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use kizuna_store::{Include, Stored};
 use serde_json::{json, Value};
 
-use crate::fhir::{audit, bundle, Auth, St};
-use crate::{fhir_json, ApiError};
+use crate::fhir::{audit, bundle, Auth};
+use crate::{fhir_json, ApiError, AppState};
 
 /// `$everything` parameters: `_since`, `_type`, `_count`, `_offset`.
 struct Params {
@@ -62,11 +61,13 @@ fn params(pairs: &[(String, String)]) -> Result<Params, ApiError> {
 }
 
 pub(crate) async fn everything(
-    State(s): St,
-    a: Auth,
-    Path((rt, id)): Path<(String, String)>,
-    Query(pairs): Query<Vec<(String, String)>>,
+    s: &AppState,
+    a: &Auth,
+    rt: &str,
+    id: &str,
+    query: Option<&str>,
 ) -> Result<Response, ApiError> {
+    let pairs = crate::fhir::query_pairs(query);
     if rt != "Patient" {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -77,7 +78,7 @@ pub(crate) async fn everything(
         ));
     }
     let p = params(&pairs)?;
-    if s.store.read("Patient", &id).await?.is_none() {
+    if s.store.read("Patient", id).await?.is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not-found",
@@ -88,7 +89,7 @@ pub(crate) async fn everything(
     }
     let keys = s
         .store
-        .compartment_members(&id, p.types.as_deref(), p.since_ms)
+        .compartment_members(id, p.types.as_deref(), p.since_ms)
         .await?;
     let total = keys.len();
     let page_keys = keys.iter().skip(p.offset).take(p.count);
@@ -118,9 +119,20 @@ pub(crate) async fn everything(
     let in_compartment: std::collections::HashSet<(&str, &str)> =
         keys.iter().map(|(t, i)| (t.as_str(), i.as_str())).collect();
     referenced.retain(|r| !in_compartment.contains(&(r.resource_type.as_str(), r.id.as_str())));
+    // Shared items only as the access policy allows.
+    page.retain(|st| {
+        st.resource
+            .as_ref()
+            .is_none_or(|r| crate::share::may_read(s, a, r))
+    });
+    referenced.retain(|st| {
+        st.resource
+            .as_ref()
+            .is_none_or(|r| crate::share::may_read(s, a, r))
+    });
     audit(
-        &s,
-        &a,
+        s,
+        a,
         "everything",
         &page.iter().chain(referenced.iter()).collect::<Vec<_>>(),
     );

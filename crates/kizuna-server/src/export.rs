@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -444,19 +444,39 @@ async fn run(
     Ok(outputs)
 }
 
-fn request_url(s: &AppState, uri: &axum::http::Uri) -> String {
-    let base = s.base_url.trim_end_matches("/fhir");
-    format!("{base}{uri}")
+/// The kick-off request as a URL, for the manifest.
+fn request_url(s: &AppState, path: &str, query: Option<&str>) -> String {
+    match query.filter(|q| !q.is_empty()) {
+        Some(q) => format!("{}{path}?{q}", s.base_url),
+        None => format!("{}{path}", s.base_url),
+    }
+}
+
+/// With the sharing service on, bulk export reads everyone's shared items: the operator's task.
+fn operator_only(s: &AppState, a: &Auth) -> Result<(), ApiError> {
+    if let (Some(_), Some(Extension(auth))) = (&s.share, a) {
+        if auth.principal.role != kizuna_auth::Role::Operator {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "$export",
+                "一括出力は運営者のみです",
+                "bulk export is for the operator",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `GET /fhir/$export`.
 pub(crate) async fn kickoff_system(
     State(s): St,
     a: Auth,
-    uri: axum::http::Uri,
-    Query(pairs): Query<Vec<(String, String)>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    operator_only(&s, &a)?;
+    let pairs = crate::fhir::query_pairs(query.as_deref());
     let (since_ms, requested) = kickoff_params(&pairs, &headers)?;
     let available = s.store.stored_types().await?;
     let types = types_for(&s, &a, requested, available)?;
@@ -464,17 +484,17 @@ pub(crate) async fn kickoff_system(
         since_ms,
         compartment: None,
     };
-    start(s.clone(), a, request_url(&s, &uri), types, filter).await
+    let url = request_url(&s, "/$export", query.as_deref());
+    start(s.clone(), a, url, types, filter).await
 }
 
 /// `GET /fhir/Patient/$export`: every patient's compartment.
 pub(crate) async fn kickoff_patients(
-    State(s): St,
-    a: Auth,
-    Path(rt): Path<String>,
-    uri: axum::http::Uri,
-    Query(pairs): Query<Vec<(String, String)>>,
-    headers: HeaderMap,
+    s: &Arc<AppState>,
+    a: &Auth,
+    rt: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     if rt != "Patient" {
         return Err(ApiError::new(
@@ -485,23 +505,26 @@ pub(crate) async fn kickoff_patients(
             "type-level $export is supported on Patient only",
         ));
     }
-    let (since_ms, requested) = kickoff_params(&pairs, &headers)?;
-    let types = types_for(&s, &a, requested, compartment_types(&s))?;
+    operator_only(s, a)?;
+    let pairs = crate::fhir::query_pairs(query);
+    let (since_ms, requested) = kickoff_params(&pairs, headers)?;
+    let types = types_for(s, a, requested, compartment_types(s))?;
     let filter = ScanFilter {
         since_ms,
         compartment: Some(CompartmentScope::AllPatients),
     };
-    start(s.clone(), a, request_url(&s, &uri), types, filter).await
+    let url = request_url(s, "/Patient/$export", query);
+    start(s.clone(), a.clone(), url, types, filter).await
 }
 
 /// `GET /fhir/Group/{id}/$export`: the compartments of the Group's member Patients.
 pub(crate) async fn kickoff_group(
-    State(s): St,
-    a: Auth,
-    Path((rt, id)): Path<(String, String)>,
-    uri: axum::http::Uri,
-    Query(pairs): Query<Vec<(String, String)>>,
-    headers: HeaderMap,
+    s: &Arc<AppState>,
+    a: &Auth,
+    rt: &str,
+    id: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     if rt != "Group" {
         return Err(ApiError::new(
@@ -512,8 +535,10 @@ pub(crate) async fn kickoff_group(
             "instance-level $export is supported on Group only",
         ));
     }
-    let (since_ms, requested) = kickoff_params(&pairs, &headers)?;
-    if s.store.read("Group", &id).await?.is_none() {
+    operator_only(s, a)?;
+    let pairs = crate::fhir::query_pairs(query);
+    let (since_ms, requested) = kickoff_params(&pairs, headers)?;
+    if s.store.read("Group", id).await?.is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not-found",
@@ -522,12 +547,13 @@ pub(crate) async fn kickoff_group(
             &format!("Group/{id} not found"),
         ));
     }
-    let types = types_for(&s, &a, requested, compartment_types(&s))?;
+    let types = types_for(s, a, requested, compartment_types(s))?;
     let filter = ScanFilter {
         since_ms,
-        compartment: Some(CompartmentScope::GroupMembers(id)),
+        compartment: Some(CompartmentScope::GroupMembers(id.to_string())),
     };
-    start(s.clone(), a, request_url(&s, &uri), types, filter).await
+    let url = request_url(s, &format!("/Group/{id}/$export"), query);
+    start(s.clone(), a.clone(), url, types, filter).await
 }
 
 fn compartment_types(s: &AppState) -> Vec<String> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
@@ -18,7 +18,7 @@ use kizuna_store::{SearchQuery, Stored, WriteOp};
 use serde_json::{json, Value};
 
 use crate::ValidationMode;
-use crate::{bundle, capability, everything, export, fhir_json, format, ApiError, AppState};
+use crate::{bundle, capability, everything, export, fhir_json, format, share, ApiError, AppState};
 
 pub(crate) type St = State<Arc<AppState>>;
 pub(crate) type Auth = Option<Extension<Authorized>>;
@@ -44,15 +44,21 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(conditional_delete)
                 .patch(conditional_patch),
         )
+        .route("/fhir/$retention-run", post(retention_run))
         .route("/fhir/{rt}/_search", post(search_post))
         .route("/fhir/{rt}/_history", get(history_type))
-        .route("/fhir/{rt}/$export", get(export::kickoff_patients))
         .route(
             "/fhir/{rt}/{id}",
-            get(read).put(update).delete(delete).patch(patch),
+            get(read)
+                .put(update)
+                .delete(delete)
+                .patch(patch)
+                .post(type_operation_post),
         )
-        .route("/fhir/{rt}/{id}/$everything", get(everything::everything))
-        .route("/fhir/{rt}/{id}/$export", get(export::kickoff_group))
+        .route(
+            "/fhir/{rt}/{id}/{op}",
+            get(instance_operation).post(instance_operation),
+        )
         .route("/fhir/{rt}/{id}/_history", get(history_instance))
         .route("/fhir/{rt}/{id}/_history/{vid}", get(vread));
     let fhir = match &state.auth {
@@ -322,6 +328,103 @@ pub(crate) fn apply_view(s: &AppState, view: &SubsetView, mut st: Stored) -> Sto
     st
 }
 
+/// The answer to a read the access policy refused (the decision is in the audit log).
+fn refused() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "",
+        "アクセス方針により閲覧できません",
+        "the access policy does not allow reading this resource",
+    )
+}
+
+/// Type-level operations: `/fhir/{type}/${op}`.
+#[allow(clippy::too_many_arguments)]
+async fn type_operation(
+    s: &Arc<AppState>,
+    a: &Auth,
+    method: Method,
+    rt: &str,
+    op: &str,
+    query: Option<&str>,
+    body: &Bytes,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    if op == "export" && method == Method::GET {
+        return export::kickoff_patients(s, a, rt, query, headers).await;
+    }
+    match share::type_operation(s, a, &method, rt, op, query, body, headers).await {
+        Some(r) => r,
+        None => Err(not_found(rt, &format!("${op}"))),
+    }
+}
+
+async fn type_operation_post(
+    State(s): St,
+    a: Auth,
+    Path((rt, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    match id.strip_prefix('$') {
+        Some(op) => {
+            type_operation(
+                &s,
+                &a,
+                Method::POST,
+                &rt,
+                op,
+                query.as_deref(),
+                &body,
+                &headers,
+            )
+            .await
+        }
+        None => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not-supported",
+            &format!("{rt}/{id}"),
+            "POST はリソース型に対して行います (作成)",
+            "POST goes to the resource type (create), not to an instance",
+        )),
+    }
+}
+
+/// Instance-level operations: `/fhir/{type}/{id}/${op}`.
+async fn instance_operation(
+    State(s): St,
+    a: Auth,
+    method: Method,
+    Path((rt, id, op)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Some(name) = op.strip_prefix('$') else {
+        return Err(not_found(&rt, &id));
+    };
+    match (name, &method) {
+        ("everything", &Method::GET) => {
+            return everything::everything(&s, &a, &rt, &id, query.as_deref()).await
+        }
+        ("export", &Method::GET) => {
+            return export::kickoff_group(&s, &a, &rt, &id, query.as_deref(), &headers).await
+        }
+        _ => {}
+    }
+    match share::instance_operation(&s, &a, &method, &rt, &id, name, query.as_deref(), &body).await
+    {
+        Some(r) => r,
+        None => Err(not_found(&rt, &op)),
+    }
+}
+
+async fn retention_run(State(s): St, a: Auth) -> Result<Response, ApiError> {
+    share::retention_run(&s, &a).await
+}
+
 fn not_found(rt: &str, id: &str) -> ApiError {
     if id.starts_with('$') {
         return ApiError::new(
@@ -348,9 +451,35 @@ async fn read(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    if let Some(op) = id.strip_prefix('$') {
+        return type_operation(
+            &s,
+            &a,
+            Method::GET,
+            &rt,
+            op,
+            query.as_deref(),
+            &Bytes::new(),
+            &headers,
+        )
+        .await;
+    }
     check_type(&s, &rt)?;
+    if rt == "OperationDefinition" {
+        if let Some(d) = kizuna_share::operations::operation_definition(&id) {
+            return Ok(fhir_json(StatusCode::OK, &d));
+        }
+    }
     let view = view_of(&query_pairs(query.as_deref()))?;
     match s.store.read(&rt, &id).await? {
+        Some(st)
+            if !st
+                .resource
+                .as_ref()
+                .is_none_or(|r| share::may_read(&s, &a, r)) =>
+        {
+            Err(refused())
+        }
         Some(st) => {
             audit(&s, &a, "read", &[&st]);
             // A client holding the current version gets 304 instead of the body again.
@@ -396,6 +525,14 @@ async fn vread(
             "この版は削除です",
             "this version is a deletion",
         )),
+        Some(st)
+            if !st
+                .resource
+                .as_ref()
+                .is_none_or(|r| share::may_read(&s, &a, r)) =>
+        {
+            Err(refused())
+        }
         Some(st) => {
             audit(&s, &a, "vread", &[&st]);
             let st = apply_view(&s, &view, st);
@@ -486,6 +623,7 @@ async fn create(
             }
         }
     }
+    share::may_write(&s, &a, &resource)?;
     // The server assigns the id of a created resource; a client's id is ignored.
     if let Some(o) = resource.as_object_mut() {
         o.remove("id");
@@ -535,6 +673,16 @@ async fn store_update(
     version: Option<i64>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    share::may_write(s, a, &resource)?;
+    if s.share.is_some() {
+        let rt = resource["resourceType"].as_str().unwrap_or("");
+        let id = resource["id"].as_str().unwrap_or("");
+        if let Ok(Some(cur)) = s.store.read(rt, id).await {
+            if let Some(r) = &cur.resource {
+                share::may_write(s, a, r)?;
+            }
+        }
+    }
     let warnings = validate(s, &resource)?;
     let st = s.store.update(resource, version).await?;
     audit(s, a, "update", &[&st]);
@@ -610,6 +758,13 @@ async fn delete(
     Path((rt, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     check_type(&s, &rt)?;
+    if s.share.is_some() {
+        if let Ok(Some(cur)) = s.store.read(&rt, &id).await {
+            if let Some(r) = &cur.resource {
+                share::may_write(&s, &a, r)?;
+            }
+        }
+    }
     if let Some(st) = s.store.delete(&rt, &id).await? {
         audit(&s, &a, "delete", &[&st]);
         let mut r = StatusCode::NO_CONTENT.into_response();
@@ -643,6 +798,15 @@ async fn conditional_delete(
             &format!("条件に合う資源が {} 件あり、一度に削除できる上限 {MAX_CONDITIONAL_DELETE} を超えます", ids.len()),
             &format!("the condition matches {} resources, more than the {MAX_CONDITIONAL_DELETE} one request may delete", ids.len()),
         ));
+    }
+    if s.share.is_some() {
+        for id in &ids {
+            if let Ok(Some(cur)) = s.store.read(&rt, id).await {
+                if let Some(r) = &cur.resource {
+                    share::may_write(&s, &a, r)?;
+                }
+            }
+        }
     }
     let ops = ids
         .into_iter()
@@ -797,7 +961,22 @@ pub(crate) async fn search_bundle(
     }
     q.count = q.count.min(1000);
     let view = view_of(&pairs)?;
-    let result = s.store.search(rt, &q).await?;
+    let mut result = s.store.search(rt, &q).await?;
+    // Shared items only as the access policy allows; a filtered page cannot claim the total.
+    let before = result.resources.len();
+    result.resources.retain(|st| {
+        st.resource
+            .as_ref()
+            .is_none_or(|r| share::may_read(s, a, r))
+    });
+    result.included.retain(|st| {
+        st.resource
+            .as_ref()
+            .is_none_or(|r| share::may_read(s, a, r))
+    });
+    if result.resources.len() != before || share::hides_totals(s, a, rt) {
+        result.total = None;
+    }
     let stored: Vec<&Stored> = result
         .resources
         .iter()
@@ -942,7 +1121,12 @@ async fn history_instance(
 ) -> Result<Response, ApiError> {
     check_type(&s, &rt)?;
     let (since, count) = history_params(&p)?;
-    let items = s.store.history(Some(&rt), Some(&id), since, count).await?;
+    let mut items = s.store.history(Some(&rt), Some(&id), since, count).await?;
+    items.retain(|st| {
+        st.resource
+            .as_ref()
+            .is_none_or(|r| share::may_read(&s, &a, r))
+    });
     audit(&s, &a, "history", &items.iter().collect::<Vec<_>>());
     Ok(fhir_json(StatusCode::OK, &history_bundle(&s, &items)))
 }
@@ -955,14 +1139,24 @@ async fn history_type(
 ) -> Result<Response, ApiError> {
     check_type(&s, &rt)?;
     let (since, count) = history_params(&p)?;
-    let items = s.store.history(Some(&rt), None, since, count).await?;
+    let mut items = s.store.history(Some(&rt), None, since, count).await?;
+    items.retain(|st| {
+        st.resource
+            .as_ref()
+            .is_none_or(|r| share::may_read(&s, &a, r))
+    });
     audit(&s, &a, "history", &items.iter().collect::<Vec<_>>());
     Ok(fhir_json(StatusCode::OK, &history_bundle(&s, &items)))
 }
 
 async fn history_system(State(s): St, a: Auth, Query(p): Pairs) -> Result<Response, ApiError> {
     let (since, count) = history_params(&p)?;
-    let items = s.store.history(None, None, since, count).await?;
+    let mut items = s.store.history(None, None, since, count).await?;
+    items.retain(|st| {
+        st.resource
+            .as_ref()
+            .is_none_or(|r| share::may_read(&s, &a, r))
+    });
     audit(&s, &a, "history", &items.iter().collect::<Vec<_>>());
     Ok(fhir_json(StatusCode::OK, &history_bundle(&s, &items)))
 }

@@ -15,6 +15,7 @@ mod everything;
 pub mod export;
 mod fhir;
 mod format;
+mod share;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -104,6 +105,9 @@ pub struct AppState {
     pub exports: export::ExportJobs,
     /// The largest request body accepted (a transaction Bundle of thousands of entries is large).
     pub max_body_bytes: usize,
+    /// The EHR sharing service; when present, its operations are served and every plain read of
+    /// a shared item passes its access policy.
+    pub share: Option<Arc<kizuna_share::ShareService>>,
 }
 
 /// An error answer: status and OperationOutcome.

@@ -279,7 +279,22 @@ impl Store {
         let mut store = store;
         if backend == Backend::Sqlite {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(store.clone().group_commit(rx));
+            // The writer runs on a thread of its own: on the request runtime it waited behind
+            // validation and JSON work for every statement it sent, and the one writer is what
+            // every submission queues on.
+            let writer = store.clone();
+            std::thread::Builder::new()
+                .name("kizuna-sqlite-writer".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(writer.group_commit(rx)),
+                        Err(e) => tracing::error!(error = %e, "SQLite writer failed to start"),
+                    }
+                })
+                .map_err(|e| StoreError::Commit(e.to_string()))?;
             store.group_writer = Some(tx);
         }
         Ok(store)

@@ -284,14 +284,29 @@ impl Store {
         rows: Vec<Vec<(String, IndexValue)>>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<Stored>, StoreError> {
-        let mut out = Vec::with_capacity(ops.len());
         let mut pending = PendingRows::default();
+        let out = self.apply_ops(tx, &mut pending, ops, rows, now).await?;
+        self.flush(tx, pending).await?;
+        Ok(out)
+    }
+
+    /// The writes of one request, their rows left in `pending` for a later [`Store::flush`]
+    /// (statements run only for what reads the current row: updates and deletes).
+    async fn apply_ops(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        pending: &mut PendingRows,
+        ops: Vec<WriteOp>,
+        rows: Vec<Vec<(String, IndexValue)>>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let mut out = Vec::with_capacity(ops.len());
         for (op, index_rows) in ops.into_iter().zip(rows) {
             let stored = match op {
                 WriteOp::Create { resource, .. } | WriteOp::CreateWithId { resource } => {
                     self.write(
                         tx,
-                        &mut pending,
+                        pending,
                         index_rows,
                         now,
                         resource,
@@ -303,7 +318,7 @@ impl Store {
                 WriteOp::Update { resource, if_match } => {
                     self.write(
                         tx,
-                        &mut pending,
+                        pending,
                         index_rows,
                         now,
                         resource,
@@ -314,21 +329,12 @@ impl Store {
                 }
                 WriteOp::Delete { resource_type, id } => {
                     let stub = serde_json::json!({"resourceType": resource_type, "id": id});
-                    self.write(
-                        tx,
-                        &mut pending,
-                        index_rows,
-                        now,
-                        stub,
-                        None,
-                        WriteKind::Delete,
-                    )
-                    .await?
+                    self.write(tx, pending, index_rows, now, stub, None, WriteKind::Delete)
+                        .await?
                 }
             };
             out.push(stored);
         }
-        self.flush(tx, pending).await?;
         Ok(out)
     }
 
@@ -385,6 +391,8 @@ impl Store {
                 }
             }
             since_stats += ops;
+            let started = std::time::Instant::now();
+            let requests = batch.len();
             let _serial = self.writer_lock().await;
             let mut tx = match self.begin_write().await {
                 Ok(tx) => tx,
@@ -400,11 +408,28 @@ impl Store {
             // id): then the shared transaction is dropped and each request runs alone, so one
             // failing request never takes the others down. (Savepoints per request would cost
             // every write a copy of each page it touches.)
+            // Requests that only create share one set of inserts (one statement per table for
+            // the whole batch); a request that updates or deletes first flushes what came
+            // before, since it reads the current rows.
             let mut done = Vec::with_capacity(batch.len());
             let mut failed = false;
+            let mut pending = PendingRows::default();
             for r in &batch {
+                let reads = !r
+                    .ops
+                    .iter()
+                    .all(|o| matches!(o, WriteOp::Create { .. } | WriteOp::CreateWithId { .. }));
+                if reads
+                    && self
+                        .flush(&mut tx, std::mem::take(&mut pending))
+                        .await
+                        .is_err()
+                {
+                    failed = true;
+                    break;
+                }
                 match self
-                    .apply_in(&mut tx, r.ops.clone(), r.rows.clone(), r.now)
+                    .apply_ops(&mut tx, &mut pending, r.ops.clone(), r.rows.clone(), r.now)
                     .await
                 {
                     Ok(out) => done.push(out),
@@ -414,12 +439,21 @@ impl Store {
                     }
                 }
             }
+            if !failed && self.flush(&mut tx, pending).await.is_err() {
+                failed = true;
+            }
             let shared = if failed {
                 let _ = tx.rollback().await;
                 Err(())
             } else {
                 tx.commit().await.map_err(|_| ())
             };
+            tracing::debug!(
+                requests,
+                ops,
+                busy_us = started.elapsed().as_micros() as u64,
+                "group commit"
+            );
             match shared {
                 Ok(()) => {
                     for (r, out) in batch.into_iter().zip(done) {
@@ -695,6 +729,44 @@ impl Store {
 }
 
 impl Store {
+    /// Erases resources for good — the current row, its index rows and every version in the
+    /// history — in one transaction. Unlike a FHIR delete, nothing remains to read back: for
+    /// retention periods that have run out. Absent resources are skipped; returns how many went.
+    pub async fn purge(&self, keys: &[(&str, &str)]) -> Result<usize, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let _serial = self.writer_lock().await;
+        let mut tx = self.begin_write().await?;
+        let mut n = 0;
+        for (rt, id) in keys {
+            let found =
+                sqlx::query(&self.sql("SELECT rid FROM resources WHERE rtype = ? AND id = ?"))
+                    .bind(*rt)
+                    .bind(*id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some(row) = found else { continue };
+            let rid: i64 = row.try_get(0)?;
+            for table in INDEX_TABLES {
+                sqlx::query(&self.sql(&format!("DELETE FROM {table} WHERE rid = ?")))
+                    .bind(rid)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for table in ["resources", "history"] {
+                sqlx::query(&self.sql(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?")))
+                    .bind(*rt)
+                    .bind(*id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            n += 1;
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
     /// Rebuilds the search index of every current resource from its stored body (after a schema
     /// change or new SearchParameters), a page at a time, each page in its own transaction.
     pub async fn reindex(&self) -> Result<u64, StoreError> {

@@ -126,7 +126,7 @@ const INSTITUTION_EXT: &str =
     "http://jpfhir.jp/fhir/clins/Extension/StructureDefinition/JP_eCS_InstitutionNumber";
 const DEPARTMENT_EXT: &str =
     "http://jpfhir.jp/fhir/eCS/Extension/StructureDefinition/JP_eCS_Department";
-const MEMBER_ID: &str = "http://jpfhir.jp/fhir/clins/Idsystem/JP_Insurance_memberID";
+const MEMBER_ID: &str = crate::eligibility::MEMBER_ID_SYSTEM;
 
 fn flag(code: &str) -> Value {
     let display = match code {

@@ -11,6 +11,7 @@
 
 pub mod clinical;
 pub mod documents;
+pub mod eligibility;
 pub mod holder;
 pub mod population;
 pub mod rng;

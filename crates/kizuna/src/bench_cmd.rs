@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -12,6 +12,8 @@ use kizuna_store::{SearchQuery, Store, WriteOp};
 use kizuna_synth::clinical::BundleKind;
 use serde_json::{json, Value};
 
+use crate::bench_server::percentiles;
+
 /// Benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -19,6 +21,8 @@ pub enum BenchCmd {
     Store(StoreBenchArgs),
     /// FHIR API の性能 / The FHIR server over HTTP: transaction ingest, read, search, $export and its memory (JSON report).
     Fhir(crate::bench_fhir::FhirBenchArgs),
+    /// 共有サービスの性能 / The sharing service over HTTP: $submit with full JP-CLINS validation, policy and audit; $summary latency (JSON report).
+    Share(crate::bench_share::ShareBenchArgs),
 }
 
 /// Options of `kizuna bench store`.
@@ -52,6 +56,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             .build()?
             .block_on(store_bench(a)),
         BenchCmd::Fhir(a) => crate::bench_fhir::run(a),
+        BenchCmd::Share(a) => crate::bench_share::run(a),
     }
 }
 
@@ -80,16 +85,6 @@ fn person_ops(
         }
     }
     ops
-}
-
-fn percentiles(mut d: Vec<Duration>) -> Value {
-    d.sort_unstable();
-    let at = |p: f64| {
-        d.get(((d.len() as f64 - 1.0) * p).round() as usize)
-            .map(|x| x.as_secs_f64() * 1000.0)
-            .unwrap_or(0.0)
-    };
-    json!({"n": d.len(), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0)})
 }
 
 async fn store_bench(a: StoreBenchArgs) -> anyhow::Result<ExitCode> {

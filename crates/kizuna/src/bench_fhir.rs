@@ -6,7 +6,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +15,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use kizuna_synth::clinical::BundleKind;
 use serde_json::{json, Value};
+
+use crate::bench_server::{get_json, percentiles, rss_mib, status_of, BenchServer};
 
 /// Options of `kizuna bench fhir`.
 #[derive(Args)]
@@ -45,78 +47,6 @@ pub struct FhirBenchArgs {
     out: PathBuf,
 }
 
-/// A `kizuna serve` child process on a free loopback port.
-struct Server {
-    child: Child,
-    base: String,
-    token: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn start_server(a: &FhirBenchArgs, data: &Path, db: &str) -> anyhow::Result<Server> {
-    let port = free_port()?;
-    let base = format!("http://127.0.0.1:{port}/fhir");
-    let exe = std::env::current_exe()?;
-    let child = Command::new(exe)
-        .args(["serve", "--dev-issuer", "--addr"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--database", db, "--validation", &a.validation])
-        .stdout(Stdio::null())
-        .stderr(match std::env::var_os("KIZUNA_BENCH_SERVER_LOG") {
-            Some(p) => std::fs::File::create(p)
-                .map(Stdio::from)
-                .unwrap_or(Stdio::null()),
-            None => Stdio::null(),
-        })
-        .spawn()
-        .context("kizuna serve を起動できません / cannot start kizuna serve")?;
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(2))
-        .build();
-    let health = format!("http://127.0.0.1:{port}/healthz");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while agent.get(&health).call().is_err() {
-        if Instant::now() > deadline {
-            bail!("サーバーが起動しません / the server did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let dev = kizuna_auth::dev::DevIssuer::load_or_create(&data.join("dev-issuer.key"), &base)?;
-    let mut r = kizuna_auth::dev::TokenRequest::for_role(kizuna_auth::Role::Operator);
-    r.subject = "bench".into();
-    r.scope = "system/*.cruds".into();
-    r.lifetime = 24 * 3600;
-    let token = dev.issue(&r, chrono::Utc::now().timestamp())?;
-    Ok(Server { child, base, token })
-}
-
-/// `VmRSS` and `VmHWM` of a process, in MiB (Linux).
-fn rss_mib(pid: u32) -> Option<(f64, f64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|k| k.parse::<f64>().ok())
-            .map(|k| k / 1024.0)
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
-}
-
 /// One transaction Bundle of `people` persons' JP-CLINS submissions, as request text.
 fn transaction(
     first: u64,
@@ -145,74 +75,9 @@ fn transaction(
     )
 }
 
-fn percentiles(mut d: Vec<Duration>) -> Value {
-    d.sort_unstable();
-    let at = |p: f64| {
-        d.get(((d.len() as f64 - 1.0) * p).round() as usize)
-            .map(|x| x.as_secs_f64() * 1000.0)
-            .unwrap_or(0.0)
-    };
-    json!({"n": d.len(), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0)})
-}
-
-fn get_json(agent: &ureq::Agent, srv: &Server, url: &str) -> anyhow::Result<Value> {
-    let r = agent
-        .get(url)
-        .set("authorization", &format!("Bearer {}", srv.token))
-        .call()
-        .map_err(|e| anyhow::anyhow!("{url}: {}", status_of(&e)))?;
-    Ok(serde_json::from_reader(r.into_reader())?)
-}
-
-fn status_of(e: &ureq::Error) -> String {
-    match e {
-        ureq::Error::Status(c, _) => format!("HTTP {c}"),
-        ureq::Error::Transport(t) => t.to_string(),
-    }
-}
-
-/// Facts about the machine the figures come from.
-pub fn machine() -> Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|x| x.trim().to_string())
-        })
-        .unwrap_or_default();
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|k| k.parse::<f64>().ok())
-        })
-        .map(|k| (k / 1024.0 / 1024.0 * 10.0).round() / 10.0);
-    json!({
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "cpu": cpu,
-        "memory_gib": mem_gib,
-        "os": std::env::consts::OS,
-        "kizuna": env!("CARGO_PKG_VERSION"),
-    })
-}
-
 /// Runs the benchmark.
 pub fn run(a: FhirBenchArgs) -> anyhow::Result<ExitCode> {
-    let tmp = std::env::temp_dir().join(format!("kizuna-bench-fhir-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
-    let result = bench(&a, &tmp);
-    let _ = std::fs::remove_dir_all(&tmp);
-    let report = result?;
-    if let Some(parent) = a.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&a.out, serde_json::to_string_pretty(&report)?)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(ExitCode::SUCCESS)
+    crate::bench_server::run_in_temp("fhir", &a.out.clone(), |tmp| bench(&a, tmp))
 }
 
 fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
@@ -239,7 +104,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         bundles.push(b);
     }
     let n_bundles = bundles.len();
-    let srv = start_server(a, tmp, &db)?;
+    let srv = BenchServer::start(tmp, &db, &a.validation)?;
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(600))
         .max_idle_connections_per_host(a.clients.max(1) * 2)
@@ -471,12 +336,12 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     } else {
         // A fresh process, so the high-water mark is the export's own.
         drop(srv);
-        let srv = start_server(a, tmp, &db)?;
+        let srv = BenchServer::start(tmp, &db, &a.validation)?;
         measure_export(&agent, &srv)?
     };
     Ok(json!({
         "benchmark": "kizuna bench fhir",
-        "machine": machine(),
+        "machine": crate::bench_server::machine(),
         "backend": backend,
         "validation": a.validation,
         "resources": loaded,
@@ -496,7 +361,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     }))
 }
 
-fn measure_export(agent: &ureq::Agent, srv: &Server) -> anyhow::Result<Value> {
+fn measure_export(agent: &ureq::Agent, srv: &BenchServer) -> anyhow::Result<Value> {
     let pid = srv.child.id();
     let before = rss_mib(pid);
     let t = Instant::now();

@@ -14,8 +14,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod audit_cmd;
 mod bench_cmd;
 mod bench_fhir;
+mod bench_server;
+mod bench_share;
+mod demo_cmd;
 mod post;
+mod retention_cmd;
 mod serve_cmd;
+mod share_load;
 mod synth_cmd;
 mod token_cmd;
 mod validate_cmd;
@@ -53,6 +58,13 @@ enum Command {
     Bench {
         #[command(subcommand)]
         cmd: bench_cmd::BenchCmd,
+    },
+    /// デモ / Start the sharing service with a generated population already registered, and print a walkthrough.
+    Demo(demo_cmd::DemoArgs),
+    /// 保存期間 / Retention: delete shared items whose retention period has passed.
+    Retention {
+        #[command(subcommand)]
+        cmd: retention_cmd::RetentionCmd,
     },
     /// 監査ログ / The audit log: verify it, show the checkpoint public key.
     Audit {
@@ -124,6 +136,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Synth(a) => synth_cmd::run(a),
         Command::Token { cmd } => token_cmd::run(cmd),
         Command::Audit { cmd } => audit_cmd::run(cmd),
+        Command::Demo(a) => demo_cmd::run(a),
+        Command::Retention { cmd } => retention_cmd::run(cmd),
         Command::Bench { cmd } => bench_cmd::run(cmd),
         Command::Packages => {
             let t = std::time::Instant::now();

@@ -45,6 +45,28 @@ pub struct ServeArgs {
     /// リクエスト本文の上限 (MB) / largest request body accepted, in MB
     #[arg(long, default_value_t = 64)]
     max_body_mb: usize,
+    /// 保存期間の処理の間隔 (時間、0 で無効) / hours between scheduled retention runs (0: never)
+    #[arg(long, default_value_t = 24)]
+    retention_hours: u64,
+}
+
+impl ServeArgs {
+    /// The settings `kizuna demo` serves with: development issuer, embedded SQLite in `data_dir`.
+    pub fn demo(addr: SocketAddr, data_dir: PathBuf) -> ServeArgs {
+        ServeArgs {
+            addr,
+            data_dir,
+            database: None,
+            dev_issuer: true,
+            jwks: None,
+            issuer: None,
+            audience: None,
+            validation: "enforce".into(),
+            base_url: None,
+            max_body_mb: 64,
+            retention_hours: 24,
+        }
+    }
 }
 
 /// Refusals by the auth middleware, written to the audit log.
@@ -62,15 +84,24 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(a))
+    rt.block_on(serve(a, None))
 }
 
-async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+/// Serves until Ctrl-C; `ready` receives the base URL once the port is bound.
+pub async fn serve(
+    a: ServeArgs,
+    ready: Option<tokio::sync::oneshot::Sender<String>>,
+) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&a.data_dir).with_context(|| a.data_dir.display().to_string())?;
+    // Bound first, so that port 0 (any free port) gives the real address in the base URL.
+    let listener = tokio::net::TcpListener::bind(a.addr)
+        .await
+        .with_context(|| a.addr.to_string())?;
+    let bound = listener.local_addr()?;
     let base_url = a
         .base_url
         .clone()
-        .unwrap_or_else(|| format!("http://{}/fhir", a.addr));
+        .unwrap_or_else(|| format!("http://{bound}/fhir"));
     let mut issuers = Vec::new();
     if let (Some(j), Some(iss), Some(aud)) = (&a.jwks, &a.issuer, &a.audience) {
         let source = if j.starts_with("http://") || j.starts_with("https://") {
@@ -125,6 +156,13 @@ async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         },
     )?;
     let audit = AuditWriter::spawn(log);
+    let share = Arc::new(kizuna_share::ShareService::new(
+        store.clone(),
+        kizuna_fhir::validate::Validator::builtin(),
+        Arc::new(kizuna_share::SystemClock),
+        kizuna_share::ShareConfig::default(),
+        Some(audit.clone()),
+    ));
     let auth = Arc::new(FhirAuth {
         verifier: TokenVerifier::new(issuers),
         auditor: Arc::new(AuditSink(audit.clone())),
@@ -143,11 +181,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         exports: kizuna_server::export::ExportJobs::open(&a.data_dir.join("export"))
             .with_context(|| a.data_dir.join("export").display().to_string())?,
         max_body_bytes: a.max_body_mb.saturating_mul(1024 * 1024),
+        share: Some(share.clone()),
     });
     let app = kizuna_server::router(state);
-    let listener = tokio::net::TcpListener::bind(a.addr)
-        .await
-        .with_context(|| a.addr.to_string())?;
     println!(
         "kizuna: {base_url} ({})",
         if url.starts_with("sqlite") {
@@ -157,6 +193,28 @@ async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     );
     println!("監査ログ公開鍵 / audit checkpoint public key: {public}");
+    if a.retention_hours > 0 {
+        // The scheduled retention job, acting as the operator (its decisions are audited as such).
+        let share = share.clone();
+        let every = std::time::Duration::from_secs(a.retention_hours * 3600);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                let op = crate::retention_cmd::scheduler();
+                match share.run_retention(&op).await {
+                    Ok(r) => tracing::info!(
+                        deleted = r.deleted.values().sum::<usize>(),
+                        "scheduled retention"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "scheduled retention failed"),
+                }
+            }
+        });
+    }
+    if let Some(tx) = ready {
+        let _ = tx.send(base_url.clone());
+    }
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

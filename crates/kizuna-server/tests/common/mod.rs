@@ -23,6 +23,15 @@ pub struct T {
 }
 
 pub async fn setup(auth: Option<Arc<kizuna_auth::http::FhirAuth>>) -> T {
+    setup_with(auth, false).await
+}
+
+/// A server with the sharing service on (its operations, and the policy on shared items).
+pub async fn setup_shared(auth: Option<Arc<kizuna_auth::http::FhirAuth>>) -> T {
+    setup_with(auth, true).await
+}
+
+async fn setup_with(auth: Option<Arc<kizuna_auth::http::FhirAuth>>, share: bool) -> T {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = Store::open(
         &format!("sqlite://{}", dir.path().join("k.db").display()),
@@ -44,6 +53,15 @@ pub async fn setup(auth: Option<Arc<kizuna_auth::http::FhirAuth>>) -> T {
         exports: kizuna_server::export::ExportJobs::open(&dir.path().join("export"))
             .unwrap_or_else(|e| panic!("{e}")),
         max_body_bytes: 64 << 20,
+        share: share.then(|| {
+            Arc::new(kizuna_share::ShareService::new(
+                store.clone(),
+                Validator::builtin(),
+                Arc::new(kizuna_share::SystemClock),
+                kizuna_share::ShareConfig::default(),
+                Some(audit.clone()),
+            ))
+        }),
     });
     T {
         app: router(state),

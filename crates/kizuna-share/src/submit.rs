@@ -1,0 +1,910 @@
+//! Registering submissions.
+//!
+//! A submission is a JP_Bundle_CLINS (傷病名, アレルギー or 検査 bundle), a document Bundle (診療情報提供書,
+//! 退院時サマリー, 健診結果報告書), a collection of a referral with the discharge summaries attached to
+//! it, or a prescription (MedicationRequest, from the e-prescription side: JP_Bundle_CLINS carries no
+//! prescriptions). It is:
+//!
+//! 1. size-checked (10 MB), parsed, validated against JP-CLINS (errors: 422, nothing stored);
+//! 2. attributed: the bundle identifier `医療機関番号^年^ID` names the institution, which must be the
+//!    caller's (the policy decides) and every item's own institution number;
+//! 3. matched to a person through the insured-person identifier and the person index;
+//! 4. split into items — each made self-contained (what it refers to inside the Bundle is copied
+//!    in as `contained`), pointed at the person, tagged with its facts;
+//! 5. stored in one transaction that also removes whatever the same bundle identifier registered
+//!    before: re-sending replaces, atomically.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kizuna_auth::Principal;
+use kizuna_store::WriteOp;
+use serde_json::{json, Value};
+
+use crate::identity::{MemberId, MEMBER_ID_SYSTEM};
+use crate::item::*;
+use crate::policy::{AccessContext, Request};
+use crate::{item_target, ShareError, ShareService};
+
+/// The resource types an item (or a document) is stored as.
+pub const ITEM_TYPES: [&str; 5] = [
+    "Condition",
+    "AllergyIntolerance",
+    "Observation",
+    "MedicationRequest",
+    "Bundle",
+];
+
+/// The extension carrying an item's institution number in JP-CLINS.
+const INSTITUTION_EXT: &str =
+    "http://jpfhir.jp/fhir/clins/Extension/StructureDefinition/JP_eCS_InstitutionNumber";
+
+/// What a submission did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SubmissionReport {
+    /// The bundle identifier (or the prescription's).
+    pub identifier: String,
+    /// The person the items belong to.
+    pub person: String,
+    /// Items stored, by kind code.
+    pub stored: BTreeMap<String, usize>,
+    /// Resources of an earlier submission with the same identifier that were replaced.
+    pub replaced: usize,
+    /// The document waiting in an inbox, for referrals and discharge summaries.
+    pub inbox_document: Option<String>,
+}
+
+/// `meta.source` of everything one submission stored.
+pub fn source_uri(identifier: &str) -> String {
+    format!(
+        "urn:kizuna:submission:{}",
+        identifier.replace('%', "%25").replace('^', "%5E")
+    )
+}
+
+/// The institution number at the front of a bundle identifier `医療機関番号^年^ID`.
+fn institution_of(identifier: &str) -> Option<&str> {
+    let mut parts = identifier.split('^');
+    let inst = parts.next()?;
+    let (year, id) = (parts.next()?, parts.next()?);
+    (inst.len() == 10
+        && inst.bytes().all(|b| b.is_ascii_digit())
+        && year.len() == 4
+        && !id.is_empty()
+        && parts.next().is_none())
+    .then_some(inst)
+}
+
+fn entries(b: &Value) -> &[Value] {
+    b.get("entry")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+fn institution_ext(r: &Value) -> Option<&str> {
+    r.get("extension")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(INSTITUTION_EXT))?
+        .pointer("/valueIdentifier/value")
+        .and_then(Value::as_str)
+}
+
+fn identifier_in(r: &Value, system: &str) -> Option<String> {
+    r.get("identifier")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .chain(r.get("identifier").filter(|v| v.is_object()))
+        .find(|i| i.get("system").and_then(Value::as_str) == Some(system))
+        .and_then(|i| i.get("value").and_then(Value::as_str))
+        .map(str::to_string)
+}
+
+/// Makes an entry's resource self-contained: references to other entries of the Bundle become
+/// `contained` copies (`#c1` …), references to the Patient point at the person.
+fn self_contained(r: &Value, bundle: &Value, patient_urls: &[String], person: &str) -> Value {
+    let by_url: HashMap<&str, &Value> = entries(bundle)
+        .iter()
+        .filter_map(|e| Some((e.get("fullUrl")?.as_str()?, e.get("resource")?)))
+        .collect();
+    let mut out = r.clone();
+    let mut contained: Vec<Value> = out
+        .get("contained")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut copied: HashMap<String, String> = HashMap::new();
+    fn walk(
+        v: &mut Value,
+        by_url: &HashMap<&str, &Value>,
+        patient_urls: &[String],
+        person: &str,
+        contained: &mut Vec<Value>,
+        copied: &mut HashMap<String, String>,
+    ) {
+        match v {
+            Value::Object(o) => {
+                if let Some(Value::String(rf)) = o.get_mut("reference") {
+                    if patient_urls.iter().any(|u| u == rf) {
+                        *rf = format!("Patient/{person}");
+                    } else if let Some(target) = by_url.get(rf.as_str()) {
+                        let local = match copied.get(rf.as_str()) {
+                            Some(l) => l.clone(),
+                            None => {
+                                let l = format!("c{}", copied.len() + 1);
+                                let mut t = (*target).clone();
+                                t["id"] = json!(l);
+                                if let Some(m) = t.as_object_mut() {
+                                    // A contained resource carries no meta of its own here.
+                                    m.remove("meta");
+                                }
+                                contained.push(t);
+                                copied.insert(rf.clone(), l.clone());
+                                l
+                            }
+                        };
+                        *rf = format!("#{local}");
+                    }
+                }
+                for (k, x) in o.iter_mut() {
+                    if k != "contained" {
+                        walk(x, by_url, patient_urls, person, contained, copied);
+                    }
+                }
+            }
+            Value::Array(a) => a
+                .iter_mut()
+                .for_each(|x| walk(x, by_url, patient_urls, person, contained, copied)),
+            _ => {}
+        }
+    }
+    walk(
+        &mut out,
+        &by_url,
+        patient_urls,
+        person,
+        &mut contained,
+        &mut copied,
+    );
+    // References inside the copies point at the person too (a copied Encounter's subject).
+    for c in contained.iter_mut() {
+        let mut none = HashMap::new();
+        let mut extra = Vec::new();
+        walk(
+            c,
+            &HashMap::new(),
+            patient_urls,
+            person,
+            &mut extra,
+            &mut none,
+        );
+    }
+    if !contained.is_empty() {
+        out["contained"] = Value::Array(contained);
+    }
+    out
+}
+
+/// Tags an item with its facts and provenance.
+fn tag_item(
+    r: &mut Value,
+    kind: ItemKind,
+    person: &str,
+    institution: &str,
+    source: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    r["id"] = json!(kizuna_store::new_id());
+    set_tag(r, TAG_ITEM, kind.code());
+    set_tag(r, TAG_PERSON, person);
+    set_tag(r, TAG_INSTITUTION, institution);
+    r["meta"]["source"] = json!(source);
+    set_instant(r, EXT_REGISTERED, now);
+}
+
+/// The Patient entries of a Bundle: their fullUrls and the insured-person identifier they carry.
+fn patient_of(b: &Value) -> Result<(Vec<String>, MemberId), ShareError> {
+    let mut urls = Vec::new();
+    let mut member = None;
+    for (i, e) in entries(b).iter().enumerate() {
+        let Some(r) = e.get("resource") else { continue };
+        if r.get("resourceType").and_then(Value::as_str) != Some("Patient") {
+            continue;
+        }
+        if let Some(u) = e.get("fullUrl").and_then(Value::as_str) {
+            urls.push(u.to_string());
+        }
+        if let Some(id) = r.get("id").and_then(Value::as_str) {
+            urls.push(format!("Patient/{id}"));
+        }
+        if member.is_none() {
+            if let Some(text) = identifier_in(r, MEMBER_ID_SYSTEM) {
+                member = Some(MemberId::parse(&text).map_err(|err| {
+                    ShareError::invalid(
+                        format!("Bundle.entry[{i}].resource.identifier"),
+                        err.to_string(),
+                        err.to_string(),
+                    )
+                })?);
+            }
+        }
+    }
+    let member = member.ok_or_else(|| {
+        ShareError::invalid(
+            "Bundle.entry.resource.ofType(Patient).identifier",
+            "患者の被保険者番号 (JP_Insurance_memberID) がありません",
+            "the Patient has no insured-person identifier (JP_Insurance_memberID)",
+        )
+    })?;
+    Ok((urls, member))
+}
+
+/// Institution numbers of the Organizations a Composition section lists (`910` 紹介先情報).
+fn section_institutions(b: &Value, section_code: &str) -> Vec<String> {
+    let by_url: HashMap<&str, &Value> = entries(b)
+        .iter()
+        .filter_map(|e| Some((e.get("fullUrl")?.as_str()?, e.get("resource")?)))
+        .collect();
+    let Some(comp) = entries(b)
+        .iter()
+        .filter_map(|e| e.get("resource"))
+        .find(|r| r.get("resourceType").and_then(Value::as_str) == Some("Composition"))
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for s in comp
+        .get("section")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let code_matches = s
+            .pointer("/code/coding")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|c| c.get("code").and_then(Value::as_str) == Some(section_code));
+        if !code_matches {
+            continue;
+        }
+        for e in s
+            .get("entry")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let target = e
+                .get("reference")
+                .and_then(Value::as_str)
+                .and_then(|r| by_url.get(r));
+            if let Some(org) = target {
+                if org.get("resourceType").and_then(Value::as_str) == Some("Organization") {
+                    out.extend(identifier_in(org, INSTITUTION_SYSTEM));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The insurer of a check-up report: the insurer Organization's 保険者番号.
+fn checkup_insurer(b: &Value) -> Option<String> {
+    entries(b)
+        .iter()
+        .filter_map(|e| e.get("resource"))
+        .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some("Organization"))
+        .find_map(|r| identifier_in(r, INSURER_SYSTEM))
+}
+
+/// A document's submitting institution, when it names one (Composition.custodian).
+fn custodian_institution(b: &Value) -> Option<String> {
+    let comp = entries(b)
+        .iter()
+        .filter_map(|e| e.get("resource"))
+        .find(|r| r.get("resourceType").and_then(Value::as_str) == Some("Composition"))?;
+    let rf = comp
+        .pointer("/custodian/reference")
+        .and_then(Value::as_str)?;
+    let org = entries(b)
+        .iter()
+        .find(|e| e.get("fullUrl").and_then(Value::as_str) == Some(rf))?
+        .get("resource")?;
+    identifier_in(org, INSTITUTION_SYSTEM)
+}
+
+impl ShareService {
+    fn validate_or_refuse(&self, r: &Value) -> Result<(), ShareError> {
+        let oo = self.validator().validate(r);
+        if oo.has_errors() {
+            let mut oo = oo;
+            oo.issues
+                .retain(|i| i.severity <= kizuna_fhir::outcome::Severity::Error);
+            return Err(ShareError::Validation(oo));
+        }
+        Ok(())
+    }
+
+    /// Registers one submission (see the module documentation); `destination` names the institution
+    /// a discharge summary sent on its own goes to.
+    pub async fn submit(
+        &self,
+        p: &Principal,
+        body: &[u8],
+        destination: Option<&str>,
+    ) -> Result<SubmissionReport, ShareError> {
+        if body.len() > self.config().max_submission_bytes {
+            return Err(ShareError::TooLarge(self.config().max_submission_bytes));
+        }
+        let v: Value = serde_json::from_slice(body).map_err(|e| {
+            ShareError::invalid(
+                "",
+                format!("JSON が不正です: {e}"),
+                format!("invalid JSON: {e}"),
+            )
+        })?;
+        match v.get("resourceType").and_then(Value::as_str) {
+            Some("MedicationRequest") => self.submit_prescription(p, v).await,
+            Some("Bundle") => self.submit_bundle(p, v, destination).await,
+            _ => Err(ShareError::invalid(
+                "resourceType",
+                "Bundle か MedicationRequest が必要です",
+                "expected a Bundle or a MedicationRequest",
+            )),
+        }
+    }
+
+    /// The submitting institution, checked by the policy.
+    fn authorise_submission(&self, p: &Principal, identifier: &str) -> Result<String, ShareError> {
+        let inst = institution_of(identifier).ok_or_else(|| {
+            ShareError::invalid(
+                "Bundle.identifier.value",
+                "Bundle の識別子は 医療機関番号^年^ID です",
+                "the bundle identifier must be 医療機関番号^年^ID",
+            )
+        })?;
+        let d = self.check(
+            p,
+            &Request::Submit { institution: inst },
+            &AccessContext::default(),
+            "submit",
+            kizuna_audit::Target::default(),
+        );
+        if !d.allowed {
+            return Err(ShareError::Denied(d.rule));
+        }
+        Ok(inst.to_string())
+    }
+
+    async fn submit_bundle(
+        &self,
+        p: &Principal,
+        b: Value,
+        destination: Option<&str>,
+    ) -> Result<SubmissionReport, ShareError> {
+        let identifier = b
+            .get("identifier")
+            .filter(|i| i.get("system").and_then(Value::as_str) == Some(BUNDLE_ID_SYSTEM))
+            .and_then(|i| i.get("value").and_then(Value::as_str))
+            .ok_or_else(|| {
+                ShareError::invalid(
+                    "Bundle.identifier",
+                    format!("Bundle.identifier ({BUNDLE_ID_SYSTEM}) がありません"),
+                    format!("Bundle.identifier ({BUNDLE_ID_SYSTEM}) is missing"),
+                )
+            })?
+            .to_string();
+        let inst = self.authorise_submission(p, &identifier)?;
+        let now = self.now();
+        let source = source_uri(&identifier);
+        let clins = b
+            .pointer("/meta/profile")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .any(|p| p.contains("JP_Bundle_CLINS"));
+        // A referral with its discharge summaries: a collection whose entries are documents.
+        let package: Vec<Value> = if b.get("type").and_then(Value::as_str) == Some("collection")
+            && !clins
+            && !entries(&b).is_empty()
+            && entries(&b).iter().all(|e| {
+                e.pointer("/resource/resourceType").and_then(Value::as_str) == Some("Bundle")
+            }) {
+            entries(&b)
+                .iter()
+                .filter_map(|e| e.get("resource").cloned())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut writes: Vec<Value> = Vec::new();
+        let mut inbox_document = None;
+        let person;
+        if clins {
+            let t = std::time::Instant::now();
+            self.validate_or_refuse(&b)?;
+            let validated = t.elapsed();
+            let (patient_urls, member) = patient_of(&b)?;
+            person = self
+                .resolve_member(&member)
+                .await?
+                .ok_or(ShareError::UnknownMember)?;
+            tracing::debug!(
+                validate_us = validated.as_micros() as u64,
+                resolve_us = (t.elapsed() - validated).as_micros() as u64,
+                "submit stages"
+            );
+            for (i, e) in entries(&b).iter().enumerate() {
+                let Some(r) = e.get("resource") else { continue };
+                let Some(kind) = classify(r) else { continue };
+                if kind == ItemKind::Prescription {
+                    return Err(ShareError::invalid(
+                        format!("Bundle.entry[{i}].resource"),
+                        "JP_Bundle_CLINS に処方は含められません",
+                        "a JP_Bundle_CLINS cannot carry prescriptions",
+                    ));
+                }
+                if let Some(own) = institution_ext(r) {
+                    if own != inst {
+                        return Err(ShareError::invalid(
+                            format!("Bundle.entry[{i}].resource.extension"),
+                            "項目の医療機関番号が Bundle の識別子と違います",
+                            "the item's institution number differs from the bundle identifier's",
+                        ));
+                    }
+                }
+                let mut item = self_contained(r, &b, &patient_urls, &person);
+                tag_item(&mut item, kind, &person, &inst, &source, now);
+                writes.push(item);
+            }
+        } else if !package.is_empty() {
+            for d in &package {
+                self.validate_or_refuse(d)?;
+            }
+            let referral = package
+                .iter()
+                .find(|d| document_kind(d) == Some(ItemKind::Referral))
+                .ok_or_else(|| {
+                    ShareError::invalid(
+                        "Bundle.entry",
+                        "添付の束には診療情報提供書が 1 通必要です",
+                        "a package needs one referral (診療情報提供書)",
+                    )
+                })?;
+            let (referral_doc, mut extracted, p2) = self
+                .document_items(referral, ItemKind::Referral, &inst, &source, now, None)
+                .await?;
+            person = p2;
+            let dest = referral_doc.0.clone().unwrap_or_default();
+            let ref_id = referral_doc.1["id"].as_str().unwrap_or("").to_string();
+            inbox_document = Some(format!("Bundle/{ref_id}"));
+            writes.push(referral_doc.1);
+            writes.append(&mut extracted);
+            for d in package.iter().filter(|d| !std::ptr::eq(*d, referral)) {
+                if document_kind(d) != Some(ItemKind::DischargeSummary) {
+                    return Err(ShareError::invalid(
+                        "Bundle.entry",
+                        "添付できるのは退院時サマリーです",
+                        "only discharge summaries can be attached to a referral",
+                    ));
+                }
+                let (doc, mut items, _) = self
+                    .document_items(
+                        d,
+                        ItemKind::DischargeSummary,
+                        &inst,
+                        &source,
+                        now,
+                        Some(&dest),
+                    )
+                    .await?;
+                let mut doc = doc.1;
+                set_tag(&mut doc, TAG_ATTACHED_TO, &ref_id);
+                writes.push(doc);
+                writes.append(&mut items);
+            }
+        } else {
+            let kind = document_kind(&b).ok_or_else(|| {
+                ShareError::invalid(
+                    "Bundle.meta.profile",
+                    "JP_Bundle_CLINS か文書 (診療情報提供書・退院時サマリー・健診結果報告書) の Bundle が必要です",
+                    "expected a JP_Bundle_CLINS or a document Bundle (referral, discharge summary, check-up report)",
+                )
+            })?;
+            self.validate_or_refuse(&b)?;
+            let (doc, mut items, p2) = self
+                .document_items(&b, kind, &inst, &source, now, destination)
+                .await?;
+            person = p2;
+            let (dest, doc) = doc;
+            let doc_id = doc["id"].as_str().unwrap_or("").to_string();
+            if kind == ItemKind::DischargeSummary {
+                // Sent on its own: the service writes a cover letter to the destination.
+                let dest = dest.ok_or_else(|| {
+                    ShareError::invalid(
+                        "destination",
+                        "単独の退院時サマリーには送付先 (destination) が必要です",
+                        "a discharge summary sent on its own needs a destination",
+                    )
+                })?;
+                let cover = self.cover_referral(&doc_id, &person, &inst, &dest, &source, now);
+                inbox_document = cover["id"].as_str().map(|i| format!("Bundle/{i}"));
+                let mut doc = doc;
+                if let Some(c) = cover["id"].as_str() {
+                    set_tag(&mut doc, TAG_ATTACHED_TO, c);
+                }
+                writes.push(cover);
+                writes.push(doc);
+            } else {
+                if kind == ItemKind::Referral {
+                    inbox_document = Some(format!("Bundle/{doc_id}"));
+                }
+                writes.push(doc);
+            }
+            writes.append(&mut items);
+        }
+        self.store_submission(p, &identifier, &source, &person, writes, inbox_document)
+            .await
+    }
+
+    /// A document and the six items it carries (never prescriptions): the stored document with its
+    /// destination, the extracted items, and the person.
+    async fn document_items(
+        &self,
+        b: &Value,
+        kind: ItemKind,
+        inst: &str,
+        source: &str,
+        now: chrono::DateTime<chrono::Utc>,
+        destination: Option<&str>,
+    ) -> Result<((Option<String>, Value), Vec<Value>, String), ShareError> {
+        if let Some(c) = custodian_institution(b) {
+            if c != inst {
+                return Err(ShareError::invalid(
+                    "Composition.custodian",
+                    "文書の作成機関が Bundle の識別子と違います",
+                    "the document's custodian differs from the bundle identifier's institution",
+                ));
+            }
+        }
+        let (patient_urls, member) = patient_of(b)?;
+        let person = self
+            .resolve_member(&member)
+            .await?
+            .ok_or(ShareError::UnknownMember)?;
+        let mut doc = b.clone();
+        tag_item(&mut doc, kind, &person, inst, source, now);
+        let mut dest = destination.map(str::to_string);
+        match kind {
+            ItemKind::Referral => {
+                let named = section_institutions(b, "910");
+                let d = named.into_iter().next().ok_or_else(|| {
+                    ShareError::invalid(
+                        "Composition.section.where(code.coding.code='910').entry",
+                        "診療情報提供書には紹介先の医療機関 (医療機関番号) が必要です",
+                        "a referral must name its destination institution (医療機関番号)",
+                    )
+                })?;
+                dest = Some(d);
+            }
+            ItemKind::Checkup => {
+                let ins = checkup_insurer(b).ok_or_else(|| {
+                    ShareError::invalid(
+                        "Bundle.entry.resource.ofType(Organization).identifier",
+                        "健診結果報告書に保険者番号がありません",
+                        "the check-up report names no insurer (保険者番号)",
+                    )
+                })?;
+                set_tag(&mut doc, TAG_INSURER, &ins);
+            }
+            _ => {}
+        }
+        if let Some(d) = &dest {
+            if kind != ItemKind::Checkup {
+                set_tag(&mut doc, TAG_DESTINATION, d);
+                set_tag(&mut doc, TAG_INBOX, "pending");
+            }
+        }
+        // The six items inside a referral or discharge summary are registered too; prescriptions
+        // are not taken from documents, and check-up results stay in their report.
+        let mut items = Vec::new();
+        if matches!(kind, ItemKind::Referral | ItemKind::DischargeSummary) {
+            for e in entries(b) {
+                let Some(r) = e.get("resource") else { continue };
+                match classify(r) {
+                    Some(ItemKind::Prescription) | None => {}
+                    Some(k) => {
+                        let mut item = self_contained(r, b, &patient_urls, &person);
+                        tag_item(&mut item, k, &person, inst, source, now);
+                        items.push(item);
+                    }
+                }
+            }
+        }
+        Ok(((dest, doc), items, person))
+    }
+
+    /// The cover letter (送付状) for a discharge summary sent on its own: a minimal document addressed
+    /// to the destination, referring to the summary.
+    fn cover_referral(
+        &self,
+        summary_id: &str,
+        person: &str,
+        inst: &str,
+        dest: &str,
+        source: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Value {
+        let stamp = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let mut cover = json!({
+            "resourceType": "Bundle",
+            "type": "document",
+            "timestamp": stamp,
+            "entry": [{
+                "fullUrl": "urn:uuid:cover-composition",
+                "resource": {
+                    "resourceType": "Composition",
+                    "status": "final",
+                    "type": {"coding": [{"system": "http://jpfhir.jp/fhir/Common/CodeSystem/doc-typecodes", "code": "57133-1", "display": "診療情報提供書"}]},
+                    "title": "送付状 (退院時サマリー) / cover letter (discharge summary)",
+                    "subject": {"reference": format!("Patient/{person}")},
+                    "date": stamp,
+                    "author": [{"identifier": {"system": INSTITUTION_SYSTEM, "value": inst}}],
+                    "section": [
+                        {"title": "紹介先情報", "code": {"coding": [{"code": "910"}]}, "entry": [{"identifier": {"system": INSTITUTION_SYSTEM, "value": dest}}]},
+                        {"title": "添付 / attachment", "entry": [{"reference": format!("Bundle/{summary_id}")}]}
+                    ]
+                }
+            }]
+        });
+        tag_item(&mut cover, ItemKind::Referral, person, inst, source, now);
+        set_tag(&mut cover, TAG_DESTINATION, dest);
+        set_tag(&mut cover, TAG_INBOX, "pending");
+        cover
+    }
+
+    async fn submit_prescription(
+        &self,
+        p: &Principal,
+        mut r: Value,
+    ) -> Result<SubmissionReport, ShareError> {
+        let inst = institution_ext(&r)
+            .ok_or_else(|| {
+                ShareError::invalid(
+                    "MedicationRequest.extension",
+                    "処方に医療機関番号 (JP_eCS_InstitutionNumber) がありません",
+                    "the prescription names no institution (JP_eCS_InstitutionNumber)",
+                )
+            })?
+            .to_string();
+        let rid = identifier_in(
+            &r,
+            "http://jpfhir.jp/fhir/core/IdSystem/resourceInstance-identifier",
+        )
+        .ok_or_else(|| {
+            ShareError::invalid(
+                "MedicationRequest.identifier",
+                "処方の識別子 (resourceInstance-identifier) がありません",
+                "the prescription has no resourceInstance-identifier",
+            )
+        })?;
+        let year = r
+            .get("authoredOn")
+            .and_then(Value::as_str)
+            .and_then(|a| a.get(..4))
+            .unwrap_or("0000")
+            .to_string();
+        let identifier = format!("{inst}^{year}^RX{rid}");
+        self.authorise_submission(p, &identifier)?;
+        self.validate_or_refuse(&r)?;
+        let member = r
+            .pointer("/subject/identifier")
+            .filter(|i| i.get("system").and_then(Value::as_str) == Some(MEMBER_ID_SYSTEM))
+            .and_then(|i| i.get("value").and_then(Value::as_str))
+            .ok_or_else(|| {
+                ShareError::invalid(
+                    "MedicationRequest.subject.identifier",
+                    "処方の患者 (被保険者番号) がありません",
+                    "the prescription names no patient (insured-person identifier)",
+                )
+            })?;
+        let member = MemberId::parse(member).map_err(|e| {
+            ShareError::invalid(
+                "MedicationRequest.subject.identifier",
+                e.to_string(),
+                e.to_string(),
+            )
+        })?;
+        let person = self
+            .resolve_member(&member)
+            .await?
+            .ok_or(ShareError::UnknownMember)?;
+        r["subject"] = json!({"reference": format!("Patient/{person}")});
+        let source = source_uri(&identifier);
+        tag_item(
+            &mut r,
+            ItemKind::Prescription,
+            &person,
+            &inst,
+            &source,
+            self.now(),
+        );
+        self.store_submission(p, &identifier, &source, &person, vec![r], None)
+            .await
+    }
+
+    /// The ids of everything a submission stored.
+    pub(crate) async fn submission_contents(
+        &self,
+        source: &str,
+    ) -> Result<Vec<(String, String)>, ShareError> {
+        let mut out = Vec::new();
+        for rt in ITEM_TYPES {
+            let q = crate::lookup(&[("_source".into(), source.to_string())]);
+            for id in self.store().search_ids(rt, &q).await? {
+                out.push((rt.to_string(), id));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn store_submission(
+        &self,
+        p: &Principal,
+        identifier: &str,
+        source: &str,
+        person: &str,
+        writes: Vec<Value>,
+        inbox_document: Option<String>,
+    ) -> Result<SubmissionReport, ShareError> {
+        let _turn = self.identifier_turn(source).await;
+        let t = std::time::Instant::now();
+        let earlier = self.submission_contents(source).await?;
+        let looked = t.elapsed();
+        let replaced = earlier.len();
+        let mut ops: Vec<WriteOp> = earlier
+            .into_iter()
+            .map(|(rt, id)| WriteOp::Delete {
+                resource_type: rt,
+                id,
+            })
+            .collect();
+        let mut stored: BTreeMap<String, usize> = BTreeMap::new();
+        let mut audit = Vec::with_capacity(writes.len());
+        let time = self.now().to_rfc3339();
+        for w in writes {
+            let kind = tags(&w, TAG_ITEM).next().unwrap_or("").to_string();
+            *stored.entry(kind).or_default() += 1;
+            audit.push(kizuna_audit::NewEntry {
+                time: time.clone(),
+                actor: p.audit_actor(),
+                action: "submit".into(),
+                target: item_target(
+                    w["resourceType"].as_str().unwrap_or(""),
+                    w["id"].as_str().unwrap_or(""),
+                    person,
+                ),
+                purpose: kizuna_audit::Purpose::Treatment,
+                outcome: kizuna_audit::Outcome::allow("submitting-institution"),
+                source: None,
+                request: Some(source.to_string()),
+            });
+            ops.push(WriteOp::CreateWithId { resource: w });
+        }
+        self.store().transaction(ops).await?;
+        let written = t.elapsed();
+        self.audit_batch(audit);
+        self.audit_durable().await;
+        tracing::debug!(
+            contents_us = looked.as_micros() as u64,
+            write_us = (written - looked).as_micros() as u64,
+            audit_us = (t.elapsed() - written).as_micros() as u64,
+            "submit stages"
+        );
+        tracing::info!(
+            items = stored.values().sum::<usize>(),
+            replaced,
+            "submission registered"
+        );
+        Ok(SubmissionReport {
+            identifier: identifier.to_string(),
+            person: person.to_string(),
+            stored,
+            replaced,
+            inbox_document,
+        })
+    }
+
+    /// Withdraws a submission: everything it stored is deleted (audited).
+    pub async fn withdraw(&self, p: &Principal, identifier: &str) -> Result<usize, ShareError> {
+        let inst = institution_of(identifier).ok_or_else(|| {
+            ShareError::invalid(
+                "identifier",
+                "識別子は 医療機関番号^年^ID です",
+                "the identifier must be 医療機関番号^年^ID",
+            )
+        })?;
+        let d = self.check(
+            p,
+            &Request::Withdraw { institution: inst },
+            &AccessContext::default(),
+            "withdraw",
+            kizuna_audit::Target::default(),
+        );
+        if !d.allowed {
+            return Err(ShareError::Denied(d.rule));
+        }
+        let source = source_uri(identifier);
+        let _turn = self.identifier_turn(&source).await;
+        let contents = self.submission_contents(&source).await?;
+        if contents.is_empty() {
+            return Err(ShareError::NotFound(identifier.to_string()));
+        }
+        let n = contents.len();
+        let ops = contents
+            .iter()
+            .map(|(rt, id)| WriteOp::Delete {
+                resource_type: rt.clone(),
+                id: id.clone(),
+            })
+            .collect();
+        self.store().transaction(ops).await?;
+        let time = self.now().to_rfc3339();
+        self.audit_batch(
+            contents
+                .into_iter()
+                .map(|(rt, id)| kizuna_audit::NewEntry {
+                    time: time.clone(),
+                    actor: p.audit_actor(),
+                    action: "withdraw".into(),
+                    target: kizuna_audit::Target {
+                        resource_type: Some(rt),
+                        resource_id: Some(id),
+                        ..Default::default()
+                    },
+                    purpose: kizuna_audit::Purpose::Treatment,
+                    outcome: kizuna_audit::Outcome::allow("submitting-institution"),
+                    source: None,
+                    request: Some(source.clone()),
+                })
+                .collect(),
+        );
+        self.audit_durable().await;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundle_identifiers_name_the_institution() {
+        assert_eq!(
+            institution_of("1313312187^2025^818249895632"),
+            Some("1313312187")
+        );
+        assert_eq!(institution_of("131331218^2025^1"), None);
+        assert_eq!(institution_of("1313312187^25^1"), None);
+        assert_eq!(institution_of("1313312187^2025^"), None);
+        assert_eq!(institution_of("1313312187^2025^1^2"), None);
+    }
+
+    #[test]
+    fn entries_become_self_contained() {
+        let b = json!({"entry": [
+            {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient"}},
+            {"fullUrl": "urn:uuid:e", "resource": {"resourceType": "Encounter", "id": "e1", "meta": {"profile": ["x"]}, "subject": {"reference": "urn:uuid:p"}}},
+            {"fullUrl": "urn:uuid:c", "resource": {"resourceType": "Condition", "subject": {"reference": "urn:uuid:p"}, "encounter": {"reference": "urn:uuid:e"}, "recorder": {"reference": "urn:uuid:e"}}}
+        ]});
+        let c = self_contained(&b["entry"][2]["resource"], &b, &["urn:uuid:p".into()], "P1");
+        assert_eq!(c["subject"]["reference"], "Patient/P1");
+        assert_eq!(c["encounter"]["reference"], "#c1");
+        assert_eq!(c["recorder"]["reference"], "#c1", "one copy per target");
+        assert_eq!(c["contained"].as_array().map(Vec::len), Some(1));
+        assert_eq!(c["contained"][0]["subject"]["reference"], "Patient/P1");
+        assert!(c["contained"][0].get("meta").is_none());
+    }
+}

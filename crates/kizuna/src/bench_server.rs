@@ -1,0 +1,178 @@
+//! What the HTTP benchmarks share: a `kizuna serve` child process on a loopback port with the
+//! development issuer, percentiles, the server's memory and the machine's facts.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+/// A `kizuna serve` child process on a free loopback port, killed when dropped.
+pub struct BenchServer {
+    /// The child process.
+    pub child: Child,
+    /// `http://127.0.0.1:{port}/fhir`.
+    pub base: String,
+    /// An operator token.
+    pub token: String,
+    /// The development issuer the server trusts, for tokens of other roles.
+    pub dev: kizuna_auth::dev::DevIssuer,
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl BenchServer {
+    /// Starts `kizuna serve --dev-issuer` on SQLite or PostgreSQL (`db`) with the validation mode
+    /// given, and waits until it answers.
+    pub fn start(data: &Path, db: &str, validation: &str) -> anyhow::Result<BenchServer> {
+        let port = free_port()?;
+        let base = format!("http://127.0.0.1:{port}/fhir");
+        let exe = std::env::current_exe()?;
+        let child = Command::new(exe)
+            .args(["serve", "--dev-issuer", "--addr"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--database", db, "--validation", validation])
+            .stdout(Stdio::null())
+            .stderr(match std::env::var_os("KIZUNA_BENCH_SERVER_LOG") {
+                Some(p) => std::fs::File::create(p)
+                    .map(Stdio::from)
+                    .unwrap_or(Stdio::null()),
+                None => Stdio::null(),
+            })
+            .spawn()
+            .context("kizuna serve を起動できません / cannot start kizuna serve")?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build();
+        let health = format!("http://127.0.0.1:{port}/healthz");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while agent.get(&health).call().is_err() {
+            if Instant::now() > deadline {
+                bail!("サーバーが起動しません / the server did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let dev = kizuna_auth::dev::DevIssuer::load_or_create(&data.join("dev-issuer.key"), &base)?;
+        let mut r = kizuna_auth::dev::TokenRequest::for_role(kizuna_auth::Role::Operator);
+        r.subject = "bench".into();
+        r.scope = "system/*.cruds".into();
+        r.lifetime = 24 * 3600;
+        let token = dev.issue(&r, chrono::Utc::now().timestamp())?;
+        Ok(BenchServer {
+            child,
+            base,
+            token,
+            dev,
+        })
+    }
+
+    /// A token of another role for this server.
+    pub fn token_for(&self, r: &kizuna_auth::dev::TokenRequest) -> anyhow::Result<String> {
+        Ok(self.dev.issue(r, chrono::Utc::now().timestamp())?)
+    }
+}
+
+/// `VmRSS` and `VmHWM` of a process, in MiB (Linux).
+pub fn rss_mib(pid: u32) -> Option<(f64, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|k| k.parse::<f64>().ok())
+            .map(|k| k / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// p50, p99 and max of a set of durations, in milliseconds.
+pub fn percentiles(mut d: Vec<Duration>) -> Value {
+    d.sort_unstable();
+    let at = |p: f64| {
+        d.get(((d.len() as f64 - 1.0) * p).round() as usize)
+            .map(|x| x.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0)
+    };
+    json!({"n": d.len(), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0)})
+}
+
+/// GET with the operator token; the answer as JSON.
+pub fn get_json(agent: &ureq::Agent, srv: &BenchServer, url: &str) -> anyhow::Result<Value> {
+    let r = agent
+        .get(url)
+        .set("authorization", &format!("Bearer {}", srv.token))
+        .call()
+        .map_err(|e| anyhow::anyhow!("{url}: {}", status_of(&e)))?;
+    Ok(serde_json::from_reader(r.into_reader())?)
+}
+
+/// A short text for a failed call.
+pub fn status_of(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Status(c, _) => format!("HTTP {c}"),
+        ureq::Error::Transport(t) => t.to_string(),
+    }
+}
+
+/// Facts about the machine the figures come from.
+pub fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|x| x.trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|k| (k / 1024.0 / 1024.0 * 10.0).round() / 10.0);
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu": cpu,
+        "memory_gib": mem_gib,
+        "os": std::env::consts::OS,
+        "kizuna": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// Runs a benchmark in a temporary directory of its own (removed afterwards, pass or fail), writes
+/// its JSON report to `out` and prints it.
+pub fn run_in_temp(
+    name: &str,
+    out: &Path,
+    bench: impl FnOnce(&Path) -> anyhow::Result<Value>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let tmp = std::env::temp_dir().join(format!("kizuna-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let result = bench(&tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let report = result?;
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(std::process::ExitCode::SUCCESS)
+}

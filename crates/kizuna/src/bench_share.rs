@@ -1,0 +1,316 @@
+//! `kizuna bench share`: the sharing service measured as its clients see it. A `kizuna serve`
+//! child (SQLite in a temporary directory, or `--database`) receives eligibility records, then every
+//! submission of a generated population through `Bundle/$submit` from several institution systems
+//! at once — with full JP-CLINS validation, the policy decision and the audit record on each — and
+//! then answers `$summary` (after consent and in an emergency) and `$my-record`. The report (JSON)
+//! gives bundles/s, resources/s and latencies.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::Args;
+use kizuna_auth::dev::TokenRequest;
+use kizuna_auth::Role;
+use serde_json::{json, Value};
+
+use crate::bench_server::{percentiles, rss_mib, status_of, BenchServer};
+use crate::share_load::{eligibility_bundles, resources_in, submissions, Submission};
+
+/// Options of `kizuna bench share`.
+#[derive(Args)]
+pub struct ShareBenchArgs {
+    /// 合成する人数 / people to generate and register
+    #[arg(long, default_value_t = 2_000)]
+    patients: u64,
+    /// データベース URL (省略時は一時ディレクトリの SQLite) / database URL (default: SQLite in a temporary directory)
+    #[arg(long)]
+    database: Option<String>,
+    /// 同時に送信する医療機関システム数 / institution systems submitting at once
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// $summary などの試行回数 / repetitions of $summary and $my-record
+    #[arg(long, default_value_t = 300)]
+    samples: usize,
+    /// 乱数の種 / seed
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// 結果 JSON の出力先 / where to write the JSON report
+    #[arg(long, default_value = "kizuna-data/bench/share.json")]
+    out: PathBuf,
+}
+
+/// The institution whose clinicians read summaries in the benchmark (not one that submits).
+const READER: &str = "2713456781";
+/// A second one, for emergency access without consent.
+const EMERGENCY: &str = "1319876540";
+
+/// Runs the benchmark.
+pub fn run(a: ShareBenchArgs) -> anyhow::Result<ExitCode> {
+    crate::bench_server::run_in_temp("share", &a.out.clone(), |tmp| bench(&a, tmp))
+}
+
+/// A call with a bearer token; the status and the JSON answer.
+fn call(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    token: &str,
+    body: Option<&str>,
+) -> anyhow::Result<Value> {
+    let r = agent
+        .request(method, url)
+        .set("authorization", &format!("Bearer {token}"));
+    let res = match body {
+        Some(b) => r
+            .set("content-type", "application/fhir+json")
+            .send_string(b),
+        None => r.call(),
+    };
+    let resp = res.map_err(|e| anyhow::anyhow!("{method} {url}: {}", status_of(&e)))?;
+    Ok(serde_json::from_reader(resp.into_reader()).unwrap_or(Value::Null))
+}
+
+/// What the submitting clients measured.
+#[derive(Default)]
+struct Submitted {
+    latencies: Vec<Duration>,
+    resources: u64,
+    items: u64,
+    failed: HashMap<String, u64>,
+    /// person → kinds submitted for them.
+    persons: HashMap<String, usize>,
+}
+
+fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
+    let db = a
+        .database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", tmp.join("kizuna.db").display()));
+    let backend = if db.starts_with("postgres") {
+        "postgresql"
+    } else {
+        "sqlite"
+    };
+    // Generated before the server starts, so the timed part measures the server.
+    eprintln!("生成中 / generating {} people", a.patients);
+    let inst = kizuna_synth::population::institutions(a.seed);
+    let people: Vec<kizuna_synth::PersonOutput> = (0..a.patients)
+        .map(|i| kizuna_synth::person_output(a.seed, i, 2, &inst))
+        .collect();
+    let eligibility = eligibility_bundles(&people, 200);
+    let jobs = submissions(&people);
+    drop(people);
+    let n_bundles = jobs.len();
+    let srv = BenchServer::start(tmp, &db, "enforce")?;
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(600))
+        .max_idle_connections_per_host(a.clients.max(1) * 2)
+        .build();
+
+    let t = Instant::now();
+    for body in &eligibility {
+        call(
+            &agent,
+            "POST",
+            &format!("{}/Coverage/$import-eligibility", srv.base),
+            &srv.token,
+            Some(body),
+        )?;
+    }
+    let eligibility_s = t.elapsed().as_secs_f64();
+
+    // Every institution system submits with its own token, as in production.
+    let mut tokens: HashMap<String, String> = HashMap::new();
+    for j in &jobs {
+        if !tokens.contains_key(&j.from) {
+            let mut r = TokenRequest::for_role(Role::Institution);
+            r.institution = Some(j.from.clone());
+            r.subject = format!("system-{}", j.from);
+            r.lifetime = 24 * 3600;
+            tokens.insert(j.from.clone(), srv.token_for(&r)?);
+        }
+    }
+    let queue: Arc<Mutex<Vec<Submission>>> = Arc::new(Mutex::new(jobs));
+    let done = Arc::new(Mutex::new(Submitted::default()));
+    let bar = indicatif::ProgressBar::new(n_bundles as u64);
+    let started = Instant::now();
+    std::thread::scope(|sc| {
+        for _ in 0..a.clients.max(1) {
+            let (queue, done, bar, agent, tokens) = (
+                queue.clone(),
+                done.clone(),
+                bar.clone(),
+                agent.clone(),
+                &tokens,
+            );
+            let base = srv.base.clone();
+            sc.spawn(move || loop {
+                let next = queue.lock().ok().and_then(|mut q| q.pop());
+                let Some(job) = next else { break };
+                let resources = serde_json::from_str::<Value>(&job.body)
+                    .map(|b| resources_in(&b))
+                    .unwrap_or(0);
+                let url = match &job.destination {
+                    Some(d) => format!("{base}/Bundle/$submit?destination={d}"),
+                    None => format!("{base}/Bundle/$submit"),
+                };
+                let token = tokens.get(&job.from).map(String::as_str).unwrap_or("");
+                let t = Instant::now();
+                let r = call(&agent, "POST", &url, token, Some(&job.body));
+                let took = t.elapsed();
+                bar.inc(1);
+                let Ok(mut d) = done.lock() else { break };
+                d.latencies.push(took);
+                match r {
+                    Ok(p) => {
+                        d.resources += resources;
+                        let mut person = String::new();
+                        for part in p["parameter"].as_array().into_iter().flatten() {
+                            match part["name"].as_str() {
+                                Some("person") => {
+                                    person = part["valueString"].as_str().unwrap_or("").into()
+                                }
+                                Some("stored") => {
+                                    for k in part["part"].as_array().into_iter().flatten() {
+                                        d.items += k["valueInteger"].as_u64().unwrap_or(0);
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                        *d.persons.entry(person).or_default() += 1;
+                    }
+                    Err(e) => {
+                        let key = format!(
+                            "{:?}: {}",
+                            job.kind,
+                            e.to_string().rsplit(": ").next().unwrap_or("")
+                        );
+                        *d.failed.entry(key).or_default() += 1;
+                    }
+                }
+            });
+        }
+    });
+    let submit_s = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let done = Arc::try_unwrap(done)
+        .ok()
+        .and_then(|m| m.into_inner().ok())
+        .unwrap_or_default();
+    let failed: u64 = done.failed.values().sum();
+    if done.persons.is_empty() {
+        bail!(
+            "一件も登録できませんでした / nothing was registered: {:?}",
+            done.failed
+        );
+    }
+    let rss_after_load = rss_mib(srv.child.id());
+
+    // The people with the most submissions first: their summaries are the largest.
+    let mut persons: Vec<(String, usize)> = done.persons.into_iter().collect();
+    persons.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
+    let sample: Vec<String> = persons
+        .iter()
+        .map(|(p, _)| p.clone())
+        .cycle()
+        .take(a.samples.max(1))
+        .collect();
+    let doctor_at = |inst: &str, subject: &str| -> anyhow::Result<String> {
+        let mut r = TokenRequest::for_role(Role::Clinician);
+        r.institution = Some(inst.into());
+        r.qualification = Some("doctor".into());
+        r.subject = subject.into();
+        r.lifetime = 24 * 3600;
+        srv.token_for(&r)
+    };
+    let doctor = doctor_at(READER, "bench-doctor")?;
+    let er = doctor_at(EMERGENCY, "bench-er-doctor")?;
+    let mut consent = Vec::new();
+    let mut consented = std::collections::HashSet::new();
+    for p in &sample {
+        if consented.insert(p.clone()) {
+            let t = Instant::now();
+            call(
+                &agent,
+                "POST",
+                &format!(
+                    "{}/Patient/{p}/$consent?category=diagnosis&category=care",
+                    srv.base
+                ),
+                &doctor,
+                None,
+            )?;
+            consent.push(t.elapsed());
+        }
+    }
+    let timed = |url: &dyn Fn(&str) -> String, token: &dyn Fn(&str) -> anyhow::Result<String>| {
+        let mut times = Vec::new();
+        let mut entries = 0u64;
+        for p in &sample {
+            let tok = token(p)?;
+            let t = Instant::now();
+            let b = call(&agent, "GET", &url(p), &tok, None)?;
+            times.push(t.elapsed());
+            entries += b["entry"].as_array().map(|a| a.len() as u64).unwrap_or(0);
+        }
+        let mut r = percentiles(times);
+        r["mean_entries"] = json!(entries as f64 / sample.len().max(1) as f64);
+        anyhow::Ok(r)
+    };
+    let summary = timed(&|p| format!("{}/Patient/{p}/$summary", srv.base), &|_| {
+        Ok(doctor.clone())
+    })?;
+    let emergency = timed(
+        &|p| {
+            format!(
+                "{}/Patient/{p}/$summary?emergency-reason=%E6%95%91%E6%80%A5%E6%90%AC%E9%80%81",
+                srv.base
+            )
+        },
+        &|_| Ok(er.clone()),
+    )?;
+    let my_record = timed(&|_| format!("{}/Patient/$my-record", srv.base), &|p| {
+        let mut r = TokenRequest::for_role(Role::Patient);
+        r.person = Some(p.to_string());
+        r.subject = format!("bench-patient-{p}");
+        srv.token_for(&r)
+    })?;
+    let rss = rss_mib(srv.child.id());
+    Ok(json!({
+        "benchmark": "kizuna bench share",
+        "machine": crate::bench_server::machine(),
+        "backend": backend,
+        "validation": "enforce (JP-CLINS), policy and audit on every submission",
+        "patients": a.patients,
+        "persons_registered": persons.len(),
+        "eligibility": {
+            "bundles": eligibility.len(),
+            "seconds": eligibility_s,
+        },
+        "submit": {
+            "clients": a.clients,
+            "bundles": n_bundles,
+            "failed": failed,
+            "failures": done.failed,
+            "resources": done.resources,
+            "items_stored": done.items,
+            "seconds": submit_s,
+            "bundles_per_s": (n_bundles as u64 - failed) as f64 / submit_s.max(1e-9),
+            "resources_per_s": done.resources as f64 / submit_s.max(1e-9),
+            "latency": percentiles(done.latencies),
+            "goal_resources_per_s": 5000,
+        },
+        "consent": percentiles(consent),
+        "summary_after_consent": summary,
+        "summary_emergency": emergency,
+        "my_record": my_record,
+        "server_rss_after_load_mib": rss_after_load.map(|r| r.0),
+        "server_rss_mib": rss.map(|r| r.0),
+        "server_peak_rss_mib": rss.map(|r| r.1),
+    }))
+}
