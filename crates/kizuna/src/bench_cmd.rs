@@ -23,6 +23,8 @@ pub enum BenchCmd {
     Fhir(crate::bench_fhir::FhirBenchArgs),
     /// 共有サービスの性能 / The sharing service over HTTP: $submit with full JP-CLINS validation, policy and audit; $summary latency (JSON report).
     Share(crate::bench_share::ShareBenchArgs),
+    /// 持続負荷 / Sustained mixed load (register, read, search, summary) at a fixed rate; throughput, errors, p50/p99 per minute (JSON report).
+    Load(crate::bench_load::LoadBenchArgs),
 }
 
 /// Options of `kizuna bench store`.
@@ -57,6 +59,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             .block_on(store_bench(a)),
         BenchCmd::Fhir(a) => crate::bench_fhir::run(a),
         BenchCmd::Share(a) => crate::bench_share::run(a),
+        BenchCmd::Load(a) => crate::bench_load::run(a),
     }
 }
 

@@ -120,6 +120,27 @@ pub fn get_json(agent: &ureq::Agent, srv: &BenchServer, url: &str) -> anyhow::Re
     Ok(serde_json::from_reader(r.into_reader())?)
 }
 
+/// A call with a bearer token; the JSON answer (`Null` when there is none), or the failure.
+pub fn call(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    token: &str,
+    body: Option<&str>,
+) -> anyhow::Result<Value> {
+    let r = agent
+        .request(method, url)
+        .set("authorization", &format!("Bearer {token}"));
+    let res = match body {
+        Some(b) => r
+            .set("content-type", "application/fhir+json")
+            .send_string(b),
+        None => r.call(),
+    };
+    let resp = res.map_err(|e| anyhow::anyhow!("{method} {url}: {}", status_of(&e)))?;
+    Ok(serde_json::from_reader(resp.into_reader()).unwrap_or(Value::Null))
+}
+
 /// A short text for a failed call.
 pub fn status_of(e: &ureq::Error) -> String {
     match e {

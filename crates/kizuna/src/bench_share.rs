@@ -17,7 +17,7 @@ use kizuna_auth::dev::TokenRequest;
 use kizuna_auth::Role;
 use serde_json::{json, Value};
 
-use crate::bench_server::{percentiles, rss_mib, status_of, BenchServer};
+use crate::bench_server::{call, percentiles, rss_mib, BenchServer};
 use crate::share_load::{eligibility_bundles, resources_in, submissions, Submission};
 
 /// Options of `kizuna bench share`.
@@ -51,27 +51,6 @@ const EMERGENCY: &str = "1319876540";
 /// Runs the benchmark.
 pub fn run(a: ShareBenchArgs) -> anyhow::Result<ExitCode> {
     crate::bench_server::run_in_temp("share", &a.out.clone(), |tmp| bench(&a, tmp))
-}
-
-/// A call with a bearer token; the status and the JSON answer.
-fn call(
-    agent: &ureq::Agent,
-    method: &str,
-    url: &str,
-    token: &str,
-    body: Option<&str>,
-) -> anyhow::Result<Value> {
-    let r = agent
-        .request(method, url)
-        .set("authorization", &format!("Bearer {token}"));
-    let res = match body {
-        Some(b) => r
-            .set("content-type", "application/fhir+json")
-            .send_string(b),
-        None => r.call(),
-    };
-    let resp = res.map_err(|e| anyhow::anyhow!("{method} {url}: {}", status_of(&e)))?;
-    Ok(serde_json::from_reader(resp.into_reader()).unwrap_or(Value::Null))
 }
 
 /// What the submitting clients measured.

@@ -14,6 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod audit_cmd;
 mod bench_cmd;
 mod bench_fhir;
+mod bench_load;
 mod bench_server;
 mod bench_share;
 mod demo_cmd;
