@@ -141,7 +141,9 @@ fn get_attr(s: &quick_xml::events::BytesStart<'_>, name: &str) -> Option<String>
         .and_then(|a| a.unescape_value().ok().map(|v| v.to_string()))
 }
 
-fn load_input(dir: &Path, name: &str, reg: &Registry) -> Result<Value, String> {
+/// Reads one of the suite's input files (JSON as is, XML through [`crate::xml`]) from beside the suite
+/// or its `input/` folder.
+pub fn load_input(dir: &Path, name: &str, reg: &Registry) -> Result<Value, String> {
     let candidates = [dir.join(name), dir.join("input").join(name)];
     let path = candidates
         .iter()

@@ -509,3 +509,52 @@ fn every_negative_case_is_rejected_at_the_right_path() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+/// The structure-only validator (used to compare with validators that check no more) still rejects
+/// structural faults, but not broken invariants or codes outside a required binding, which the full
+/// validator rejects.
+#[test]
+fn structure_only_skips_invariants_and_bindings_but_not_structure() {
+    use kizuna_fhir::{terminology::Terminology, Registry};
+    let full = Validator::builtin();
+    let structural = Validator::structure_only(Registry::builtin(), Terminology::builtin());
+    let base = json!({"resourceType": "Observation", "status": "final",
+        "code": {"text": "体重"}, "valueQuantity": {"value": 60, "unit": "kg"}});
+    let errors = |v: &Validator, r: &Value| {
+        v.validate(r)
+            .issues
+            .iter()
+            .filter(|i| i.severity <= Severity::Error)
+            .map(|i| i.expression.clone())
+            .collect::<Vec<_>>()
+    };
+    assert!(errors(full, &base).is_empty(), "{:?}", errors(full, &base));
+    assert!(errors(&structural, &base).is_empty());
+    // obs-6: dataAbsentReason only when there is no value (an invariant).
+    let mut inv = base.clone();
+    inv["dataAbsentReason"] = json!({"text": "不明"});
+    assert!(!errors(full, &inv).is_empty());
+    assert!(errors(&structural, &inv).is_empty());
+    // status outside its required value set (a binding).
+    let mut bound = base.clone();
+    bound["status"] = json!("almost-final");
+    assert!(!errors(full, &bound).is_empty());
+    assert!(errors(&structural, &bound).is_empty());
+    // Structural faults: unknown element, wrong type, wrong cardinality shape, bad primitive.
+    for (ptr, val) in [
+        ("/colour", json!("red")),
+        ("/status", json!(7)),
+        ("/code", json!([{"text": "x"}])),
+        ("/effectiveDateTime", json!("2024-13-45")),
+    ] {
+        let mut bad = base.clone();
+        let key = &ptr[1..];
+        bad[key] = val;
+        let e = errors(&structural, &bad);
+        assert!(
+            !e.is_empty(),
+            "{ptr} accepted by the structure-only validator"
+        );
+        assert!(e.iter().any(|p| p.contains(key)), "{ptr}: {e:?}");
+    }
+}

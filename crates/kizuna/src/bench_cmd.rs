@@ -25,6 +25,10 @@ pub enum BenchCmd {
     Share(crate::bench_share::ShareBenchArgs),
     /// 持続負荷 / Sustained mixed load (register, read, search, summary) at a fixed rate; throughput, errors, p50/p99 per minute (JSON report).
     Load(crate::bench_load::LoadBenchArgs),
+    /// FHIRPath の比較 / FHIRPath: kizuna's results and throughput on the shared HL7 suite cases (bench/compare.py runs the peers).
+    Fhirpath(crate::bench_peers::FhirpathBenchArgs),
+    /// 検証の比較 / Structural validation throughput on the shared R4 resource set (bench/compare.py runs the peers).
+    Validate(crate::bench_peers::ValidateBenchArgs),
 }
 
 /// Options of `kizuna bench store`.
@@ -60,6 +64,8 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Fhir(a) => crate::bench_fhir::run(a),
         BenchCmd::Share(a) => crate::bench_share::run(a),
         BenchCmd::Load(a) => crate::bench_load::run(a),
+        BenchCmd::Fhirpath(a) => crate::bench_peers::run_fhirpath(a),
+        BenchCmd::Validate(a) => crate::bench_peers::run_validate(a),
     }
 }
 

@@ -45,13 +45,34 @@ pub struct FhirBenchArgs {
     /// 結果 JSON の出力先 / where to write the JSON report
     #[arg(long, default_value = "kizuna-data/bench/fhir.json")]
     out: PathBuf,
+    /// 測るサーバー / the server to measure: kizuna, or hfs (Helios FHIR Server, a peer)
+    #[arg(long, default_value = "kizuna")]
+    server: String,
+    /// hfs の実行ファイル / the hfs binary (with --server hfs)
+    #[arg(long, default_value = "hfs")]
+    hfs_bin: PathBuf,
+    /// hfs のデータディレクトリ (search-parameters-r4.json, compartment-definitions-r4.json) / hfs's data directory
+    #[arg(long)]
+    hfs_data: Option<PathBuf>,
 }
+
+/// Insured-person identifiers (`system|value`) of the generated Patients and the `system|code` of
+/// the generated Observations, in generation order: every server is asked about the same people
+/// and codes, so result counts can be compared across servers.
+#[derive(Default)]
+struct Sample {
+    members: Vec<String>,
+    codes: Vec<String>,
+}
+
+const MEMBER_ID: &str = "http://jpfhir.jp/fhir/clins/Idsystem/JP_Insurance_memberID";
 
 /// One transaction Bundle of `people` persons' JP-CLINS submissions, as request text.
 fn transaction(
     first: u64,
     people: u64,
     inst: &[kizuna_synth::population::Institution],
+    sample: &mut Sample,
 ) -> (String, u64) {
     let mut entries = Vec::new();
     for i in first..first + people {
@@ -63,7 +84,29 @@ fn transaction(
                 continue;
             }
             for e in b["entry"].as_array().into_iter().flatten() {
-                let rt = e["resource"]["resourceType"].as_str().unwrap_or("");
+                let r = &e["resource"];
+                let rt = r["resourceType"].as_str().unwrap_or("");
+                if rt == "Patient" && sample.members.len() < 300 {
+                    for i in r["identifier"].as_array().into_iter().flatten() {
+                        if i["system"] == MEMBER_ID {
+                            if let Some(v) = i["value"].as_str() {
+                                sample.members.push(format!("{MEMBER_ID}|{v}"));
+                            }
+                        }
+                    }
+                }
+                if rt == "Observation" && sample.codes.len() < 50 {
+                    if let Some(c) = r["code"]["coding"][0].as_object() {
+                        let code = format!(
+                            "{}|{}",
+                            c.get("system").and_then(Value::as_str).unwrap_or(""),
+                            c.get("code").and_then(Value::as_str).unwrap_or("")
+                        );
+                        if !sample.codes.contains(&code) {
+                            sample.codes.push(code);
+                        }
+                    }
+                }
                 entries.push(json!({"fullUrl": e["fullUrl"], "resource": e["resource"], "request": {"method": "POST", "url": rt}}));
             }
         }
@@ -96,15 +139,30 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     let mut bundles: Vec<(String, u64)> = Vec::new();
     let (mut produced, mut next) = (0u64, 0u64);
     let per = a.people_per_bundle.max(1);
+    let mut sample = Sample::default();
     eprintln!("生成中 / generating ~{} resources", a.resources);
     while produced < a.resources {
-        let b = transaction(next, per, &inst);
+        let b = transaction(next, per, &inst, &mut sample);
         next += per;
         produced += b.1;
         bundles.push(b);
     }
     let n_bundles = bundles.len();
-    let srv = BenchServer::start(tmp, &db, &a.validation)?;
+    // Bundles are sent last-first (popped); the people asked about are loaded early either way.
+    let start = || -> anyhow::Result<BenchServer> {
+        match a.server.as_str() {
+            "kizuna" => BenchServer::start(tmp, &db, &a.validation),
+            "hfs" => {
+                let data = a.hfs_data.as_deref().context(
+                    "--hfs-data を指定してください / give --hfs-data (bench/compare.py prepares it)",
+                )?;
+                BenchServer::start_hfs(tmp, &a.hfs_bin, data)
+            }
+            other => bail!("不明なサーバー / unknown server {other} (kizuna, hfs)"),
+        }
+    };
+    let backend = if a.server == "hfs" { "sqlite" } else { backend };
+    let srv = start()?;
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(600))
         .max_idle_connections_per_host(a.clients.max(1) * 2)
@@ -162,72 +220,42 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         bail!("一件も保存できませんでした / nothing was stored ({failed} failures)");
     }
     let tx_times = times.lock().map(|v| v.clone()).unwrap_or_default();
-    // Sample ids, subjects, codes and insured-person identifiers from what is stored.
-    let sample = get_json(
-        &agent,
-        &srv,
-        &format!(
-            "{}/Observation?_count=1000&_elements=subject,code",
-            srv.base
-        ),
-    )?;
-    let mut obs_ids = Vec::new();
+    // The same people and codes on every server: identifiers resolved to this server's ids
+    // (untimed), then a few of each person's Observations for the reads.
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let mut subjects = Vec::new();
-    let mut codes = Vec::new();
-    for e in sample["entry"].as_array().into_iter().flatten() {
-        let r = &e["resource"];
-        obs_ids.extend(r["id"].as_str().map(str::to_string));
-        subjects.extend(r["subject"]["reference"].as_str().map(str::to_string));
-        if let Some(c) = r["code"]["coding"][0].as_object() {
-            codes.push(format!(
-                "{}|{}",
-                c.get("system").and_then(Value::as_str).unwrap_or(""),
-                c.get("code").and_then(Value::as_str).unwrap_or("")
-            ));
-        }
-    }
-    let conds = get_json(
-        &agent,
-        &srv,
-        &format!("{}/Condition?_count=500&_elements=subject", srv.base),
-    )?;
-    let cond_subjects: Vec<String> = conds["entry"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| {
-            e["resource"]["subject"]["reference"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
-    let pats = get_json(
-        &agent,
-        &srv,
-        &format!("{}/Patient?_count=500&_elements=identifier", srv.base),
-    )?;
     let mut members = Vec::new();
-    for e in pats["entry"].as_array().into_iter().flatten() {
-        for i in e["resource"]["identifier"].as_array().into_iter().flatten() {
-            if i["system"] == "http://jpfhir.jp/fhir/clins/Idsystem/JP_Insurance_memberID" {
-                members.push(format!(
-                    "{}|{}",
-                    i["system"].as_str().unwrap_or(""),
-                    i["value"].as_str().unwrap_or("")
-                ));
-            }
+    for m in &sample.members {
+        let b = get_json(
+            &agent,
+            &srv,
+            &format!("{}/Patient?identifier={}", srv.base, enc(m)),
+        )?;
+        if let Some(id) = b["entry"][0]["resource"]["id"].as_str() {
+            subjects.push(format!("Patient/{id}"));
+            members.push(m.clone());
         }
     }
-    if obs_ids.is_empty()
-        || subjects.is_empty()
-        || cond_subjects.is_empty()
-        || codes.is_empty()
-        || members.is_empty()
-    {
-        bail!("標本が取れません / could not sample the stored data");
+    let mut obs_ids = Vec::new();
+    for s in subjects.iter().take(100) {
+        let b = get_json(
+            &agent,
+            &srv,
+            &format!("{}/Observation?subject={s}&_count=3", srv.base),
+        )?;
+        for e in b["entry"].as_array().into_iter().flatten() {
+            obs_ids.extend(e["resource"]["id"].as_str().map(str::to_string));
+        }
+    }
+    let codes = sample.codes.clone();
+    let cond_subjects = subjects.clone();
+    if obs_ids.is_empty() || subjects.is_empty() || codes.is_empty() {
+        bail!(
+            "標本が取れません / could not sample the stored data ({} people found)",
+            subjects.len()
+        );
     }
     let pick = |v: &[String], i: usize| v[(i * 7919) % v.len()].clone();
-    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let mut reads = Vec::new();
     for i in 0..a.samples {
         let url = format!("{}/Observation/{}", srv.base, pick(&obs_ids, i));
@@ -311,18 +339,42 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         let mut times = Vec::new();
         let mut totals = 0i64;
         let mut counted = 0i64;
+        let mut matches = 0u64;
+        let mut errors = 0u64;
+        let mut first_error = None;
+        let ty = label.split('?').next().unwrap_or("");
         for i in 0..a.samples {
             let url = format!("{}/{}", srv.base, make(i));
             let t = Instant::now();
-            let b = get_json(&agent, &srv, &url)?;
+            let b = match get_json(&agent, &srv, &url) {
+                Ok(b) => b,
+                Err(e) => {
+                    errors += 1;
+                    first_error.get_or_insert_with(|| e.to_string());
+                    continue;
+                }
+            };
             times.push(t.elapsed());
             if let Some(t) = b["total"].as_i64() {
                 totals += t;
                 counted += 1;
             }
+            // Matches on the first page (included resources excluded), to compare servers.
+            matches += b["entry"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| match e["search"]["mode"].as_str() {
+                    Some(m) => m == "match",
+                    None => e["resource"]["resourceType"] == ty,
+                })
+                .count() as u64;
         }
         let mut p = percentiles(times);
         p["query"] = json!(label);
+        p["errors"] = json!(errors);
+        p["first_error"] = json!(first_error);
+        p["mean_matches"] = json!(matches as f64 / (a.samples as u64 - errors).max(1) as f64);
         // `total` is left out beyond the count cap unless asked for: averaged where given.
         p["mean_total"] = if counted > 0 {
             json!(totals as f64 / counted as f64)
@@ -336,11 +388,15 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     } else {
         // A fresh process, so the high-water mark is the export's own.
         drop(srv);
-        let srv = BenchServer::start(tmp, &db, &a.validation)?;
-        measure_export(&agent, &srv)?
+        let srv = start()?;
+        match measure_export(&agent, &srv) {
+            Ok(v) => v,
+            Err(e) => json!({"error": e.to_string()}),
+        }
     };
     Ok(json!({
         "benchmark": "kizuna bench fhir",
+        "server": a.server,
         "machine": crate::bench_server::machine(),
         "backend": backend,
         "validation": a.validation,
@@ -391,7 +447,7 @@ fn measure_export(agent: &ureq::Agent, srv: &BenchServer) -> anyhow::Result<Valu
         }
     };
     let export_s = t.elapsed().as_secs_f64();
-    let exported: u64 = manifest["output"]
+    let mut exported: u64 = manifest["output"]
         .as_array()
         .into_iter()
         .flatten()
@@ -400,6 +456,7 @@ fn measure_export(agent: &ureq::Agent, srv: &BenchServer) -> anyhow::Result<Valu
     // Download every file, as a client would; bytes are counted, not kept.
     let t = Instant::now();
     let mut bytes = 0u64;
+    let mut lines = 0u64;
     for o in manifest["output"].as_array().into_iter().flatten() {
         let url = o["url"].as_str().unwrap_or("");
         let r = agent
@@ -407,12 +464,18 @@ fn measure_export(agent: &ureq::Agent, srv: &BenchServer) -> anyhow::Result<Valu
             .set("authorization", &format!("Bearer {}", srv.token))
             .call()
             .map_err(|e| anyhow::anyhow!("{url}: {}", status_of(&e)))?;
-        bytes += std::io::copy(&mut r.into_reader(), &mut std::io::sink())?;
+        let mut counter = LineCounter::default();
+        bytes += std::io::copy(&mut r.into_reader(), &mut counter)?;
+        lines += counter.lines;
         if let Some((rss, _)) = rss_mib(pid) {
             peak_rss = peak_rss.max(rss);
         }
     }
     let download_s = t.elapsed().as_secs_f64();
+    // Not every server counts its files in the manifest; the lines downloaded are the count then.
+    if exported == 0 {
+        exported = lines;
+    }
     let after = rss_mib(pid);
     Ok(json!({
         "resources": exported,
@@ -425,4 +488,20 @@ fn measure_export(agent: &ureq::Agent, srv: &BenchServer) -> anyhow::Result<Valu
         "server_rss_sampled_peak_mib": peak_rss,
         "server_peak_rss_mib": after.map(|a| a.1),
     }))
+}
+
+/// Counts NDJSON lines as a download streams through, keeping nothing.
+#[derive(Default)]
+struct LineCounter {
+    lines: u64,
+}
+
+impl std::io::Write for LineCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.lines += buf.iter().filter(|b| **b == b'\n').count() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -27,6 +27,31 @@ impl Drop for BenchServer {
     }
 }
 
+/// Where a benchmarked server's log goes: the file `KIZUNA_BENCH_SERVER_LOG` names, or nowhere.
+fn server_log() -> Stdio {
+    match std::env::var_os("KIZUNA_BENCH_SERVER_LOG") {
+        Some(p) => std::fs::File::create(p)
+            .map(Stdio::from)
+            .unwrap_or(Stdio::null()),
+        None => Stdio::null(),
+    }
+}
+
+/// Polls a health URL until it answers.
+fn wait_until_up(url: &str, seconds: u64) -> anyhow::Result<()> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while agent.get(url).call().is_err() {
+        if Instant::now() > deadline {
+            bail!("サーバーが起動しません / the server did not start ({url})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -47,25 +72,10 @@ impl BenchServer {
             .arg(data)
             .args(["--database", db, "--validation", validation])
             .stdout(Stdio::null())
-            .stderr(match std::env::var_os("KIZUNA_BENCH_SERVER_LOG") {
-                Some(p) => std::fs::File::create(p)
-                    .map(Stdio::from)
-                    .unwrap_or(Stdio::null()),
-                None => Stdio::null(),
-            })
+            .stderr(server_log())
             .spawn()
             .context("kizuna serve を起動できません / cannot start kizuna serve")?;
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(2))
-            .build();
-        let health = format!("http://127.0.0.1:{port}/healthz");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while agent.get(&health).call().is_err() {
-            if Instant::now() > deadline {
-                bail!("サーバーが起動しません / the server did not start");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until_up(&format!("http://127.0.0.1:{port}/healthz"), 60)?;
         let dev = kizuna_auth::dev::DevIssuer::load_or_create(&data.join("dev-issuer.key"), &base)?;
         let mut r = kizuna_auth::dev::TokenRequest::for_role(kizuna_auth::Role::Operator);
         r.subject = "bench".into();
@@ -76,6 +86,39 @@ impl BenchServer {
             child,
             base,
             token,
+            dev,
+        })
+    }
+
+    /// Starts a Helios FHIR Server (`hfs`, a peer measured side by side) on SQLite in `data`, with
+    /// its search-parameter and compartment bundles read from `hfs_data`, and waits until it
+    /// answers. It has no authorisation configured; the token sent is ignored.
+    pub fn start_hfs(data: &Path, bin: &Path, hfs_data: &Path) -> anyhow::Result<BenchServer> {
+        let port = free_port()?;
+        let root = format!("http://127.0.0.1:{port}");
+        let export_dir = data.join("hfs-export");
+        std::fs::create_dir_all(&export_dir)?;
+        let child = Command::new(bin)
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--database-url")
+            .arg(data.join("hfs.db"))
+            .arg("--data-dir")
+            .arg(hfs_data)
+            .args(["--log-level", "error"])
+            .env("HFS_BASE_URL", &root)
+            .env("HFS_BULK_EXPORT_OUTPUT_DIR", &export_dir)
+            .current_dir(data)
+            .stdout(Stdio::null())
+            .stderr(server_log())
+            .spawn()
+            .with_context(|| format!("{} を起動できません / cannot start hfs", bin.display()))?;
+        wait_until_up(&format!("{root}/health"), 120)?;
+        let dev = kizuna_auth::dev::DevIssuer::load_or_create(&data.join("dev-issuer.key"), &root)?;
+        Ok(BenchServer {
+            child,
+            base: root,
+            token: "unused".into(),
             dev,
         })
     }

@@ -15,6 +15,7 @@ mod audit_cmd;
 mod bench_cmd;
 mod bench_fhir;
 mod bench_load;
+mod bench_peers;
 mod bench_server;
 mod bench_share;
 mod demo_cmd;

@@ -31,6 +31,7 @@ pub struct Validator {
     registry: &'static Registry,
     terminology: &'static Terminology,
     profiles: RwLock<HashMap<String, Option<Arc<Profile>>>>,
+    structure_only: bool,
 }
 
 impl Validator {
@@ -46,6 +47,21 @@ impl Validator {
             registry,
             terminology,
             profiles: RwLock::new(HashMap::new()),
+            structure_only: false,
+        }
+    }
+
+    /// A validator that checks structure only: elements, cardinality, JSON shape, types and primitive
+    /// formats, fixed and pattern values and slices, but no terminology bindings and no FHIRPath
+    /// invariants. It exists to compare like with like against validators that do no more (such as
+    /// pydantic models); a store should use the full validator.
+    pub fn structure_only(
+        registry: &'static Registry,
+        terminology: &'static Terminology,
+    ) -> Validator {
+        Validator {
+            structure_only: true,
+            ..Validator::new(registry, terminology)
         }
     }
 
@@ -1126,6 +1142,9 @@ impl<'v> Run<'v> {
 
     /// dom-3: every contained resource is referenced from the rest of the resource (or refers to it with `#`).
     fn dom3(&mut self, resource: &'v Value, path: &str) {
+        if self.v.structure_only {
+            return;
+        }
         let Some(Value::Array(contained)) = resource.get("contained") else {
             return;
         };
@@ -1185,6 +1204,9 @@ impl<'v> Run<'v> {
     }
 
     fn binding(&mut self, value: &Value, def: &ElDef, ty: &str, path: &str) {
+        if self.v.structure_only {
+            return;
+        }
         // Codes of local CodeSystems must exist even without a binding.
         // Paths are only built when an issue is reported.
         let codings: Vec<(Option<&str>, &str, CodePath)> = match ty {
@@ -1331,7 +1353,7 @@ impl<'v> Run<'v> {
         path: &str,
         resource: &'v Value,
     ) {
-        if def.constraints.is_empty() {
+        if def.constraints.is_empty() || self.v.structure_only {
             return;
         }
         let model = self.v.registry.model();
