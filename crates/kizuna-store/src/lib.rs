@@ -169,6 +169,8 @@ pub struct Store {
     /// SQLite: the queue of the group-commit writer task (`None` in that task's own handle and on
     /// PostgreSQL, where transactions run side by side).
     group_writer: Option<tokio::sync::mpsc::UnboundedSender<write::WriteRequest>>,
+    /// PostgreSQL: when to refresh the planner statistics as the store grows.
+    pg_stats: Arc<write::StatsSchedule>,
 }
 
 impl std::fmt::Debug for Store {
@@ -274,6 +276,7 @@ impl Store {
             compartment: Arc::new(PatientCompartment::from_registry(registry)),
             params: Arc::new(Default::default()),
             group_writer: None,
+            pg_stats: Arc::new(write::StatsSchedule::default()),
         };
         store.migrate().await?;
         let mut store = store;
