@@ -44,10 +44,21 @@ seed() {
   esac
 }
 
+# -O: optimised, with debug assertions (cargo-fuzz's default); the same build for every target.
+cargo +nightly fuzz build --fuzz-dir fuzz -O
+found=0
 for t in "${targets[@]}"; do
   seed "$t"
   echo "== $t (${secs} s)"
-  cargo +nightly fuzz run --fuzz-dir fuzz "$t" "fuzz/corpus/$t" -- \
+  # A finding ends this target's run, not the others'.
+  if cargo +nightly fuzz run --fuzz-dir fuzz -O "$t" "fuzz/corpus/$t" -- \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
-    2>&1 | tail -n 12
+    > "fuzz/last-$t.log" 2>&1; then
+    grep -E '^stat::number_of_executed_units|^stat::peak_rss_mb|^#[0-9]+.*DONE' "fuzz/last-$t.log" || true
+  else
+    found=1
+    echo "!! $t: finding — see fuzz/last-$t.log and fuzz/artifacts/$t/"
+    grep -E 'panicked|ERROR|timeout|Test unit written' "fuzz/last-$t.log" | head -n 5 || true
+  fi
 done
+exit "$found"

@@ -23,13 +23,19 @@ fn patient() -> &'static Value {
     })
 }
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    if let Ok(expr) = FhirPath::parse(text) {
-        let p = patient();
-        let ctx = EvalContext::new(kizuna_fhir::Registry::builtin().model()).with_resource(p);
-        let _ = expr.evaluate_resource(&ctx, p);
+fuzz_target!(
+    init: {
+        let _ = kizuna_fhir::Registry::builtin();
+        let _ = patient();
+    },
+    |data: &[u8]| {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        if let Ok(expr) = FhirPath::parse(text) {
+            let p = patient();
+            let ctx = EvalContext::new(kizuna_fhir::Registry::builtin().model()).with_resource(p);
+            let _ = expr.evaluate_resource(&ctx, p);
+        }
     }
-});
+);

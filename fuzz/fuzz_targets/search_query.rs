@@ -29,24 +29,29 @@ fn world() -> &'static World {
     })
 }
 
-fuzz_target!(|data: &[u8]| {
-    let Some((&first, rest)) = data.split_first() else {
-        return;
-    };
-    let types = ["Patient", "Observation", "Condition", "Bundle", "Encounter"];
-    let rt = types[first as usize % types.len()];
-    let pairs: Vec<(String, String)> = form_urlencoded::parse(rest)
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    let mut q = kizuna_store::SearchQuery::from_pairs(&pairs);
-    q.strict = true;
-    let w = world();
-    if let Err(e) = w.rt.block_on(w.store.search(rt, &q)) {
-        let text = e.to_string();
-        assert!(
-            !text.contains("syntax error") && !text.contains("no such column"),
-            "{rt}?{}: {text}",
-            String::from_utf8_lossy(rest)
-        );
+fuzz_target!(
+    init: {
+        let _ = world();
+    },
+    |data: &[u8]| {
+        let Some((&first, rest)) = data.split_first() else {
+            return;
+        };
+        let types = ["Patient", "Observation", "Condition", "Bundle", "Encounter"];
+        let rt = types[first as usize % types.len()];
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(rest)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let mut q = kizuna_store::SearchQuery::from_pairs(&pairs);
+        q.strict = true;
+        let w = world();
+        if let Err(e) = w.rt.block_on(w.store.search(rt, &q)) {
+            let text = e.to_string();
+            assert!(
+                !text.contains("syntax error") && !text.contains("no such column"),
+                "{rt}?{}: {text}",
+                String::from_utf8_lossy(rest)
+            );
+        }
     }
-});
+);

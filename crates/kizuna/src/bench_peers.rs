@@ -151,6 +151,7 @@ fn fhirpath_run(file: &Value, budget: Duration) -> anyhow::Result<Value> {
         }
         ctx.strict = c["strict"].as_bool().unwrap_or(false);
         ctx.terminology = Some(term);
+        ctx.profiles = Some(Validator::builtin());
         let out = FhirPath::parse(expr).and_then(|e| {
             let start = input.map(Item::resource).into_iter().collect();
             e.evaluate(&ctx, start)
