@@ -273,7 +273,8 @@ def server_summary(runs):
         for r in rs:
             for q in r["search"]:
                 e = s["search"].setdefault(q["query"], {"p50_ms": [], "p99_ms": [], "mean_matches": [],
-                                                        "errors": [], "first_error": None})
+                                                        "mean_total": [], "errors": [], "first_error": None})
+                e["mean_total"].append(q.get("mean_total"))
                 e["p50_ms"].append(q["p50_ms"] if q["n"] else None)
                 e["p99_ms"].append(q["p99_ms"] if q["n"] else None)
                 e["mean_matches"].append(q.get("mean_matches"))
@@ -387,6 +388,7 @@ def write_report(summary, path_md):
                          + " | ".join(ratio(vals[0], v, higher_better) for v in vals[1:]) + " |")
 
         row("ingest, resources/s", lambda s: median(s["ingest_resources_per_s"]), True, 0)
+        row("failed bundles (all runs)", lambda s: float(sum(s["failed_bundles"])), False, 0)
         row("read p50, ms", lambda s: median(s["read_p50_ms"]), False, 2)
         row("read p99, ms", lambda s: median(s["read_p99_ms"]), False, 2)
         for q in sv[base]["search"]:
@@ -399,7 +401,8 @@ def write_report(summary, path_md):
 
         row("$export, resources/s", lambda s: exp(s, "resources_per_s"), True, 0)
         row("$export peak RSS, MiB", lambda s: exp(s, "server_peak_rss_mib"), False, 0)
-        lines += ["", "Search answers (mean matches on the first page; errors of the samples):", "",
+        lines += ["", "Search answers, to check that the servers agree: mean matches on the first page, and the mean "
+                  "`total` where the server gave one (errors counted over all samples):", "",
                   "| query | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for q in sv[base]["search"]:
             cells = []
@@ -409,8 +412,10 @@ def write_report(summary, path_md):
                     cells.append("—")
                     continue
                 mm = median(e["mean_matches"])
+                mt = median(e.get("mean_total", []))
                 errs = sum(e["errors"])
-                cells.append(f"{fmt(mm, 2)}" + (f" ({errs} errors: {str(e['first_error'])[:60]})" if errs else ""))
+                cells.append(f"{fmt(mm, 2)}" + (f" / total {fmt(mt, 1)}" if mt is not None else "")
+                             + (f" ({errs} errors: {str(e['first_error'])[:60]})" if errs else ""))
             lines.append(f"| `{q}` | " + " | ".join(cells) + " |")
         for n in names:
             errs = [e["error"] for e in sv[n]["export"] if isinstance(e, dict) and "error" in e]

@@ -19,9 +19,13 @@ fn world() -> &'static World {
             .enable_all()
             .build()
             .unwrap_or_else(|e| panic!("{e}"));
+        // A file: an in-memory SQLite database is refused (each connection would see its own).
+        let dir = std::env::temp_dir().join(format!("kizuna-fuzz-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let url = format!("sqlite://{}", dir.join("fuzz.db").display());
         let store = rt
             .block_on(kizuna_store::Store::open(
-                "sqlite::memory:",
+                &url,
                 kizuna_fhir::Registry::builtin(),
             ))
             .unwrap_or_else(|e| panic!("{e}"));

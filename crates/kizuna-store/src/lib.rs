@@ -76,6 +76,9 @@ pub enum StoreError {
     /// The database URL is not SQLite or PostgreSQL.
     #[error("未対応のデータベース URL / unsupported database URL (use sqlite:// or postgres://)")]
     UnsupportedUrl,
+    /// An in-memory SQLite database: each pooled connection would see a database of its own.
+    #[error("SQLite のメモリ上データベースは使えません。ファイルを指定してください / in-memory SQLite is not supported (every connection would get its own empty database): give a file, e.g. sqlite:///tmp/kizuna.db")]
+    InMemory,
 }
 
 /// Which SQL dialect the pool speaks.
@@ -232,6 +235,9 @@ impl Store {
     /// Opens a store (`sqlite://path/to/file.db` or `postgres://…`) and migrates it.
     pub async fn open(url: &str, registry: &'static Registry) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
+        if url.starts_with("sqlite:") && (url.contains(":memory:") || url.contains("mode=memory")) {
+            return Err(StoreError::InMemory);
+        }
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {

@@ -753,3 +753,24 @@ async fn postgres_suite() {
 async fn sqlx_truncate(s: &Store, table: &str) -> Result<(), StoreError> {
     s.execute_raw(&format!("DELETE FROM {table}")).await
 }
+
+/// Database URLs the store cannot serve get a clear error instead of a broken store: an in-memory
+/// SQLite database would be a different empty database on each pooled connection (fuzzing met
+/// "no such table" from it).
+#[tokio::test]
+async fn unusable_database_urls_are_refused_clearly() {
+    for url in [
+        "sqlite::memory:",
+        "sqlite://:memory:",
+        "sqlite:file:x?mode=memory&cache=shared",
+    ] {
+        match Store::open(url, Registry::builtin()).await {
+            Err(StoreError::InMemory) => {}
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+    match Store::open("mysql://localhost/x", Registry::builtin()).await {
+        Err(StoreError::UnsupportedUrl) => {}
+        other => panic!("{other:?}"),
+    }
+}

@@ -220,36 +220,57 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         bail!("一件も保存できませんでした / nothing was stored ({failed} failures)");
     }
     let tx_times = times.lock().map(|v| v.clone()).unwrap_or_default();
-    // The same people and codes on every server: identifiers resolved to this server's ids
-    // (untimed), then a few of each person's Observations for the reads.
+    // The same people and codes on every server. A person has a Patient per submitting bundle, so
+    // the one asked about is found through their records (untimed): the Patient their
+    // Observations name (with the code of one of them, so patient+code queries have answers) and
+    // the one their Conditions name.
     let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let mut subjects = Vec::new();
+    let mut subject_codes = Vec::new();
     let mut members = Vec::new();
+    let mut obs_ids = Vec::new();
+    let mut cond_subjects = Vec::new();
+    let subject_of = |b: &Value| {
+        let mut refs: Vec<String> = b["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["resource"]["subject"]["reference"].as_str())
+            .map(str::to_string)
+            .collect();
+        refs.sort();
+        refs.into_iter().next()
+    };
     for m in &sample.members {
-        let b = get_json(
-            &agent,
-            &srv,
-            &format!("{}/Patient?identifier={}", srv.base, enc(m)),
-        )?;
-        if let Some(id) = b["entry"][0]["resource"]["id"].as_str() {
-            subjects.push(format!("Patient/{id}"));
+        let url = |rt: &str| format!("{}/{rt}?subject.identifier={}&_count=100", srv.base, enc(m));
+        let b = get_json(&agent, &srv, &url("Observation"))?;
+        if let Some(s) = subject_of(&b) {
+            let mine = b["entry"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["resource"]["subject"]["reference"].as_str() == Some(s.as_str()));
+            let mut code = None;
+            for e in mine.take(3) {
+                obs_ids.extend(e["resource"]["id"].as_str().map(str::to_string));
+                let c = &e["resource"]["code"]["coding"][0];
+                code.get_or_insert_with(|| {
+                    format!(
+                        "{}|{}",
+                        c["system"].as_str().unwrap_or(""),
+                        c["code"].as_str().unwrap_or("")
+                    )
+                });
+            }
+            subjects.push(s);
+            subject_codes.push(code.unwrap_or_default());
             members.push(m.clone());
         }
-    }
-    let mut obs_ids = Vec::new();
-    for s in subjects.iter().take(100) {
-        let b = get_json(
-            &agent,
-            &srv,
-            &format!("{}/Observation?subject={s}&_count=3", srv.base),
-        )?;
-        for e in b["entry"].as_array().into_iter().flatten() {
-            obs_ids.extend(e["resource"]["id"].as_str().map(str::to_string));
-        }
+        let b = get_json(&agent, &srv, &url("Condition"))?;
+        cond_subjects.extend(subject_of(&b));
     }
     let codes = sample.codes.clone();
-    let cond_subjects = subjects.clone();
-    if obs_ids.is_empty() || subjects.is_empty() || codes.is_empty() {
+    if obs_ids.is_empty() || subjects.is_empty() || codes.is_empty() || cond_subjects.is_empty() {
         bail!(
             "標本が取れません / could not sample the stored data ({} people found)",
             subjects.len()
@@ -287,12 +308,12 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
             Box::new(|i| format!("Observation?code={}&_count=50", enc(&pick(&codes, i)))),
         ),
         (
-            "Observation?patient={patient}&code={code}&_sort=-date&_count=10",
+            "Observation?patient={patient}&code={one of theirs}&_sort=-date&_count=10",
             Box::new(|i| {
                 format!(
                     "Observation?patient={}&code={}&_sort=-date&_count=10",
                     pick(&subjects, i),
-                    enc(&pick(&codes, i))
+                    enc(&pick(&subject_codes, i))
                 )
             }),
         ),
