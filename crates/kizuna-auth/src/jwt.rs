@@ -3,7 +3,9 @@
 //!
 //! Time is injected (`now` in seconds since the epoch), so expiry and not-before are testable.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -62,11 +64,31 @@ struct IssuerState {
     cfg: TrustedIssuer,
     cache: RwLock<Option<Cached>>,
     last_refresh: Mutex<Option<Instant>>,
+    /// Bumped whenever the keys are (re)loaded: tokens verified under older keys are verified again.
+    generation: AtomicU64,
 }
 
+/// A token whose signature, issuer and audience were checked: what a repeat of it needs.
+struct VerifiedToken {
+    principal: Principal,
+    issuer: usize,
+    generation: u64,
+    exp: i64,
+    nbf: Option<i64>,
+}
+
+/// Verified tokens kept at most; past this the memory is emptied and refilled.
+const VERIFIED_CAPACITY: usize = 10_000;
+
 /// Verifies bearer tokens from the configured issuers and turns them into [`Principal`]s.
+///
+/// A client sends the same token with every request until it expires, so a verified token is
+/// remembered (by the SHA-256 of its text, never the text) with its expiry: a repeat skips the
+/// signature check but not the expiry and not-before checks, and any reload of the issuer's keys
+/// (rotation) makes every token verify again.
 pub struct TokenVerifier {
     issuers: Vec<IssuerState>,
+    verified: RwLock<HashMap<[u8; 32], VerifiedToken>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -91,13 +113,57 @@ impl TokenVerifier {
                     cfg,
                     cache: RwLock::new(None),
                     last_refresh: Mutex::new(None),
+                    generation: AtomicU64::new(0),
                 })
                 .collect(),
+            verified: RwLock::new(HashMap::new()),
         }
     }
 
     /// Verifies a token at time `now` (seconds since the epoch).
     pub fn verify(&self, token: &str, now: i64) -> Result<Principal, AuthError> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        let known = self.verified.read().ok().and_then(|m| {
+            m.get(&key)
+                .map(|t| (t.issuer, t.generation, t.exp, t.nbf, t.principal.clone()))
+        });
+        if let Some((issuer, generation, exp, nbf, principal)) = known {
+            if let Some(state) = self.issuers.get(issuer) {
+                state.ensure_fresh()?;
+                if state.generation.load(Ordering::Acquire) == generation {
+                    check_times(exp, nbf, now)?;
+                    return Ok(principal);
+                }
+            }
+        }
+        let (principal, issuer, generation, exp, nbf) = self.verify_signed(token, now)?;
+        if let Ok(mut m) = self.verified.write() {
+            if m.len() >= VERIFIED_CAPACITY {
+                m.clear();
+            }
+            m.insert(
+                key,
+                VerifiedToken {
+                    principal: principal.clone(),
+                    issuer,
+                    generation,
+                    exp,
+                    nbf,
+                },
+            );
+        }
+        Ok(principal)
+    }
+
+    /// The full check: signature against the issuer's current keys, audience, times, claims.
+    /// Returns the principal with what [`TokenVerifier::verify`] remembers of the token.
+    fn verify_signed(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<(Principal, usize, u64, i64, Option<i64>), AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
         if !ALLOWED_ALGORITHMS.contains(&header.alg) {
@@ -106,11 +172,15 @@ impl TokenVerifier {
         // Find the issuer from the (not yet verified) payload, then verify with that issuer's keys.
         let unverified = unverified_claims(token)?;
         let iss = unverified.get("iss").and_then(Value::as_str).unwrap_or("");
-        let state = self
+        let (index, state) = self
             .issuers
             .iter()
-            .find(|s| s.cfg.issuer == iss)
+            .enumerate()
+            .find(|(_, s)| s.cfg.issuer == iss)
             .ok_or_else(|| AuthError::WrongIssuer(iss.to_string()))?;
+        // Read before the keys: a reload during this check leaves the token to be checked again.
+        state.ensure_fresh()?;
+        let generation = state.generation.load(Ordering::Acquire);
         let key = state.key(header.kid.as_deref(), header.alg)?;
         let mut validation = Validation::new(header.alg);
         validation.algorithms = vec![header.alg];
@@ -133,16 +203,21 @@ impl TokenVerifier {
             .get("exp")
             .and_then(Value::as_i64)
             .ok_or_else(|| AuthError::InvalidClaims("exp がありません / exp missing".into()))?;
-        if now > exp + LEEWAY_SECS {
-            return Err(AuthError::Expired);
-        }
-        if let Some(nbf) = c.get("nbf").and_then(Value::as_i64) {
-            if now + LEEWAY_SECS < nbf {
-                return Err(AuthError::NotYetValid);
-            }
-        }
-        principal_from_claims(&c, iss)
+        let nbf = c.get("nbf").and_then(Value::as_i64);
+        check_times(exp, nbf, now)?;
+        Ok((principal_from_claims(&c, iss)?, index, generation, exp, nbf))
     }
+}
+
+/// `exp` and `nbf` against the clock, with [`LEEWAY_SECS`] either way.
+fn check_times(exp: i64, nbf: Option<i64>, now: i64) -> Result<(), AuthError> {
+    if now > exp + LEEWAY_SECS {
+        return Err(AuthError::Expired);
+    }
+    if nbf.is_some_and(|nbf| now + LEEWAY_SECS < nbf) {
+        return Err(AuthError::NotYetValid);
+    }
+    Ok(())
 }
 
 fn check_audience(c: &Value, audience: &str) -> Result<(), AuthError> {
@@ -285,6 +360,7 @@ impl IssuerState {
             fetched: Instant::now(),
             mtime,
         });
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 }

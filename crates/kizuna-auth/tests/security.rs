@@ -687,3 +687,56 @@ async fn jwks_url_is_fetched_and_refetched_on_an_unknown_kid() {
     .unwrap_or((false, false));
     assert_eq!(result, (true, true));
 }
+
+/// A verified token is remembered, but a repeat is still held to `exp` and `nbf` at the time of
+/// the request, and a token differing in one character is checked from scratch.
+#[test]
+fn remembered_tokens_still_expire_and_altered_ones_are_checked_again() {
+    let k = keys();
+    let jwks: JwkSet =
+        serde_json::from_value(json!({"keys": [k.rsa_jwk]})).unwrap_or_else(|e| panic!("{e}"));
+    let v = TokenVerifier::new(vec![TrustedIssuer {
+        issuer: IDP.into(),
+        audience: AUD.into(),
+        jwks: JwksSource::Static(jwks),
+    }]);
+    let mut c = claims("clinician", "user/*.rs");
+    c["nbf"] = json!(NOW + 100);
+    c["exp"] = json!(NOW + 600);
+    let t = sign(jsonwebtoken::Algorithm::RS256, "rsa-test-1", &k.rsa, &c);
+    let leeway = kizuna_auth::jwt::LEEWAY_SECS;
+    // Not yet valid, then valid (now remembered), then asked about an earlier time again.
+    assert!(matches!(
+        v.verify(&t, NOW),
+        Err(kizuna_auth::AuthError::NotYetValid)
+    ));
+    assert!(v.verify(&t, NOW + 100).is_ok());
+    assert!(v.verify(&t, NOW + 101).is_ok());
+    assert!(matches!(
+        v.verify(&t, NOW),
+        Err(kizuna_auth::AuthError::NotYetValid)
+    ));
+    // Past expiry (beyond the leeway) the remembered token is refused.
+    assert!(v.verify(&t, NOW + 600 + leeway).is_ok());
+    assert!(matches!(
+        v.verify(&t, NOW + 600 + leeway + 1),
+        Err(kizuna_auth::AuthError::Expired)
+    ));
+    // One character of the signature changed: a different token, verified and refused.
+    let mut bad = t.clone().into_bytes();
+    let last = bad.len() - 2;
+    bad[last] = if bad[last] == b'A' { b'B' } else { b'A' };
+    let bad = String::from_utf8(bad).unwrap_or_else(|e| panic!("{e}"));
+    assert!(v.verify(&bad, NOW + 200).is_err());
+    assert!(v.verify(&t, NOW + 200).is_ok());
+    // A payload swapped in under the remembered signature is refused too.
+    let parts: Vec<&str> = t.split('.').collect();
+    let mut c2 = c.clone();
+    c2["role"] = json!("operator");
+    let forged_payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(c2.to_string());
+    let forged = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
+    assert!(matches!(
+        v.verify(&forged, NOW + 200),
+        Err(kizuna_auth::AuthError::BadSignature)
+    ));
+}
