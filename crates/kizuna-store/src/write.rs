@@ -387,9 +387,11 @@ impl Store {
                 Err(_) => {
                     if unchecked {
                         unchecked = false;
+                        let t = std::time::Instant::now();
                         let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                             .execute(self.write_pool())
                             .await;
+                        slow_upkeep("wal_checkpoint", t);
                     }
                     continue;
                 }
@@ -398,9 +400,11 @@ impl Store {
             if since_stats >= stats_every {
                 since_stats = 0;
                 stats_every = (stats_every * 2).min(200_000);
+                let t = std::time::Instant::now();
                 let _ = sqlx::query("PRAGMA optimize")
                     .execute(self.write_pool())
                     .await;
+                slow_upkeep("optimize", t);
             }
             let mut batch = vec![first];
             let mut ops = batch[0].ops.len();
@@ -875,6 +879,15 @@ fn rewrite_refs(v: &mut Value, map: &[(String, String)]) {
         }
         Value::Array(a) => a.iter_mut().for_each(|x| rewrite_refs(x, map)),
         _ => {}
+    }
+}
+
+/// Upkeep on the writer holds every waiting write: a slow one is logged with its duration, so a
+/// latency spike under load can be traced to it (or ruled out).
+fn slow_upkeep(what: &'static str, started: std::time::Instant) {
+    let ms = started.elapsed().as_millis();
+    if ms >= 50 {
+        tracing::info!(what, ms, "SQLite upkeep held the writer");
     }
 }
 
