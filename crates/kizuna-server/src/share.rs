@@ -126,6 +126,14 @@ fn list_parameters<T: serde::Serialize>(items: &[T]) -> Value {
 }
 
 /// Values of a named parameter, from the query string or a Parameters body.
+/// The first value of a query parameter.
+fn param<'q>(query: &'q [(String, String)], name: &str) -> Option<&'q str> {
+    query
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
 fn param_values(query: &[(String, String)], body: Option<&Value>, name: &str) -> Vec<String> {
     let mut out: Vec<String> = query
         .iter()
@@ -192,10 +200,7 @@ pub(crate) async fn type_operation(
             let p = principal(a)?;
             match (method.clone(), rt, op) {
                 (Method::POST, "Bundle", "submit") => {
-                    let dest = q
-                        .iter()
-                        .find(|(k, _)| k == "destination")
-                        .map(|(_, v)| v.as_str());
+                    let dest = param(&q, "destination");
                     // An XML submission is read into JSON first; the size limit applies to what
                     // was sent.
                     let xml = headers
@@ -253,22 +258,18 @@ pub(crate) async fn type_operation(
                     &list_parameters(&svc.checkup_reports(p).await?),
                 )),
                 (Method::GET, "Patient", "summary") => {
-                    let member = q
-                        .iter()
-                        .find(|(k, _)| k == "identifier")
-                        .map(|(_, v)| v.clone())
-                        .ok_or_else(|| {
-                            ApiError::new(
-                                StatusCode::BAD_REQUEST,
-                                "required",
-                                "identifier",
-                                "identifier (被保険者番号) が必要です",
-                                "identifier (the insured-person identifier) is required",
-                            )
-                        })?;
+                    let member = param(&q, "identifier").ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "required",
+                            "identifier",
+                            "identifier (被保険者番号) が必要です",
+                            "identifier (the insured-person identifier) is required",
+                        )
+                    })?;
                     let text = member
                         .strip_prefix(&format!("{MEMBER_ID_SYSTEM}|"))
-                        .unwrap_or(&member);
+                        .unwrap_or(member);
                     let m = MemberId::parse(text).map_err(|e| {
                         ApiError::new(
                             StatusCode::BAD_REQUEST,
@@ -282,10 +283,7 @@ pub(crate) async fn type_operation(
                         .resolve_member(&m)
                         .await?
                         .ok_or(ShareError::UnknownMember)?;
-                    let emergency = q
-                        .iter()
-                        .find(|(k, _)| k == "emergency-reason")
-                        .map(|(_, v)| v.clone());
+                    let emergency = param(&q, "emergency-reason").map(str::to_string);
                     Ok(fhir_json(
                         StatusCode::OK,
                         &svc.clinician_summary(p, &person, emergency).await?,
@@ -345,10 +343,7 @@ pub(crate) async fn instance_operation(
             let p = principal(a)?;
             match (method.clone(), rt, op) {
                 (Method::GET, "Patient", "summary") => {
-                    let emergency = q
-                        .iter()
-                        .find(|(k, _)| k == "emergency-reason")
-                        .map(|(_, v)| v.clone());
+                    let emergency = param(&q, "emergency-reason").map(str::to_string);
                     Ok(fhir_json(
                         StatusCode::OK,
                         &svc.clinician_summary(p, id, emergency).await?,

@@ -248,6 +248,14 @@ async fn summary_kinds(
     (s, kinds)
 }
 
+/// Runs retention as the operator at the world's current time.
+async fn retention(w: &World) -> kizuna_share::retention::RetentionReport {
+    w.svc
+        .run_retention(&operator())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 async fn count(w: &World, rt: &str, person: &str) -> usize {
     let q =
         SearchQuery::from_pairs(&[("_tag".into(), format!("urn:kizuna:share:person|{person}"))]);
@@ -599,18 +607,10 @@ async fn referrals_wait_in_the_destination_inbox_and_leave_after_receipt(w: Worl
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ack.state, "acknowledged");
     w.clock.advance(Duration::days(6));
-    let rep = w
-        .svc
-        .run_retention(&operator())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rep = retention(&w).await;
     assert_eq!(rep.deleted.get("referral"), None);
     w.clock.advance(Duration::days(2));
-    let rep = w
-        .svc
-        .run_retention(&operator())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rep = retention(&w).await;
     assert_eq!(rep.deleted.get("referral").copied(), Some(1));
     assert!(
         w.svc
@@ -702,18 +702,10 @@ async fn discharge_summaries_alone_get_a_cover_letter_and_unread_letters_expire(
     );
     // Never acknowledged: gone after six months, with the attachment.
     w.clock.advance(Duration::days(182));
-    let rep = w
-        .svc
-        .run_retention(&operator())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rep = retention(&w).await;
     assert!(!rep.deleted.contains_key("referral"));
     w.clock.advance(Duration::days(2));
-    let rep = w
-        .svc
-        .run_retention(&operator())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rep = retention(&w).await;
     assert_eq!(rep.deleted.get("referral").copied(), Some(1));
     assert_eq!(rep.deleted.get("discharge-summary").copied(), Some(1));
     assert!(w
@@ -764,18 +756,10 @@ async fn checkups_go_to_the_insurer_and_the_patient(w: World) {
         .any(|e| ItemFacts::of(&e["resource"]).map(|f| f.kind) == Some(ItemKind::Checkup)));
     // Kept five years.
     w.clock.advance(Duration::days(5 * 365));
-    let rep = w
-        .svc
-        .run_retention(&operator())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rep = retention(&w).await;
     assert!(!rep.deleted.contains_key("checkup"));
     w.clock.advance(Duration::days(3));
-    let rep = w
-        .svc
-        .run_retention(&operator())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rep = retention(&w).await;
     assert_eq!(rep.deleted.get("checkup").copied(), Some(1));
 }
 
@@ -1012,11 +996,7 @@ async fn retention_keeps_windows_latest_occasions_and_lts(w: World) {
     );
     // 2026-04-01: only 2025-02-01 is inside the year, but the latest three occasions stay; the
     // lab items of 2021 and 2022 go. Infection items are kept 5 years.
-    let rep = w
-        .svc
-        .run_retention(&operator())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rep = retention(&w).await;
     let deleted = rep.deleted.get("lab").copied().unwrap_or(0);
     assert_eq!(deleted, 2 * labs_per_occasion, "{rep:?}");
     assert_eq!(rep.deleted.get("infection"), None, "{rep:?}");
@@ -1026,22 +1006,14 @@ async fn retention_keeps_windows_latest_occasions_and_lts(w: World) {
         labs_before - deleted
     );
     // Five years on, the 5-year items go too (but LTS ones stay).
-    let rep = w
-        .svc
-        .run_retention(&operator())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rep = retention(&w).await;
     assert_eq!(
         rep.deleted.values().sum::<usize>(),
         0,
         "a second run finds nothing new"
     );
     w.clock.advance(Duration::days(5 * 365 + 2));
-    let rep = w
-        .svc
-        .run_retention(&operator())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rep = retention(&w).await;
     assert_eq!(
         rep.deleted.get("infection").copied().unwrap_or(0),
         5 * infections_per_occasion - 1,

@@ -124,15 +124,7 @@ pub fn run(a: FhirBenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
-    let db = a
-        .database
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", tmp.join("kizuna.db").display()));
-    let backend = if db.starts_with("postgres") {
-        "postgresql"
-    } else {
-        "sqlite"
-    };
+    let (db, backend) = crate::bench_server::bench_database(&a.database, tmp);
     // Generated before the server starts, so the timed part measures the server, not the
     // generator (which would take one of this machine's two cores).
     let inst = kizuna_synth::population::institutions(11);

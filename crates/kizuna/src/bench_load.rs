@@ -215,10 +215,7 @@ fn summarise(done: &[Done]) -> Value {
 }
 
 fn bench(a: &LoadBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
-    let db = a
-        .database
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", tmp.join("kizuna.db").display()));
+    let (db, backend) = crate::bench_server::bench_database(&a.database, tmp);
     eprintln!("生成中 / generating {} people", a.patients);
     let inst = kizuna_synth::population::institutions(3);
     let people: Vec<kizuna_synth::PersonOutput> = (0..a.patients)
@@ -241,15 +238,7 @@ fn bench(a: &LoadBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(600))
         .build();
-    for body in &eligibility {
-        call(
-            &agent,
-            "POST",
-            &format!("{}/Coverage/$import-eligibility", srv.base),
-            &srv.token,
-            Some(body),
-        )?;
-    }
+    crate::bench_server::import_eligibility(&agent, &srv, &eligibility)?;
     let mut systems = BTreeMap::new();
     for s in preload.iter().chain(register.iter()) {
         if !systems.contains_key(&s.from) {
@@ -377,7 +366,7 @@ fn bench(a: &LoadBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     Ok(json!({
         "benchmark": "kizuna bench load",
         "machine": crate::bench_server::machine(),
-        "backend": if db.starts_with("postgres") { "postgresql" } else { "sqlite" },
+        "backend": backend,
         "patients": a.patients,
         "clients": a.clients,
         "mix_per_20": {"register": 4, "read": 8, "search": 5, "summary": 3},

@@ -129,6 +129,33 @@ impl BenchServer {
     }
 }
 
+/// The database a benchmark runs on (`--database`, or SQLite in its temporary directory) and the
+/// backend's name for the report.
+pub fn bench_database(arg: &Option<String>, tmp: &Path) -> (String, &'static str) {
+    let db = arg
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", tmp.join("kizuna.db").display()));
+    let backend = if db.starts_with("postgres") {
+        "postgresql"
+    } else {
+        "sqlite"
+    };
+    (db, backend)
+}
+
+/// Loads eligibility bundles through `Coverage/$import-eligibility` with the operator token.
+pub fn import_eligibility(
+    agent: &ureq::Agent,
+    srv: &BenchServer,
+    bundles: &[String],
+) -> anyhow::Result<()> {
+    let url = format!("{}/Coverage/$import-eligibility", srv.base);
+    for body in bundles {
+        call(agent, "POST", &url, &srv.token, Some(body))?;
+    }
+    Ok(())
+}
+
 /// `VmRSS` and `VmHWM` of a process, in MiB (Linux).
 pub fn rss_mib(pid: u32) -> Option<(f64, f64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -65,15 +65,7 @@ struct Submitted {
 }
 
 fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
-    let db = a
-        .database
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", tmp.join("kizuna.db").display()));
-    let backend = if db.starts_with("postgres") {
-        "postgresql"
-    } else {
-        "sqlite"
-    };
+    let (db, backend) = crate::bench_server::bench_database(&a.database, tmp);
     // Generated before the server starts, so the timed part measures the server.
     eprintln!("生成中 / generating {} people", a.patients);
     let inst = kizuna_synth::population::institutions(a.seed);
@@ -91,15 +83,7 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         .build();
 
     let t = Instant::now();
-    for body in &eligibility {
-        call(
-            &agent,
-            "POST",
-            &format!("{}/Coverage/$import-eligibility", srv.base),
-            &srv.token,
-            Some(body),
-        )?;
-    }
+    crate::bench_server::import_eligibility(&agent, &srv, &eligibility)?;
     let eligibility_s = t.elapsed().as_secs_f64();
 
     // Every institution system submits with its own token, as in production.
