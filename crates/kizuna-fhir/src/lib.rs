@@ -22,3 +22,15 @@ pub mod xhtml;
 pub mod xml;
 
 pub use package::Registry;
+
+/// A JSON object from fields whose values are moved in. `serde_json::json!` serialises every
+/// interpolated value into a new one (a deep copy through the serializer): for Bundles of stored
+/// resources that copying cost more than writing the response.
+pub fn object<const N: usize>(fields: [(&str, serde_json::Value); N]) -> serde_json::Value {
+    serde_json::Value::Object(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}

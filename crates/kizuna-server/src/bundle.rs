@@ -54,7 +54,8 @@ fn invalid(path: &str, ja: &str, en: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid", path, ja, en)
 }
 
-fn parse_entry(i: usize, e: &Value) -> Result<Entry, ApiError> {
+/// Reads one entry, moving its resource out (bundles can be large: nothing is copied).
+fn parse_entry(i: usize, e: &mut Value) -> Result<Entry, ApiError> {
     let path = format!("Bundle.entry[{i}]");
     let method = e
         .pointer("/request/method")
@@ -87,7 +88,7 @@ fn parse_entry(i: usize, e: &Value) -> Result<Entry, ApiError> {
             "request.url is missing",
         ));
     }
-    let resource = e.get("resource").cloned();
+    let resource = e.get_mut("resource").map(Value::take);
     if matches!(method, Method::POST | Method::PUT | Method::PATCH) && resource.is_none() {
         return Err(invalid(
             &format!("{path}.resource"),
@@ -220,7 +221,7 @@ async fn target_id(
 /// recorded in `map` so other entries' references can be rewritten.
 async fn plan(
     s: &AppState,
-    e: &Entry,
+    e: &mut Entry,
     map: &mut HashMap<String, String>,
 ) -> Result<Plan, ApiError> {
     let (rt, id, query) = split_url(&e.url);
@@ -237,8 +238,8 @@ async fn plan(
             map.insert(f.clone(), format!("{rt}/{id}"));
         }
     };
-    let typed = || {
-        let r = e.resource.clone().unwrap_or(Value::Null);
+    let mut typed = || {
+        let r = e.resource.take().unwrap_or(Value::Null);
         if r.get("resourceType").and_then(Value::as_str) == Some(rt.as_str()) {
             Ok(r)
         } else {
@@ -482,7 +483,10 @@ async fn run_read(
     match segs.as_slice() {
         [rt] => {
             let b = search_bundle(s, a, rt, query_pairs(query), headers).await?;
-            Ok(json!({"resource": b, "response": {"status": "200 OK"}}))
+            Ok(kizuna_fhir::object([
+                ("resource", b),
+                ("response", json!({"status": "200 OK"})),
+            ]))
         }
         [rt, id] => {
             crate::fhir::check_type(s, rt)?;
@@ -556,10 +560,14 @@ pub(crate) async fn batch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let b = parse_body(&headers, &body, &s)?;
-    let kind = b.get("type").and_then(Value::as_str).unwrap_or("");
+    let mut b = parse_body(&headers, &body, &s)?;
+    let kind = b
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if b.get("resourceType").and_then(Value::as_str) != Some("Bundle")
-        || !matches!(kind, "transaction" | "batch")
+        || !matches!(kind.as_str(), "transaction" | "batch")
     {
         return Err(invalid(
             "Bundle.type",
@@ -567,37 +575,40 @@ pub(crate) async fn batch(
             "expected a transaction or batch Bundle",
         ));
     }
-    let raw = b
-        .get("entry")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let raw = match b.get_mut("entry") {
+        Some(Value::Array(a)) => std::mem::take(a),
+        _ => Vec::new(),
+    };
     let with_resource = prefer_return(&headers) == Return::Representation
         && headers
             .get("prefer")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|p| p.contains("return=representation"));
     let out = if kind == "transaction" {
-        transaction(&s, &a, &raw, &headers, with_resource).await?
+        transaction(&s, &a, raw, &headers, with_resource).await?
     } else {
-        run_batch(&s, &a, &raw, &headers, with_resource).await
+        run_batch(&s, &a, raw, &headers, with_resource).await
     };
     Ok(fhir_json(
         StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": format!("{kind}-response"), "entry": out}),
+        &kizuna_fhir::object([
+            ("resourceType", json!("Bundle")),
+            ("type", Value::String(format!("{kind}-response"))),
+            ("entry", Value::Array(out)),
+        ]),
     ))
 }
 
 async fn transaction(
     s: &AppState,
     a: &Auth,
-    raw: &[Value],
+    raw: Vec<Value>,
     headers: &HeaderMap,
     with_resource: bool,
 ) -> Result<Vec<Value>, ApiError> {
     let mut entries = Vec::with_capacity(raw.len());
-    for (i, e) in raw.iter().enumerate() {
-        let e = parse_entry(i, e)?;
+    for (i, mut e) in raw.into_iter().enumerate() {
+        let e = parse_entry(i, &mut e)?;
         authorize(a, &e)?;
         entries.push(e);
     }
@@ -614,7 +625,7 @@ async fn transaction(
     let mut map = HashMap::new();
     let mut plans: Vec<Option<Plan>> = (0..entries.len()).map(|_| None).collect();
     for i in order {
-        plans[i] = Some(plan(s, &entries[i], &mut map).await?);
+        plans[i] = Some(plan(s, &mut entries[i], &mut map).await?);
     }
     let mut plans: Vec<Plan> = plans.into_iter().flatten().collect();
     // One resource may be the target of one entry only.
@@ -651,14 +662,13 @@ async fn transaction(
             validate(s, r).map_err(|err| at_entry(err, &e.path))?;
         }
     }
+    // The resources move into the writes; the plans keep only what the answers need.
     let mut ops = Vec::new();
-    for p in &plans {
+    for p in plans.iter_mut() {
         match p {
-            Plan::Create(r) => ops.push(WriteOp::CreateWithId {
-                resource: r.clone(),
-            }),
+            Plan::Create(r) => ops.push(WriteOp::CreateWithId { resource: r.take() }),
             Plan::Update(r, m) => ops.push(WriteOp::Update {
-                resource: r.clone(),
+                resource: r.take(),
                 if_match: *m,
             }),
             Plan::Delete(rt, ids) => ops.extend(ids.iter().map(|id| WriteOp::Delete {
@@ -727,20 +737,20 @@ async fn transaction(
 async fn run_batch(
     s: &AppState,
     a: &Auth,
-    raw: &[Value],
+    raw: Vec<Value>,
     headers: &HeaderMap,
     with_resource: bool,
 ) -> Vec<Value> {
     let mut out = Vec::with_capacity(raw.len());
-    for (i, e) in raw.iter().enumerate() {
+    for (i, mut e) in raw.into_iter().enumerate() {
         let one = async {
-            let e = parse_entry(i, e)?;
+            let mut e = parse_entry(i, &mut e)?;
             authorize(a, &e)?;
             if e.method == Method::GET {
                 return run_read(s, a, &e.url, headers).await;
             }
             let mut map = HashMap::new();
-            let mut p = plan(s, &e, &mut map).await?;
+            let mut p = plan(s, &mut e, &mut map).await?;
             gate_write(s, a, &p).await?;
             let mut cache = HashMap::new();
             if let Plan::Create(r) | Plan::Update(r, _) = &mut p {

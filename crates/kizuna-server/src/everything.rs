@@ -136,11 +136,18 @@ pub(crate) async fn everything(
         "everything",
         &page.iter().chain(referenced.iter()).collect::<Vec<_>>(),
     );
-    let entry = |st: &Stored, mode: &str| -> Value {
-        json!({"fullUrl": format!("{}/{}/{}", s.base_url, st.resource_type, st.id), "resource": st.resource, "search": {"mode": mode}})
+    let entry = |st: Stored, mode: &str| -> Value {
+        kizuna_fhir::object([
+            (
+                "fullUrl",
+                Value::String(format!("{}/{}/{}", s.base_url, st.resource_type, st.id)),
+            ),
+            ("resource", st.resource.unwrap_or(Value::Null)),
+            ("search", json!({ "mode": mode })),
+        ])
     };
-    let mut entries: Vec<Value> = page.iter().map(|st| entry(st, "match")).collect();
-    entries.extend(referenced.iter().map(|st| entry(st, "include")));
+    let mut entries: Vec<Value> = page.into_iter().map(|st| entry(st, "match")).collect();
+    entries.extend(referenced.into_iter().map(|st| entry(st, "include")));
     let link = |offset: usize| {
         let mut enc = form_urlencoded::Serializer::new(String::new());
         for (k, v) in pairs.iter().filter(|(k, _)| k != "_offset") {

@@ -920,7 +920,20 @@ pub(crate) fn bundle(
     entries: Vec<Value>,
     links: Vec<(&str, String)>,
 ) -> Value {
-    let mut b = json!({"resourceType": "Bundle", "type": kind, "link": links.into_iter().map(|(r, u)| json!({"relation": r, "url": u})).collect::<Vec<_>>(), "entry": entries});
+    let mut b = kizuna_fhir::object([
+        ("resourceType", json!("Bundle")),
+        ("type", json!(kind)),
+        (
+            "link",
+            Value::Array(
+                links
+                    .into_iter()
+                    .map(|(r, u)| json!({"relation": r, "url": u}))
+                    .collect(),
+            ),
+        ),
+        ("entry", Value::Array(entries)),
+    ]);
     if let Some(t) = total {
         b["total"] = json!(t);
     }
@@ -985,7 +998,14 @@ pub(crate) async fn search_bundle(
     audit(s, a, "search", &stored);
     let entry = |st: Stored, mode: &str| {
         let st = apply_view(s, &view, st);
-        json!({"fullUrl": format!("{}/{}/{}", s.base_url, st.resource_type, st.id), "resource": st.resource, "search": {"mode": mode}})
+        kizuna_fhir::object([
+            (
+                "fullUrl",
+                Value::String(format!("{}/{}/{}", s.base_url, st.resource_type, st.id)),
+            ),
+            ("resource", st.resource.unwrap_or(Value::Null)),
+            ("search", json!({ "mode": mode })),
+        ])
     };
     let mut entries: Vec<Value> = Vec::new();
     let page_len = result.resources.len() as i64;

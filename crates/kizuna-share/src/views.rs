@@ -255,21 +255,31 @@ impl ShareService {
                 section("文書 / documents", "document", &documents),
             ]
         });
-        let mut entries = vec![json!({"resource": composition})];
+        let mut entries = vec![kizuna_fhir::object([("resource", composition)])];
         for r in conditions
-            .iter()
-            .chain(&allergies)
-            .chain(&infections)
-            .chain(&labs)
-            .chain(&prescriptions)
-            .chain(&documents)
+            .into_iter()
+            .chain(allergies)
+            .chain(infections)
+            .chain(labs)
+            .chain(prescriptions)
+            .chain(documents)
         {
-            entries.push(json!({
-                "fullUrl": format!("{}/{}", r["resourceType"].as_str().unwrap_or(""), r["id"].as_str().unwrap_or("")),
-                "resource": r
-            }));
+            let url = format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap_or(""),
+                r["id"].as_str().unwrap_or("")
+            );
+            entries.push(kizuna_fhir::object([
+                ("fullUrl", Value::String(url)),
+                ("resource", r),
+            ]));
         }
-        json!({"resourceType": "Bundle", "type": "collection", "timestamp": stamp, "entry": entries})
+        kizuna_fhir::object([
+            ("resourceType", json!("Bundle")),
+            ("type", json!("collection")),
+            ("timestamp", Value::String(stamp)),
+            ("entry", Value::Array(entries)),
+        ])
     }
 
     /// The patient's own view (the マイナポータル equivalent): their six items and check-up reports,
@@ -283,12 +293,25 @@ impl ShareService {
         let (shown, _) = self.filter_items(p, items, &AccessContext::default(), "patient-view");
         let mut rs: Vec<Value> = shown.into_iter().map(|(_, r)| r).collect();
         rs.sort_by_key(|r| std::cmp::Reverse(when(r)));
-        Ok(json!({
-            "resourceType": "Bundle",
-            "type": "collection",
-            "timestamp": self.now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            "entry": rs.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()
-        }))
+        Ok(kizuna_fhir::object([
+            ("resourceType", json!("Bundle")),
+            ("type", json!("collection")),
+            (
+                "timestamp",
+                Value::String(
+                    self.now()
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                ),
+            ),
+            (
+                "entry",
+                Value::Array(
+                    rs.into_iter()
+                        .map(|r| kizuna_fhir::object([("resource", r)]))
+                        .collect(),
+                ),
+            ),
+        ]))
     }
 
     /// Who looked at the patient's data, when and why (emergency access marked), from the audit log.

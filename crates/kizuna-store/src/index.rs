@@ -262,12 +262,17 @@ impl Indexer {
             let targets = strings("target");
             for base in strings("base") {
                 let parts = parts_for(&without_resolve(expr), &base);
+                // Shared parameters (`clinical-patient` on 30 types) list every type's path:
+                // each type evaluates only its own parts.
+                let own = restrict_to(expr, &base)
+                    .and_then(|e| parse(&e))
+                    .unwrap_or_else(|| parsed.clone());
                 let list = by_type.entry(base).or_default();
                 if !list.iter().any(|p| p.code == code) {
                     list.push(SearchParam {
                         code: code.to_string(),
                         kind,
-                        expr: parsed.clone(),
+                        expr: own,
                         targets: targets.clone(),
                         components: components.clone(),
                         union_of: Vec::new(),
@@ -331,6 +336,56 @@ impl Indexer {
         }
         out
     }
+}
+
+/// The top-level `|` parts of an expression.
+fn top_level_parts(expr: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut depth, mut quoted, mut start) = (0i32, false, 0usize);
+    for (i, c) in expr.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => depth -= 1,
+            '|' if !quoted && depth == 0 => {
+                parts.push(&expr[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&expr[start..]);
+    parts
+}
+
+/// The expression a parameter defined on several types has for `rt`: only the `|` parts rooted
+/// at `rt`, unchanged. `None` when every part is (nothing to cut) or none is (a part rooted
+/// elsewhere, such as `Resource.meta.tag`, is kept whole).
+pub(crate) fn restrict_to(expr: &str, rt: &str) -> Option<String> {
+    let parts = top_level_parts(expr);
+    let rooted = |p: &str| {
+        let root = p.trim().trim_start_matches('(');
+        root == rt || root.starts_with(&format!("{rt}.")) || root.starts_with(&format!("{rt} "))
+    };
+    // A dropped part must name another concrete type: `Resource.…` applies to every type.
+    let other_type = |p: &str| {
+        let root: String = p
+            .trim()
+            .trim_start_matches('(')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        root.starts_with(|c: char| c.is_ascii_uppercase())
+            && !matches!(root.as_str(), "Resource" | "DomainResource")
+    };
+    let own: Vec<&str> = parts.iter().copied().filter(|p| rooted(p)).collect();
+    if own.is_empty()
+        || own.len() == parts.len()
+        || !parts.iter().all(|p| rooted(p) || other_type(p))
+    {
+        return None;
+    }
+    Some(own.iter().map(|p| p.trim()).collect::<Vec<_>>().join(" | "))
 }
 
 /// Splits an expression at its top-level `|` and keeps the parts about `rt` (a parameter defined on
@@ -804,6 +859,38 @@ pub const OPEN_END: i64 = 1 << 52;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn shared_parameters_keep_only_their_own_parts() {
+        use super::restrict_to;
+        let e = "AllergyIntolerance.patient | Observation.subject.where(resolve() is Patient) | (Observation.value as Quantity) | Procedure.subject";
+        assert_eq!(
+            restrict_to(e, "Observation").as_deref(),
+            Some(
+                "Observation.subject.where(resolve() is Patient) | (Observation.value as Quantity)"
+            )
+        );
+        assert_eq!(
+            restrict_to(e, "Procedure").as_deref(),
+            Some("Procedure.subject")
+        );
+        // Nothing to cut, nothing rooted here, or a part that applies to every type.
+        assert_eq!(restrict_to("Patient.name | Patient.alias", "Patient"), None);
+        assert_eq!(restrict_to(e, "Encounter"), None);
+        assert_eq!(
+            restrict_to("Observation.code | Resource.meta.tag", "Observation"),
+            None
+        );
+        // A `|` inside a string or a function call is not a part boundary.
+        assert_eq!(
+            restrict_to(
+                "Observation.code.where(system = 'a|b') | Condition.code",
+                "Observation"
+            )
+            .as_deref(),
+            Some("Observation.code.where(system = 'a|b')")
+        );
+    }
+
     use super::{normalise, reference_key, without_resolve};
 
     #[test]
