@@ -101,13 +101,22 @@ fn identifier_in(r: &Value, system: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Makes an entry's resource self-contained: references to other entries of the Bundle become
-/// `contained` copies (`#c1` …), references to the Patient point at the person.
-fn self_contained(r: &Value, bundle: &Value, patient_urls: &[String], person: &str) -> Value {
-    let by_url: HashMap<&str, &Value> = entries(bundle)
+/// A Bundle's resources by `fullUrl`, built once per Bundle for [`self_contained`].
+fn by_full_url(bundle: &Value) -> HashMap<&str, &Value> {
+    entries(bundle)
         .iter()
         .filter_map(|e| Some((e.get("fullUrl")?.as_str()?, e.get("resource")?)))
-        .collect();
+        .collect()
+}
+
+/// Makes an entry's resource self-contained: references to other entries of the Bundle become
+/// `contained` copies (`#c1` …), references to the Patient point at the person.
+fn self_contained(
+    r: &Value,
+    by_url: &HashMap<&str, &Value>,
+    patient_urls: &[String],
+    person: &str,
+) -> Value {
     let mut out = r.clone();
     let mut contained: Vec<Value> = out
         .get("contained")
@@ -161,7 +170,7 @@ fn self_contained(r: &Value, bundle: &Value, patient_urls: &[String], person: &s
     }
     walk(
         &mut out,
-        &by_url,
+        by_url,
         patient_urls,
         person,
         &mut contained,
@@ -436,6 +445,7 @@ impl ShareService {
                 resolve_us = (t.elapsed() - validated).as_micros() as u64,
                 "submit stages"
             );
+            let urls = by_full_url(&b);
             for (i, e) in entries(&b).iter().enumerate() {
                 let Some(r) = e.get("resource") else { continue };
                 let Some(kind) = classify(r) else { continue };
@@ -455,7 +465,7 @@ impl ShareService {
                         ));
                     }
                 }
-                let mut item = self_contained(r, &b, &patient_urls, &person);
+                let mut item = self_contained(r, &urls, &patient_urls, &person);
                 tag_item(&mut item, kind, &person, &inst, &source, now);
                 writes.push(item);
             }
@@ -611,12 +621,13 @@ impl ShareService {
         // are not taken from documents, and check-up results stay in their report.
         let mut items = Vec::new();
         if matches!(kind, ItemKind::Referral | ItemKind::DischargeSummary) {
+            let urls = by_full_url(b);
             for e in entries(b) {
                 let Some(r) = e.get("resource") else { continue };
                 match classify(r) {
                     Some(ItemKind::Prescription) | None => {}
                     Some(k) => {
-                        let mut item = self_contained(r, b, &patient_urls, &person);
+                        let mut item = self_contained(r, &urls, &patient_urls, &person);
                         tag_item(&mut item, k, &person, inst, source, now);
                         items.push(item);
                     }
@@ -899,7 +910,12 @@ mod tests {
             {"fullUrl": "urn:uuid:e", "resource": {"resourceType": "Encounter", "id": "e1", "meta": {"profile": ["x"]}, "subject": {"reference": "urn:uuid:p"}}},
             {"fullUrl": "urn:uuid:c", "resource": {"resourceType": "Condition", "subject": {"reference": "urn:uuid:p"}, "encounter": {"reference": "urn:uuid:e"}, "recorder": {"reference": "urn:uuid:e"}}}
         ]});
-        let c = self_contained(&b["entry"][2]["resource"], &b, &["urn:uuid:p".into()], "P1");
+        let c = self_contained(
+            &b["entry"][2]["resource"],
+            &by_full_url(&b),
+            &["urn:uuid:p".into()],
+            "P1",
+        );
         assert_eq!(c["subject"]["reference"], "Patient/P1");
         assert_eq!(c["encounter"]["reference"], "#c1");
         assert_eq!(c["recorder"]["reference"], "#c1", "one copy per target");

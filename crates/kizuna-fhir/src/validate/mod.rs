@@ -679,19 +679,22 @@ impl<'v> Run<'v> {
                 (None, None) => {}
             }
         }
-        let name_path = format!(
-            "{path}.{}",
-            if def.choice {
-                format!("{}[x]", def.name)
-            } else {
-                def.name.clone()
-            }
-        );
+        // Only error messages use it: built when one is reported, not for every child.
+        let name_path = || {
+            format!(
+                "{path}.{}",
+                if def.choice {
+                    format!("{}[x]", def.name)
+                } else {
+                    def.name.clone()
+                }
+            )
+        };
         let n = items.len() as u32;
         if n < def.min {
             self.error(
                 "required",
-                &name_path,
+                &name_path(),
                 &format!(
                     "必須要素がありません: {} は最低 {} 個必要です (現在 {n})",
                     def.name, def.min
@@ -706,7 +709,7 @@ impl<'v> Run<'v> {
             if n > max {
                 self.error(
                     "structure",
-                    &name_path,
+                    &name_path(),
                     &format!("{} は最大 {max} 個までです (現在 {n})", def.name),
                     &format!("maximum allowed = {max}, but found {n} ({})", def.name),
                 );
@@ -716,7 +719,7 @@ impl<'v> Run<'v> {
             // Slices with a minimum still need checking when the element is absent.
             for s in &def.slices {
                 if s.min > 0 {
-                    self.slice_min_error(&name_path, s, 0);
+                    self.slice_min_error(&name_path(), s, 0);
                 }
             }
             return;
@@ -735,13 +738,13 @@ impl<'v> Run<'v> {
             for (si, s) in def.slices.iter().enumerate() {
                 let count = slice_of.iter().filter(|x| **x == Some(si)).count() as u32;
                 if count < s.min {
-                    self.slice_min_error(&name_path, s, count);
+                    self.slice_min_error(&name_path(), s, count);
                 }
                 if let Some(max) = s.max {
                     if count > max {
                         self.error(
                             "structure",
-                            &name_path,
+                            &name_path(),
                             &format!(
                                 "スライス {} は最大 {max} 個までです (現在 {count})",
                                 s.slice_name.as_deref().unwrap_or("")
