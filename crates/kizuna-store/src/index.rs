@@ -358,15 +358,19 @@ fn top_level_parts(expr: &str) -> Vec<&str> {
     parts
 }
 
+/// Whether one `|` part of an expression starts at type `rt` (`Observation.code`,
+/// `(Observation.value as Quantity)`).
+fn rooted_at(part: &str, rt: &str) -> bool {
+    let root = part.trim().trim_start_matches('(');
+    root == rt || root.starts_with(&format!("{rt}.")) || root.starts_with(&format!("{rt} "))
+}
+
 /// The expression a parameter defined on several types has for `rt`: only the `|` parts rooted
 /// at `rt`, unchanged. `None` when every part is (nothing to cut) or none is (a part rooted
 /// elsewhere, such as `Resource.meta.tag`, is kept whole).
 pub(crate) fn restrict_to(expr: &str, rt: &str) -> Option<String> {
     let parts = top_level_parts(expr);
-    let rooted = |p: &str| {
-        let root = p.trim().trim_start_matches('(');
-        root == rt || root.starts_with(&format!("{rt}.")) || root.starts_with(&format!("{rt} "))
-    };
+    let rooted = |p: &str| rooted_at(p, rt);
     // A dropped part must name another concrete type: `Resource.…` applies to every type.
     let other_type = |p: &str| {
         let root: String = p
@@ -391,29 +395,10 @@ pub(crate) fn restrict_to(expr: &str, rt: &str) -> Option<String> {
 /// Splits an expression at its top-level `|` and keeps the parts about `rt` (a parameter defined on
 /// several types lists each type's path), normalised for comparison.
 fn parts_for(expr: &str, rt: &str) -> Vec<String> {
-    let mut parts = Vec::new();
-    let (mut depth, mut quoted, mut cur) = (0i32, false, String::new());
-    for c in expr.chars() {
-        match c {
-            '\'' => quoted = !quoted,
-            '(' if !quoted => depth += 1,
-            ')' if !quoted => depth -= 1,
-            '|' if !quoted && depth == 0 => {
-                parts.push(std::mem::take(&mut cur));
-                continue;
-            }
-            _ => {}
-        }
-        cur.push(c);
-    }
-    parts.push(cur);
-    let mut out: Vec<String> = parts
+    let mut out: Vec<String> = top_level_parts(expr)
         .into_iter()
         .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
-        .filter(|p| {
-            let root = p.trim_start_matches('(');
-            root == rt || root.starts_with(&format!("{rt}.")) || root.starts_with(&format!("{rt} "))
-        })
+        .filter(|p| rooted_at(p, rt))
         .collect();
     out.sort();
     out.dedup();

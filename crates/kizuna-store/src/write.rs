@@ -321,11 +321,10 @@ impl Store {
     async fn apply_in(
         &self,
         tx: &mut Transaction<'_, Any>,
-        ops: Vec<WriteOp>,
+        mut ops: Vec<WriteOp>,
         rows: Vec<Vec<(String, IndexValue)>>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<Stored>, StoreError> {
-        let mut ops = ops;
         let mut pending = PendingRows::default();
         let out = self
             .apply_ops(tx, &mut pending, &mut ops, &rows, now)
@@ -553,13 +552,13 @@ impl Store {
         if self.backend() == Backend::Postgres {
             return self.insert_json(tx, into, rows).await;
         }
+        let one = format!("({})", vec!["?"; into.types.len()].join(", "));
         let mut out = Vec::new();
         let mut rest = rows;
         while !rest.is_empty() {
             let n = sqlite_chunk(rest.len());
             let (chunk, tail) = rest.split_at(n);
             rest = tail;
-            let one = format!("({})", vec!["?"; into.types.len()].join(", "));
             let sql = format!(
                 "INSERT OR IGNORE INTO {} ({}) VALUES {}{}",
                 into.table,
