@@ -948,9 +948,21 @@ pub(crate) async fn do_search(
     pairs: Vec<(String, String)>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let b = search_bundle(s, a, rt, pairs, headers).await?;
-    Ok(fhir_json(StatusCode::OK, &b))
+    let set = searchset(s, a, rt, pairs, headers, true).await?;
+    Ok(set.into_response())
 }
+
+/// The top-level elements the access policy and the audit read from a search match
+/// (`share::may_read`, `person_of`); a page without `_summary`/`_elements` parses only these and
+/// writes each match out as stored.
+const POLICY_OUTLINE: &[&str] = &[
+    "resourceType",
+    "id",
+    "meta",
+    "subject",
+    "patient",
+    "beneficiary",
+];
 
 /// A searchset: matches, includes, paging links (the query repeated with a new `_offset`,
 /// `_summary` and `_elements` kept so every page has the same shape).
@@ -961,6 +973,120 @@ pub(crate) async fn search_bundle(
     pairs: Vec<(String, String)>,
     headers: &HeaderMap,
 ) -> Result<Value, ApiError> {
+    searchset(s, a, rt, pairs, headers, false)
+        .await?
+        .into_value()
+}
+
+/// A searchset Bundle before it is written: the Bundle's own elements, then its entries.
+pub(crate) struct Searchset {
+    /// `resourceType`, `type`, `total`, `link`: everything but `entry`.
+    head: Value,
+    /// `fullUrl`, the resource (parsed, or the stored text) and the search mode of each entry.
+    entries: Vec<(Option<String>, EntryBody, &'static str)>,
+}
+
+/// An entry's resource: a tree the server built or changed, or the stored text unchanged.
+enum EntryBody {
+    Tree(Value),
+    Stored(String),
+}
+
+impl Searchset {
+    /// As a JSON tree (for a batch's answer, which nests it).
+    fn into_value(self) -> Result<Value, ApiError> {
+        let mut b = self.head;
+        let mut entries = Vec::with_capacity(self.entries.len());
+        for (url, body, mode) in self.entries {
+            let resource = match body {
+                EntryBody::Tree(v) => v,
+                EntryBody::Stored(t) => serde_json::from_str(&t).map_err(unserialisable)?,
+            };
+            entries.push(entry_value(url, resource, mode));
+        }
+        if let Some(o) = b.as_object_mut() {
+            o.insert("entry".into(), Value::Array(entries));
+        }
+        Ok(b)
+    }
+
+    /// As response bytes: stored resources are copied into the Bundle as they are.
+    fn into_response(self) -> Response {
+        let mut out = Vec::with_capacity(
+            4096 + self
+                .entries
+                .iter()
+                .map(|(_, b, _)| match b {
+                    EntryBody::Stored(t) => t.len() + 160,
+                    EntryBody::Tree(_) => 4096,
+                })
+                .sum::<usize>(),
+        );
+        let written = (|| -> Result<(), serde_json::Error> {
+            serde_json::to_writer(&mut out, &self.head)?;
+            // `head` is a non-empty object: reopen it before its closing brace.
+            out.pop();
+            out.extend_from_slice(b",\"entry\":[");
+            for (i, (url, body, mode)) in self.entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.push(b'{');
+                if let Some(url) = url {
+                    out.extend_from_slice(b"\"fullUrl\":");
+                    serde_json::to_writer(&mut out, &url)?;
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"\"resource\":");
+                match body {
+                    EntryBody::Tree(v) => serde_json::to_writer(&mut out, &v)?,
+                    EntryBody::Stored(t) => out.extend_from_slice(t.as_bytes()),
+                }
+                out.extend_from_slice(b",\"search\":{\"mode\":");
+                serde_json::to_writer(&mut out, mode)?;
+                out.extend_from_slice(b"}}");
+            }
+            out.extend_from_slice(b"]}");
+            Ok(())
+        })();
+        match written {
+            Ok(()) => crate::fhir_bytes(StatusCode::OK, out),
+            Err(e) => unserialisable(e).into_response(),
+        }
+    }
+}
+
+/// One searchset entry as a tree (no `fullUrl` for an OperationOutcome the server adds).
+fn entry_value(url: Option<String>, resource: Value, mode: &str) -> Value {
+    let mut e = kizuna_fhir::object([("resource", resource), ("search", json!({ "mode": mode }))]);
+    if let (Some(url), Some(o)) = (url, e.as_object_mut()) {
+        o.insert("fullUrl".into(), Value::String(url));
+    }
+    e
+}
+
+/// A stored resource or a Bundle JSON could not read or write: a fault of the server.
+fn unserialisable(e: serde_json::Error) -> ApiError {
+    tracing::error!(error = %e, "searchset JSON");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "exception",
+        "",
+        "検索結果を JSON にできません",
+        "the search result could not be written as JSON",
+    )
+}
+
+/// Runs a search and shapes its page; `outline` lets matches be written out as stored when no
+/// `_summary`/`_elements` changes them.
+async fn searchset(
+    s: &AppState,
+    a: &Auth,
+    rt: &str,
+    pairs: Vec<(String, String)>,
+    headers: &HeaderMap,
+    outline: bool,
+) -> Result<Searchset, ApiError> {
     check_type(s, rt)?;
     let summary_count = pairs.iter().any(|(k, v)| k == "_summary" && v == "count");
     let mut q = SearchQuery::from_pairs(&pairs);
@@ -974,6 +1100,9 @@ pub(crate) async fn search_bundle(
     }
     q.count = q.count.min(1000);
     let view = view_of(&pairs)?;
+    if outline && view == SubsetView::Full {
+        q.outline = Some(POLICY_OUTLINE);
+    }
     let mut result = s.store.search(rt, &q).await?;
     // Shared items only as the access policy allows; a filtered page cannot claim the total.
     let before = result.resources.len();
@@ -996,18 +1125,15 @@ pub(crate) async fn search_bundle(
         .chain(result.included.iter())
         .collect();
     audit(s, a, "search", &stored);
-    let entry = |st: Stored, mode: &str| {
-        let st = apply_view(s, &view, st);
-        kizuna_fhir::object([
-            (
-                "fullUrl",
-                Value::String(format!("{}/{}/{}", s.base_url, st.resource_type, st.id)),
-            ),
-            ("resource", st.resource.unwrap_or(Value::Null)),
-            ("search", json!({ "mode": mode })),
-        ])
+    let entry = |st: Stored, mode: &'static str| {
+        let url = format!("{}/{}/{}", s.base_url, st.resource_type, st.id);
+        let body = match st.text {
+            Some(t) => EntryBody::Stored(t),
+            None => EntryBody::Tree(apply_view(s, &view, st).resource.unwrap_or(Value::Null)),
+        };
+        (Some(url), body, mode)
     };
-    let mut entries: Vec<Value> = Vec::new();
+    let mut entries = Vec::new();
     let page_len = result.resources.len() as i64;
     for st in result.resources {
         entries.push(entry(st, "match"));
@@ -1034,7 +1160,10 @@ pub(crate) async fn search_bundle(
     if q.offset > 0 && q.count > 0 {
         links.push(("previous", page((q.offset - q.count).max(0))));
     }
-    let mut b = bundle("searchset", result.total, entries, links);
+    let mut head = bundle("searchset", result.total, Vec::new(), links);
+    if let Some(o) = head.as_object_mut() {
+        o.remove("entry");
+    }
     if !result.ignored.is_empty() {
         let oo = kizuna_fhir::outcome::OperationOutcome {
             issues: result
@@ -1051,11 +1180,9 @@ pub(crate) async fn search_bundle(
                 })
                 .collect(),
         };
-        if let Some(e) = b["entry"].as_array_mut() {
-            e.push(json!({"resource": oo.to_fhir(), "search": {"mode": "outcome"}}));
-        }
+        entries.push((None, EntryBody::Tree(oo.to_fhir()), "outcome"));
     }
-    Ok(b)
+    Ok(Searchset { head, entries })
 }
 
 async fn search_get(

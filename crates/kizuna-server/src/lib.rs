@@ -210,7 +210,20 @@ impl From<kizuna_store::StoreError> for ApiError {
 
 /// A FHIR JSON response.
 pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
-    let mut r = (status, body.to_string()).into_response();
+    // `to_writer` into bytes: `to_string` goes through `fmt::Write`, a third slower on big Bundles.
+    let mut bytes = Vec::with_capacity(16 * 1024);
+    match serde_json::to_writer(&mut bytes, body) {
+        Ok(()) => fhir_bytes(status, bytes),
+        Err(e) => {
+            tracing::error!(error = %e, "response not serialisable");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// A FHIR JSON response from JSON text already written.
+pub fn fhir_bytes(status: StatusCode, bytes: Vec<u8>) -> Response {
+    let mut r = (status, bytes).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/fhir+json; charset=utf-8"),

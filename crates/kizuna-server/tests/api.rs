@@ -203,6 +203,11 @@ async fn search_transactions_xml_and_audit() {
         b["entry"][0]["resource"]["subject"]["reference"],
         format!("Patient/{pid}")
     );
+    // A match is written out as stored: the same resource a read returns, whole.
+    let oid = b["entry"][0]["resource"]["id"].as_str().unwrap_or("");
+    let (_, read, _) = call(&t, "GET", &format!("/fhir/Observation/{oid}"), None, &[]).await;
+    assert_eq!(b["entry"][0]["resource"], read);
+    assert_eq!(read["valueQuantity"]["value"], json!(13.2));
     let (_, b, _) = call(
         &t,
         "GET",

@@ -104,7 +104,11 @@ pub struct Stored {
     /// True for a deletion marker.
     pub deleted: bool,
     /// The resource with `id` and `meta.versionId`/`meta.lastUpdated` set (absent when deleted).
+    /// Only the top-level elements a search asked for with [`SearchQuery::outline`], then.
     pub resource: Option<Value>,
+    /// The stored JSON text of the whole resource, when a search asked for an outline: a caller
+    /// that writes resources out as stored copies it instead of serialising a parsed tree again.
+    pub text: Option<String>,
 }
 
 /// One write of a transaction.
@@ -500,5 +504,6 @@ pub(crate) fn stored_from_offset(
         last_updated,
         deleted: deleted == 1,
         resource: body.map(|b| serde_json::from_str(&b)).transpose()?,
+        text: None,
     })
 }

@@ -73,8 +73,11 @@ const POSTGRES: &[&str] = &[
 /// Both backends: the per-resource lookup of every index table (deletes, `EXISTS` probes, sort
 /// keys), and references by target (`_has`, `$everything`, compartment exports).
 const LOOKUPS: &[&str] = &[
-    // A type's resources in the server's default search order.
-    "CREATE INDEX IF NOT EXISTS resources_rt ON resources (rtype, rid)",
+    // A type's current resources in the server's default search order, covering what a walk
+    // over them tests (`deleted`), so pages, offsets and probing walks read no resource rows.
+    // It replaced `resources_rt (rtype, rid)`.
+    "DROP INDEX IF EXISTS resources_rt",
+    "CREATE INDEX IF NOT EXISTS resources_live ON resources (rtype, deleted, rid)",
     "CREATE INDEX IF NOT EXISTS idx_token_r ON idx_token (rid, pid)",
     "CREATE INDEX IF NOT EXISTS idx_string_r ON idx_string (rid, pid)",
     "CREATE INDEX IF NOT EXISTS idx_date_r ON idx_date (rid, pid)",

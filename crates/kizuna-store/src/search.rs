@@ -4,8 +4,10 @@
 //! tables (AND across parameters, OR across comma-separated values). Chained parameters
 //! (`subject:Patient.name=…`, several levels) and reverse chains (`_has:Observation:patient:code=…`,
 //! nested) become nested id sets over the reference index, so one SQL statement answers the whole
-//! query on SQLite and PostgreSQL alike. The most selective parameter drives the statement
-//! (`r.id IN (…)`); the others are probed per candidate (`EXISTS`).
+//! query on SQLite and PostgreSQL alike. One set drives the statement (`r.rid IN (…)`); the others
+//! are probed per candidate (`EXISTS`). On SQLite, a page in the default order first counts each
+//! set up to [`COUNT_CAP`] + 1 and lets the smallest drive; when every set is larger, the page
+//! walks the type's rows in row-id order, probing each criterion, and stops at the page's end.
 
 use kizuna_fhir::fhirpath::DateTime;
 use serde_json::Value;
@@ -52,7 +54,8 @@ pub struct SortSpec {
 pub enum Total {
     /// Without `_total`: counted up to [`COUNT_CAP`] matches, given when exact and left out beyond
     /// (the spec makes `total` optional). A patient's records are counted; a population query on a
-    /// large store does not pay for counting thousands of rows it will not return.
+    /// large store does not pay for counting thousands of rows it will not return. On SQLite, a
+    /// query whose every criterion matches more than the cap on its own is not counted either.
     Bounded,
     /// Counted exactly (`_total=accurate`, and `_total=estimate`, which kizuna answers exactly).
     Accurate,
@@ -86,6 +89,10 @@ pub struct SearchQuery {
     pub total: Total,
     /// The instant `ap` on dates measures from (epoch ms); `None` reads the clock.
     pub now_ms: Option<i64>,
+    /// Parse only these top-level elements of each match and hand back the stored text whole
+    /// ([`Stored::text`]): for callers that look at a few elements (access policy, audit) and
+    /// write the rest out untouched. `None` parses everything.
+    pub outline: Option<&'static [&'static str]>,
 }
 
 impl Default for SearchQuery {
@@ -101,6 +108,7 @@ impl Default for SearchQuery {
             malformed: Vec::new(),
             total: Total::Bounded,
             now_ms: None,
+            outline: None,
         }
     }
 }
@@ -317,6 +325,9 @@ impl IdKind {
     }
 }
 
+/// A criterion and how selective its kind is likely to be (lower drives the query).
+type Ranked = (Crit, u8);
+
 /// One compiled criterion.
 enum Crit {
     /// A condition on the outer resources row, written with `@R` for its alias (`_id`, `_lastUpdated`).
@@ -348,7 +359,7 @@ impl Compiler<'_> {
         format!("x{}", self.aliases)
     }
 
-    fn unknown(&mut self, key: &str) -> Result<Option<(Crit, u8)>, StoreError> {
+    fn unknown(&mut self, key: &str) -> Result<Option<Ranked>, StoreError> {
         if self.strict {
             Err(StoreError::UnknownParameter(key.to_string()))
         } else {
@@ -454,7 +465,7 @@ impl Compiler<'_> {
         key: &str,
         value: &str,
         depth: usize,
-    ) -> Result<Option<(Crit, u8)>, StoreError> {
+    ) -> Result<Option<Ranked>, StoreError> {
         if depth > MAX_DEPTH {
             return Err(bad(key, "chains and _has nest at most 4 levels"));
         }
@@ -606,7 +617,7 @@ impl Compiler<'_> {
         rest: &str,
         value: &str,
         depth: usize,
-    ) -> Result<Option<(Crit, u8)>, StoreError> {
+    ) -> Result<Option<Ranked>, StoreError> {
         let mut parts = rest.splitn(3, ':');
         let (Some(source), Some(refp), Some(inner)) = (parts.next(), parts.next(), parts.next())
         else {
@@ -654,7 +665,7 @@ impl Compiler<'_> {
         rest: &str,
         value: &str,
         depth: usize,
-    ) -> Result<Option<(Crit, u8)>, StoreError> {
+    ) -> Result<Option<Ranked>, StoreError> {
         let (pname, restrict) = match link.split_once(':') {
             Some((p, t)) => (p, Some(t)),
             None => (link, None),
@@ -1002,7 +1013,21 @@ impl Store {
                 value: String::new(),
             });
         }
-        let (where_sql, mut binds, driven, ignored, index_count) = self.compile_where(rt, q)?;
+        let (crits, ignored) = self.compile_criteria(rt, q)?;
+        let walkable = self.backend() == Backend::Sqlite && q.sort.is_empty();
+        let (driver, probed) = if walkable {
+            self.choose_driver(&crits).await?
+        } else {
+            (first_driver(&crits), vec![None; crits.len()])
+        };
+        let (where_sql, mut binds, driven) = assemble(rt, &crits, driver);
+        let walks = driver.is_none() && probed.iter().any(Option::is_some);
+        // One set is the whole query: it can be counted from the index alone (index rows exist
+        // for current resources only).
+        let index_count = match crits.as_slice() {
+            [(c, _)] => rid_set(c),
+            _ => None,
+        };
         // When a value index drives the query, sort its (few) matches instead of letting SQLite
         // walk the `_lastUpdated` index to avoid a sort (`+ 0` hides that index from ORDER BY).
         let lu = if driven && self.backend() == Backend::Sqlite {
@@ -1065,19 +1090,28 @@ impl Store {
             (Total::None, _) => None,
             (Total::Accurate, Some((idcol, from_where, b))) => Some((
                 format!("SELECT COUNT(DISTINCT {idcol}) FROM {from_where}"),
-                b,
+                b.to_vec(),
             )),
+            // Counted already while choosing the plan.
+            (Total::Bounded, Some(_)) if probed[0].is_some() => None,
             (Total::Bounded, Some((idcol, from_where, b))) => Some((
                 format!(
                     "SELECT COUNT(*) FROM (SELECT DISTINCT {idcol} FROM {from_where} LIMIT {}) n",
                     COUNT_CAP + 1
                 ),
-                b,
+                b.to_vec(),
             )),
-            (Total::Accurate, None) => Some((
-                format!("SELECT COUNT(*) FROM resources r WHERE {where_sql}"),
-                binds.clone(),
-            )),
+            (Total::Accurate, None) => {
+                // Counting every match: collecting the smallest set beats walking the type.
+                let driver = driver
+                    .or_else(|| smallest(&probed))
+                    .or(first_driver(&crits));
+                let (w, b, _) = assemble(rt, &crits, driver);
+                Some((format!("SELECT COUNT(*) FROM resources r WHERE {w}"), b))
+            }
+            // Every set is larger than the cap: counting their intersection to the cap would
+            // walk thousands of rows for a number the page does not need.
+            (Total::Bounded, None) if walks => None,
             (Total::Bounded, None) => Some((
                 format!(
                     "SELECT COUNT(*) FROM (SELECT 1 FROM resources r WHERE {where_sql} LIMIT {}) n",
@@ -1094,7 +1128,10 @@ impl Store {
                     .try_get(0)?;
                 (q.total == Total::Accurate || n <= COUNT_CAP).then_some(n)
             }
-            None => None,
+            None => match (q.total, index_count, probed.first()) {
+                (Total::Bounded, Some(_), Some(Some(n))) => (*n <= COUNT_CAP).then_some(*n),
+                _ => None,
+            },
         };
         let page_sql = self.sql(&format!(
             "SELECT r.id, r.version, r.last_updated, r.deleted, r.body FROM resources r WHERE {where_sql} ORDER BY {} LIMIT ? OFFSET ?",
@@ -1110,15 +1147,21 @@ impl Store {
         for r in rows {
             let id: String = r.try_get(0)?;
             let body: Option<String> = r.try_get(4)?;
+            let (resource, text) = match (body, q.outline) {
+                (Some(b), Some(keys)) => (Some(parse_outline(&b, keys)?), Some(b)),
+                (b, _) => (
+                    b.map(|b| serde_json::from_str::<Value>(&b)).transpose()?,
+                    None,
+                ),
+            };
             resources.push(Stored {
                 resource_type: rt.to_string(),
                 id,
                 version: r.try_get(1)?,
                 last_updated: r.try_get(2)?,
                 deleted: false,
-                resource: body
-                    .map(|b| serde_json::from_str::<Value>(&b))
-                    .transpose()?,
+                resource,
+                text,
             });
         }
         tracing::debug!(
@@ -1143,7 +1186,7 @@ impl Store {
     /// The ids of every current resource of `rt` matching the criteria of `q` (no paging): for
     /// conditional update and delete, and for exports restricted by a query.
     pub async fn search_ids(&self, rt: &str, q: &SearchQuery) -> Result<Vec<String>, StoreError> {
-        let (where_sql, binds, _, _, _) = self.compile_where(rt, q)?;
+        let (where_sql, binds, _, _) = self.compile_where(rt, q)?;
         let sql = self.sql(&format!(
             "SELECT r.id FROM resources r WHERE {where_sql} ORDER BY r.id"
         ));
@@ -1153,25 +1196,13 @@ impl Store {
             .collect()
     }
 
-    /// The WHERE clause over `resources r` for a query's criteria: its text, binds, whether an
-    /// index set drives it, the parameters lenient handling ignored, and — when one index
-    /// criterion is the whole query — a count read from the index alone (index rows exist for
-    /// current resources only).
-    #[allow(clippy::type_complexity)]
-    fn compile_where(
+    /// The compiled criteria of a query, most selective kind first, and the parameters lenient
+    /// handling ignored.
+    fn compile_criteria(
         &self,
         rt: &str,
         q: &SearchQuery,
-    ) -> Result<
-        (
-            String,
-            Vec<B>,
-            bool,
-            Vec<String>,
-            Option<(String, String, Vec<B>)>,
-        ),
-        StoreError,
-    > {
+    ) -> Result<(Vec<Ranked>, Vec<String>), StoreError> {
         let mut c = Compiler {
             store: self,
             strict: q.strict,
@@ -1192,65 +1223,251 @@ impl Store {
             }
         }
         crits.sort_by_key(|(_, rank)| *rank);
-        let index_count = match crits.as_slice() {
-            [(
-                Crit::Set {
-                    from_where,
-                    idcol,
-                    kind: IdKind::Rid,
-                    binds,
-                    negate: false,
-                },
-                _,
-            )] => Some((idcol.clone(), from_where.clone(), binds.clone())),
-            _ => None,
-        };
-        let mut wheres: Vec<String> = vec!["r.rtype = ?".into(), "r.deleted = 0".into()];
-        let mut binds: Vec<B> = vec![B::S(rt.to_string())];
-        let mut driven = false;
-        // A set of row ids drives the query: those rows are of this type already (parameter ids
-        // are per type), and without `r.rtype = ?` SQLite cannot mistake the type index for the
-        // better path.
-        if let Some((
-            Crit::Set {
-                kind: IdKind::Rid,
-                negate: false,
-                ..
-            },
-            _,
-        )) = crits.first()
-        {
-            wheres.remove(0);
-            binds.clear();
-        }
-        for (crit, _) in crits {
-            match crit {
-                Crit::Direct(cond, b) => {
-                    wheres.push(cond.replace("@R", "r"));
-                    binds.extend(b);
-                }
-                Crit::Set {
-                    from_where,
-                    idcol,
-                    kind,
-                    binds: b,
-                    negate,
-                } => {
-                    let col = kind.column();
-                    if !driven && !negate {
-                        driven = true;
-                        wheres.push(format!("r.{col} IN (SELECT {idcol} FROM {from_where})"));
-                    } else {
-                        wheres.push(format!(
-                            "{}EXISTS (SELECT 1 FROM {from_where} AND {idcol} = r.{col})",
-                            if negate { "NOT " } else { "" }
-                        ));
+        Ok((crits, c.ignored))
+    }
+
+    /// The WHERE clause over `resources r` for a query's criteria, with the first set of row ids
+    /// driving it: its text, binds, whether an index set drives it, and the ignored parameters.
+    fn compile_where(
+        &self,
+        rt: &str,
+        q: &SearchQuery,
+    ) -> Result<(String, Vec<B>, bool, Vec<String>), StoreError> {
+        let (crits, ignored) = self.compile_criteria(rt, q)?;
+        let (where_sql, binds, driven) = assemble(rt, &crits, first_driver(&crits));
+        Ok((where_sql, binds, driven, ignored))
+    }
+
+    /// Picks what drives a page of a query without `_sort` on SQLite: the smallest set of row ids
+    /// (counted up to [`COUNT_CAP`] + 1 each, in the order of their likely selectivity), or none
+    /// when every set is larger than that. Then the page walks the type's rows in row-id order and
+    /// probes each criterion, stopping at the page's end: for broad criteria (a common code, a
+    /// gender) that reads a few hundred rows instead of collecting and sorting tens of thousands
+    /// of matches. Also returns the count of each probed set, by criterion.
+    async fn choose_driver(
+        &self,
+        crits: &[Ranked],
+    ) -> Result<(Option<usize>, Vec<Option<i64>>), StoreError> {
+        /// A set this small drives the query without probing the others.
+        const SMALL: i64 = 100;
+        let mut counts = vec![None; crits.len()];
+        // `_id` and reverse chains (sets of logical ids) keep the plan SQLite makes of them.
+        let fixed = crits.iter().any(|(c, rank)| {
+            *rank == 0
+                || matches!(
+                    c,
+                    Crit::Set {
+                        kind: IdKind::Logical,
+                        negate: false,
+                        ..
                     }
-                    binds.extend(b);
-                }
+                )
+        });
+        if fixed {
+            return Ok((first_driver(crits), counts));
+        }
+        let mut best: Option<(usize, i64)> = None;
+        for (i, (crit, _)) in crits.iter().enumerate() {
+            let Some((idcol, from_where, binds)) = rid_set(crit) else {
+                continue;
+            };
+            let sql = format!(
+                "SELECT COUNT(*) FROM (SELECT DISTINCT {idcol} FROM {from_where} LIMIT {}) n",
+                COUNT_CAP + 1
+            );
+            let n: i64 = bind_all(&self.sql(&sql), binds)
+                .fetch_one(self.pool())
+                .await?
+                .try_get(0)?;
+            counts[i] = Some(n);
+            if best.is_none_or(|(_, m)| n < m) {
+                best = Some((i, n));
+            }
+            if n < SMALL {
+                break;
             }
         }
-        Ok((wheres.join(" AND "), binds, driven, c.ignored, index_count))
+        let driver = best.and_then(|(i, n)| (n <= COUNT_CAP).then_some(i));
+        Ok((driver, counts))
+    }
+}
+
+/// Parses the top-level elements of a JSON object named in `keys` and skips the others without
+/// building them (most of the cost of parsing a stored resource is allocating its tree).
+pub fn parse_outline(text: &str, keys: &[&str]) -> Result<Value, serde_json::Error> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    struct Outline<'k>(&'k [&'k str]);
+
+    impl<'de> DeserializeSeed<'de> for Outline<'_> {
+        type Value = Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Outline<'_> {
+        type Value = Value;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Value, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some(k) = m.next_key::<String>()? {
+                if self.0.contains(&k.as_str()) {
+                    let v = m.next_value::<Value>()?;
+                    out.insert(k, v);
+                } else {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(Value::Object(out))
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(text);
+    let v = Outline(keys).deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
+}
+
+/// The criterion with the smallest probed set, if any was probed.
+fn smallest(probed: &[Option<i64>]) -> Option<usize> {
+    probed
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| n.map(|n| (i, n)))
+        .min_by_key(|(_, n)| *n)
+        .map(|(i, _)| i)
+}
+
+/// The parts of a criterion that is a plain set of row ids (what can drive a query or be
+/// counted from the index alone).
+fn rid_set(crit: &Crit) -> Option<(&str, &str, &[B])> {
+    match crit {
+        Crit::Set {
+            from_where,
+            idcol,
+            kind: IdKind::Rid,
+            binds,
+            negate: false,
+        } => Some((idcol, from_where, binds)),
+        _ => None,
+    }
+}
+
+/// The first set (of either kind) not negated, which drives a query when nothing better is known.
+fn first_driver(crits: &[Ranked]) -> Option<usize> {
+    crits
+        .iter()
+        .position(|(c, _)| matches!(c, Crit::Set { negate: false, .. }))
+}
+
+/// The WHERE clause over `resources r`: the `driver` set as `r.rid IN (…)` (`r.id IN (…)` for
+/// logical ids), every other criterion probed per row (`EXISTS`); with no driver, the type's rows
+/// are walked. Returns the text, the binds and whether a set drives it.
+fn assemble(rt: &str, crits: &[Ranked], driver: Option<usize>) -> (String, Vec<B>, bool) {
+    let mut wheres: Vec<String> = Vec::new();
+    let mut binds: Vec<B> = Vec::new();
+    match driver.map(|i| &crits[i].0) {
+        // Row ids are of this type already (parameter ids are per type), and without
+        // `r.rtype = ?` SQLite cannot mistake the type index for the better path.
+        Some(Crit::Set {
+            from_where,
+            idcol,
+            kind,
+            binds: b,
+            ..
+        }) => {
+            if *kind == IdKind::Logical {
+                wheres.push("r.rtype = ?".into());
+                binds.push(B::S(rt.to_string()));
+            }
+            wheres.push(format!(
+                "r.{} IN (SELECT {idcol} FROM {from_where})",
+                kind.column()
+            ));
+            binds.extend(b.iter().cloned());
+        }
+        _ => {
+            wheres.push("r.rtype = ?".into());
+            binds.push(B::S(rt.to_string()));
+        }
+    }
+    wheres.push("r.deleted = 0".into());
+    for (i, (crit, _)) in crits.iter().enumerate() {
+        if Some(i) == driver {
+            continue;
+        }
+        match crit {
+            Crit::Direct(cond, b) => {
+                wheres.push(cond.replace("@R", "r"));
+                binds.extend(b.iter().cloned());
+            }
+            Crit::Set {
+                from_where,
+                idcol,
+                kind,
+                binds: b,
+                negate,
+            } => {
+                wheres.push(format!(
+                    "{}EXISTS (SELECT 1 FROM {from_where} AND {idcol} = r.{})",
+                    if *negate { "NOT " } else { "" },
+                    kind.column()
+                ));
+                binds.extend(b.iter().cloned());
+            }
+        }
+    }
+    (wheres.join(" AND "), binds, driver.is_some())
+}
+
+#[cfg(test)]
+mod outline_tests {
+    use super::parse_outline;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[a-z\"\\\\ é日\n]{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 40, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::vec(("[a-z]{1,3}", inner), 0..5)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The outline is the full parse restricted to the named keys, in the stored order.
+        #[test]
+        fn outline_is_the_full_parse_restricted(
+            fields in prop::collection::vec(("[a-z]{1,3}", json()), 0..8),
+            keys in prop::collection::vec("[a-z]{1,3}", 0..4),
+        ) {
+            let obj: serde_json::Map<String, Value> = fields.into_iter().collect();
+            let text = Value::Object(obj.clone()).to_string();
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let want: serde_json::Map<String, Value> = obj
+                .into_iter()
+                .filter(|(k, _)| keys.contains(&k.as_str()))
+                .collect();
+            prop_assert_eq!(parse_outline(&text, &keys).ok(), Some(Value::Object(want)));
+        }
+
+        /// Text that is not one JSON object is refused, whatever is skipped.
+        #[test]
+        fn malformed_text_is_refused(text in "[\\[\\]{}:,\"a-z0-9 ]{0,24}") {
+            let full = serde_json::from_str::<Value>(&text).ok().filter(Value::is_object);
+            prop_assert_eq!(parse_outline(&text, &[]).is_ok(), full.is_some());
+        }
     }
 }
 

@@ -742,6 +742,7 @@ impl Store {
                 last_updated: String::new(),
                 deleted: false,
                 resource: None,
+                text: None,
             });
         }
         let version = current.map(|c| c.0).unwrap_or(0) + 1;
@@ -826,6 +827,7 @@ impl Store {
             last_updated,
             deleted: delete,
             resource: None,
+            text: None,
         })
     }
 }

@@ -240,6 +240,80 @@ async fn large_transaction(s: &Store) {
     }
 }
 
+/// Queries whose every criterion matches more than the count cap on its own: SQLite walks the
+/// type's rows in row-id order and probes each criterion instead of collecting a driving set.
+/// Pages must still be exact, ordered by creation, without gaps or repeats, and `_total=accurate`
+/// still counts. Criteria: parity as a code (1,300 each) and the value as a quantity (0..2,600).
+async fn broad_criteria(s: &Store) {
+    let ops: Vec<WriteOp> = (0..2600)
+        .map(|i| WriteOp::Create {
+            resource: json!({"resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": "urn:kizuna:broad", "code": if i % 2 == 0 { "even" } else { "odd" }}]},
+                "valueQuantity": {"value": i, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"}}),
+            full_url: None,
+        })
+        .collect();
+    let out = s.transaction(ops).await.unwrap_or_else(|e| panic!("{e}"));
+    let walks = s.backend() == kizuna_store::Backend::Sqlite;
+    type Case = (&'static str, fn(usize) -> bool);
+    let cases: [Case; 4] = [
+        ("code=urn:kizuna:broad|even&value-quantity=lt2400", |i| {
+            i % 2 == 0 && i < 2400
+        }),
+        // Two broad ranges of one parameter with a narrow overlap.
+        ("value-quantity=ge1250&value-quantity=lt1350&code=urn:kizuna:broad|odd,urn:kizuna:broad|even", |i| {
+            (1250..1350).contains(&i)
+        }),
+        // A narrow criterion drives; the broad one is probed.
+        ("code=urn:kizuna:broad|odd&value-quantity=lt90", |i| {
+            i % 2 == 1 && i < 90
+        }),
+        // Nothing in common.
+        ("code=urn:kizuna:broad|odd&code:not=urn:kizuna:broad|odd&value-quantity=lt2600", |_| false),
+    ];
+    for (q, pred) in cases {
+        let expected: Vec<&str> = out
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| pred(*i))
+            .map(|(_, st)| st.id.as_str())
+            .collect();
+        let mut got: Vec<String> = Vec::new();
+        let mut offset = 0;
+        loop {
+            let page = s
+                .search(
+                    "Observation",
+                    &pairs(&format!("{q}&_count=70&_offset={offset}")),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e}"));
+            let broad = q.contains("lt2400") || q.contains("ge1250") || q.contains("lt2600");
+            let want_total = if broad && walks {
+                None
+            } else {
+                Some(expected.len() as i64).filter(|n| *n <= kizuna_store::search::COUNT_CAP)
+            };
+            assert_eq!(page.total, want_total, "{q} offset {offset}");
+            let n = page.resources.len();
+            got.extend(page.resources.into_iter().map(|st| st.id));
+            if n < 70 {
+                break;
+            }
+            offset += 70;
+        }
+        assert_eq!(got, expected, "{q}");
+        let accurate = s
+            .search(
+                "Observation",
+                &pairs(&format!("{q}&_total=accurate&_count=1")),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e}"));
+        assert_eq!(accurate.total, Some(expected.len() as i64), "{q} accurate");
+    }
+}
+
 /// Loads synthetic JP-CLINS submissions (their entries, references rewritten) and returns what was stored.
 async fn load(s: &Store, n: u64) -> Vec<Value> {
     let inst = kizuna_synth::population::institutions(21);
@@ -719,6 +793,7 @@ async fn suite(s: Store) {
     transactions(&s).await;
     large_transaction(&s).await;
     searches(&s).await;
+    broad_criteria(&s).await;
 }
 
 #[tokio::test]
