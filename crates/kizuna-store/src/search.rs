@@ -333,12 +333,14 @@ enum Crit {
     /// A condition on the outer resources row, written with `@R` for its alias (`_id`, `_lastUpdated`).
     Direct(String, Vec<B>),
     /// A set of resources: `SELECT {idcol} FROM {from_where}`, or its complement when `negate`.
+    /// `ordered`: `from_where` reads one index row per resource, in row-id order.
     Set {
         from_where: String,
         idcol: String,
         kind: IdKind,
         binds: Vec<B>,
         negate: bool,
+        ordered: bool,
     },
 }
 
@@ -377,6 +379,7 @@ impl Compiler<'_> {
                 kind,
                 binds,
                 negate: false,
+                ..
             } => (format!("SELECT {idcol} FROM {from_where}"), binds, kind),
             Crit::Set {
                 from_where,
@@ -384,6 +387,7 @@ impl Compiler<'_> {
                 kind,
                 binds,
                 negate: true,
+                ..
             } => {
                 let a = self.alias();
                 let mut b = vec![B::S(rt.to_string())];
@@ -528,6 +532,7 @@ impl Compiler<'_> {
                         kind: IdKind::Rid,
                         binds,
                         negate: missing,
+                        ordered: false,
                     },
                     5,
                 )));
@@ -585,6 +590,13 @@ impl Compiler<'_> {
             };
             ors.push(cond);
         }
+        // One parameter id and one `(s1 = ? AND s2 = ?)` on the token or reference table bind the
+        // whole key before `rid`: the rows come one per resource, in row-id order.
+        let ordered = !negate
+            && binds.len() == 3
+            && ors.len() == 1
+            && matches!(table, "idx_token" | "idx_reference")
+            && ors[0] == format!("({a}.{} = ? AND {a}.{} = ?)", c.s1, c.s2);
         let rank = match kind {
             ParamType::Reference => 1,
             ParamType::Token | ParamType::Uri => 2,
@@ -603,6 +615,7 @@ impl Compiler<'_> {
                 kind: IdKind::Rid,
                 binds,
                 negate,
+                ordered,
             },
             rank,
         )))
@@ -651,6 +664,7 @@ impl Compiler<'_> {
                 kind: IdKind::Logical,
                 binds,
                 negate: false,
+                ordered: false,
             },
             3,
         )))
@@ -728,6 +742,7 @@ impl Compiler<'_> {
                 kind: IdKind::Rid,
                 binds,
                 negate: false,
+                ordered: false,
             },
             3,
         )))
@@ -1015,13 +1030,21 @@ impl Store {
         }
         let (crits, ignored) = self.compile_criteria(rt, q)?;
         let walkable = self.backend() == Backend::Sqlite && q.sort.is_empty();
-        let (driver, probed) = if walkable {
-            self.choose_driver(&crits).await?
+        let (plan, probed) = if walkable {
+            self.choose_plan(&crits).await?
         } else {
-            (first_driver(&crits), vec![None; crits.len()])
+            (Plan::collect(first_driver(&crits)), vec![None; crits.len()])
         };
-        let (where_sql, mut binds, driven) = assemble(rt, &crits, driver);
-        let walks = driver.is_none() && probed.iter().any(Option::is_some);
+        let Assembled {
+            from,
+            where_sql,
+            mut binds,
+            rid_order,
+            driven,
+        } = assemble(rt, &crits, plan);
+        // Every probed set is larger than the cap on its own.
+        let smallest_probed = smallest(&probed);
+        let broad = smallest_probed.is_some_and(|i| probed[i].is_some_and(|n| n > COUNT_CAP));
         // One set is the whole query: it can be counted from the index alone (index rows exist
         // for current resources only).
         let index_count = match crits.as_slice() {
@@ -1081,7 +1104,7 @@ impl Store {
             // The server's own order (the spec leaves it open): row ids, i.e. the order resources
             // were first stored. Pages stay stable while new resources arrive, and SQLite reads
             // the matches in that order straight from its row-id lookups, with no sort.
-            order.push("r.rid ASC".to_string());
+            order.push(format!("{rid_order} ASC"));
         } else {
             order.push(format!("r.id{bytewise} ASC"));
         }
@@ -1101,24 +1124,24 @@ impl Store {
                 ),
                 b.to_vec(),
             )),
-            (Total::Accurate, None) => {
-                // Counting every match: collecting the smallest set beats walking the type.
-                let driver = driver
-                    .or_else(|| smallest(&probed))
-                    .or(first_driver(&crits));
-                let (w, b, _) = assemble(rt, &crits, driver);
-                Some((format!("SELECT COUNT(*) FROM resources r WHERE {w}"), b))
-            }
             // Every set is larger than the cap: counting their intersection to the cap would
             // walk thousands of rows for a number the page does not need.
-            (Total::Bounded, None) if walks => None,
-            (Total::Bounded, None) => Some((
-                format!(
-                    "SELECT COUNT(*) FROM (SELECT 1 FROM resources r WHERE {where_sql} LIMIT {}) n",
-                    COUNT_CAP + 1
-                ),
-                binds.clone(),
-            )),
+            (Total::Bounded, None) if broad => None,
+            (total, None) => {
+                // Counting: collecting the smallest set beats reading along an order.
+                let c = assemble(
+                    rt,
+                    &crits,
+                    Plan::collect(smallest_probed.or(first_driver(&crits))),
+                );
+                let inner = format!("SELECT 1 FROM {} WHERE {}", c.from, c.where_sql);
+                let sql = if total == Total::Accurate {
+                    format!("SELECT COUNT(*) FROM ({inner}) n")
+                } else {
+                    format!("SELECT COUNT(*) FROM ({inner} LIMIT {}) n", COUNT_CAP + 1)
+                };
+                Some((sql, c.binds))
+            }
         };
         let total = match count_sql {
             Some((sql, b)) => {
@@ -1134,7 +1157,7 @@ impl Store {
             },
         };
         let page_sql = self.sql(&format!(
-            "SELECT r.id, r.version, r.last_updated, r.deleted, r.body FROM resources r WHERE {where_sql} ORDER BY {} LIMIT ? OFFSET ?",
+            "SELECT r.id, r.version, r.last_updated, r.deleted, r.body FROM {from} WHERE {where_sql} ORDER BY {} LIMIT ? OFFSET ?",
             order.join(", ")
         ));
         binds.extend(order_binds);
@@ -1234,20 +1257,18 @@ impl Store {
         q: &SearchQuery,
     ) -> Result<(String, Vec<B>, bool, Vec<String>), StoreError> {
         let (crits, ignored) = self.compile_criteria(rt, q)?;
-        let (where_sql, binds, driven) = assemble(rt, &crits, first_driver(&crits));
-        Ok((where_sql, binds, driven, ignored))
+        let a = assemble(rt, &crits, Plan::collect(first_driver(&crits)));
+        Ok((a.where_sql, a.binds, a.driven, ignored))
     }
 
-    /// Picks what drives a page of a query without `_sort` on SQLite: the smallest set of row ids
-    /// (counted up to [`COUNT_CAP`] + 1 each, in the order of their likely selectivity), or none
-    /// when every set is larger than that. Then the page walks the type's rows in row-id order and
-    /// probes each criterion, stopping at the page's end: for broad criteria (a common code, a
-    /// gender) that reads a few hundred rows instead of collecting and sorting tens of thousands
-    /// of matches. Also returns the count of each probed set, by criterion.
-    async fn choose_driver(
-        &self,
-        crits: &[Ranked],
-    ) -> Result<(Option<usize>, Vec<Option<i64>>), StoreError> {
+    /// Picks how a page of a query without `_sort` is read on SQLite, from each set of row ids
+    /// counted up to [`COUNT_CAP`] + 1 (in the order of their likely selectivity): a small set is
+    /// collected; else a set whose index rows come in row-id order is read along that order; else
+    /// the smallest set within the cap is collected; else the type's rows are walked. Reading in
+    /// row-id order stops at the page's end: for broad criteria (a common code, a gender) that
+    /// reads a few hundred rows instead of collecting and sorting tens of thousands of matches.
+    /// Also returns the count of each probed set, by criterion.
+    async fn choose_plan(&self, crits: &[Ranked]) -> Result<(Plan, Vec<Option<i64>>), StoreError> {
         /// A set this small drives the query without probing the others.
         const SMALL: i64 = 100;
         let mut counts = vec![None; crits.len()];
@@ -1264,7 +1285,7 @@ impl Store {
                 )
         });
         if fixed {
-            return Ok((first_driver(crits), counts));
+            return Ok((Plan::collect(first_driver(crits)), counts));
         }
         let mut best: Option<(usize, i64)> = None;
         for (i, (crit, _)) in crits.iter().enumerate() {
@@ -1287,8 +1308,20 @@ impl Store {
                 break;
             }
         }
-        let driver = best.and_then(|(i, n)| (n <= COUNT_CAP).then_some(i));
-        Ok((driver, counts))
+        let plan = match best {
+            Some((i, n)) if n < SMALL => Plan::Collect(i),
+            _ => {
+                let ordered = crits.iter().enumerate().position(|(i, (c, _))| {
+                    counts[i].is_some() && matches!(c, Crit::Set { ordered: true, .. })
+                });
+                match (ordered, best) {
+                    (Some(i), _) => Plan::Along(i),
+                    (None, Some((i, n))) if n <= COUNT_CAP => Plan::Collect(i),
+                    _ => Plan::Walk,
+                }
+            }
+        };
+        Ok((plan, counts))
     }
 }
 
@@ -1351,6 +1384,7 @@ fn rid_set(crit: &Crit) -> Option<(&str, &str, &[B])> {
             kind: IdKind::Rid,
             binds,
             negate: false,
+            ..
         } => Some((idcol, from_where, binds)),
         _ => None,
     }
@@ -1363,22 +1397,76 @@ fn first_driver(crits: &[Ranked]) -> Option<usize> {
         .position(|(c, _)| matches!(c, Crit::Set { negate: false, .. }))
 }
 
-/// The WHERE clause over `resources r`: the `driver` set as `r.rid IN (…)` (`r.id IN (…)` for
-/// logical ids), every other criterion probed per row (`EXISTS`); with no driver, the type's rows
-/// are walked. Returns the text, the binds and whether a set drives it.
-fn assemble(rt: &str, crits: &[Ranked], driver: Option<usize>) -> (String, Vec<B>, bool) {
+/// How a page reaches its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// The criterion's set is collected (`r.rid IN (…)`) and the rest probed per row.
+    Collect(usize),
+    /// The criterion's index rows are read in row-id order, joined to their resources.
+    Along(usize),
+    /// The type's rows are walked in row-id order and every criterion probed.
+    Walk,
+}
+
+impl Plan {
+    fn collect(driver: Option<usize>) -> Plan {
+        driver.map_or(Plan::Walk, Plan::Collect)
+    }
+}
+
+/// A statement's parts: `FROM`, `WHERE` and its binds, the default order's column, and whether a
+/// set drives it.
+struct Assembled {
+    from: String,
+    where_sql: String,
+    binds: Vec<B>,
+    rid_order: String,
+    driven: bool,
+}
+
+/// The statement over `resources r` for a plan; every criterion but the driving one is probed per
+/// row (`EXISTS`).
+fn assemble(rt: &str, crits: &[Ranked], plan: Plan) -> Assembled {
     let mut wheres: Vec<String> = Vec::new();
     let mut binds: Vec<B> = Vec::new();
-    match driver.map(|i| &crits[i].0) {
+    let mut from = "resources r".to_string();
+    let mut rid_order = "r.rid".to_string();
+    let driver = match plan {
+        Plan::Collect(i) | Plan::Along(i) => Some(i),
+        Plan::Walk => None,
+    };
+    match (plan, driver.map(|i| &crits[i].0)) {
+        (
+            Plan::Along(_),
+            Some(Crit::Set {
+                from_where,
+                idcol,
+                binds: b,
+                ..
+            }),
+        ) => {
+            // `CROSS JOIN` keeps SQLite reading the index first, in its order.
+            let (table, cond) = from_where
+                .split_once(" WHERE ")
+                .unwrap_or((from_where, "1 = 1"));
+            from = format!("{table} CROSS JOIN resources r");
+            wheres.push(format!("r.rid = {idcol}"));
+            wheres.push(cond.to_string());
+            binds.extend(b.iter().cloned());
+            rid_order = idcol.clone();
+        }
         // Row ids are of this type already (parameter ids are per type), and without
         // `r.rtype = ?` SQLite cannot mistake the type index for the better path.
-        Some(Crit::Set {
-            from_where,
-            idcol,
-            kind,
-            binds: b,
-            ..
-        }) => {
+        (
+            _,
+            Some(Crit::Set {
+                from_where,
+                idcol,
+                kind,
+                binds: b,
+                ..
+            }),
+        ) => {
             if *kind == IdKind::Logical {
                 wheres.push("r.rtype = ?".into());
                 binds.push(B::S(rt.to_string()));
@@ -1410,6 +1498,7 @@ fn assemble(rt: &str, crits: &[Ranked], driver: Option<usize>) -> (String, Vec<B
                 kind,
                 binds: b,
                 negate,
+                ..
             } => {
                 wheres.push(format!(
                     "{}EXISTS (SELECT 1 FROM {from_where} AND {idcol} = r.{})",
@@ -1420,7 +1509,13 @@ fn assemble(rt: &str, crits: &[Ranked], driver: Option<usize>) -> (String, Vec<B
             }
         }
     }
-    (wheres.join(" AND "), binds, driver.is_some())
+    Assembled {
+        from,
+        where_sql: wheres.join(" AND "),
+        binds,
+        rid_order,
+        driven: driver.is_some(),
+    }
 }
 
 #[cfg(test)]

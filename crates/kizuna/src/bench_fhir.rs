@@ -42,6 +42,10 @@ pub struct FhirBenchArgs {
     /// $export を測らない / skip the $export measurement
     #[arg(long)]
     no_export: bool,
+    /// 投入済みの --database を測る (同じ --resources, --people-per-bundle で投入したもの) / measure a
+    /// --database this benchmark loaded before (same --resources and --people-per-bundle): no ingest
+    #[arg(long, requires = "database")]
+    loaded: bool,
     /// 結果 JSON の出力先 / where to write the JSON report
     #[arg(long, default_value = "kizuna-data/bench/fhir.json")]
     out: PathBuf,
@@ -160,6 +164,9 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         .max_idle_connections_per_host(a.clients.max(1) * 2)
         .build();
     // Load.
+    if a.loaded {
+        bundles.clear();
+    }
     let queue = Arc::new(Mutex::new(bundles));
     let loaded = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
@@ -206,7 +213,11 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     });
     let ingest_s = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let loaded = loaded.load(Ordering::Relaxed);
+    let loaded = if a.loaded {
+        produced
+    } else {
+        loaded.load(Ordering::Relaxed)
+    };
     let failed = failures.load(Ordering::Relaxed);
     if loaded == 0 {
         bail!("一件も保存できませんでした / nothing was stored ({failed} failures)");
@@ -414,7 +425,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         "backend": backend,
         "validation": a.validation,
         "resources": loaded,
-        "ingest": {
+        "ingest": if a.loaded { Value::Null } else { json!({
             "clients": a.clients,
             "bundles": n_bundles,
             "failed_bundles": failed,
@@ -423,7 +434,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
             "resources_per_s": loaded as f64 / ingest_s.max(1e-9),
             "bundles_per_s": n_bundles as f64 / ingest_s.max(1e-9),
             "bundle_latency": percentiles(tx_times),
-        },
+        })},
         "read": percentiles(reads),
         "search": searches,
         "export": export,
