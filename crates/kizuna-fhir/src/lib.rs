@@ -15,6 +15,7 @@ pub mod fhirpath;
 pub mod model;
 pub mod outcome;
 pub mod package;
+pub mod prepared;
 pub mod subset;
 pub mod terminology;
 pub mod validate;

@@ -13,6 +13,7 @@ use axum::{Extension, Router};
 use kizuna_audit::{Actor, ActorKind, NewEntry, Outcome, Purpose, Target};
 use kizuna_auth::http::Authorized;
 use kizuna_fhir::outcome::Severity;
+use kizuna_fhir::prepared::{EntryResource, PreparedBundle, PreparedEntry};
 use kizuna_fhir::subset::SubsetView;
 use kizuna_store::{SearchQuery, Stored, WriteOp};
 use serde_json::{json, Value};
@@ -949,7 +950,7 @@ pub(crate) async fn do_search(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let set = searchset(s, a, rt, pairs, headers, true).await?;
-    Ok(set.into_response())
+    Ok(prepared_json(set))
 }
 
 /// The top-level elements the access policy and the audit read from a search match
@@ -976,97 +977,19 @@ pub(crate) async fn search_bundle(
     searchset(s, a, rt, pairs, headers, false)
         .await?
         .into_value()
+        .map_err(unserialisable)
 }
 
-/// A searchset Bundle before it is written: the Bundle's own elements, then its entries.
-pub(crate) struct Searchset {
-    /// `resourceType`, `type`, `total`, `link`: everything but `entry`.
-    head: Value,
-    /// `fullUrl`, the resource (parsed, or the stored text) and the search mode of each entry.
-    entries: Vec<(Option<String>, EntryBody, &'static str)>,
-}
-
-/// An entry's resource: a tree the server built or changed, or the stored text unchanged.
-enum EntryBody {
-    Tree(Value),
-    Stored(String),
-}
-
-impl Searchset {
-    /// As a JSON tree (for a batch's answer, which nests it).
-    fn into_value(self) -> Result<Value, ApiError> {
-        let mut b = self.head;
-        let mut entries = Vec::with_capacity(self.entries.len());
-        for (url, body, mode) in self.entries {
-            let resource = match body {
-                EntryBody::Tree(v) => v,
-                EntryBody::Stored(t) => serde_json::from_str(&t).map_err(unserialisable)?,
-            };
-            entries.push(entry_value(url, resource, mode));
-        }
-        if let Some(o) = b.as_object_mut() {
-            o.insert("entry".into(), Value::Array(entries));
-        }
-        Ok(b)
+/// A prepared Bundle as a 200 response, stored resources copied in as they are.
+pub(crate) fn prepared_json(b: PreparedBundle) -> Response {
+    match b.into_bytes() {
+        Ok(bytes) => crate::fhir_bytes(StatusCode::OK, bytes),
+        Err(e) => unserialisable(e).into_response(),
     }
-
-    /// As response bytes: stored resources are copied into the Bundle as they are.
-    fn into_response(self) -> Response {
-        let mut out = Vec::with_capacity(
-            4096 + self
-                .entries
-                .iter()
-                .map(|(_, b, _)| match b {
-                    EntryBody::Stored(t) => t.len() + 160,
-                    EntryBody::Tree(_) => 4096,
-                })
-                .sum::<usize>(),
-        );
-        let written = (|| -> Result<(), serde_json::Error> {
-            serde_json::to_writer(&mut out, &self.head)?;
-            // `head` is a non-empty object: reopen it before its closing brace.
-            out.pop();
-            out.extend_from_slice(b",\"entry\":[");
-            for (i, (url, body, mode)) in self.entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                out.push(b'{');
-                if let Some(url) = url {
-                    out.extend_from_slice(b"\"fullUrl\":");
-                    serde_json::to_writer(&mut out, &url)?;
-                    out.push(b',');
-                }
-                out.extend_from_slice(b"\"resource\":");
-                match body {
-                    EntryBody::Tree(v) => serde_json::to_writer(&mut out, &v)?,
-                    EntryBody::Stored(t) => out.extend_from_slice(t.as_bytes()),
-                }
-                out.extend_from_slice(b",\"search\":{\"mode\":");
-                serde_json::to_writer(&mut out, mode)?;
-                out.extend_from_slice(b"}}");
-            }
-            out.extend_from_slice(b"]}");
-            Ok(())
-        })();
-        match written {
-            Ok(()) => crate::fhir_bytes(StatusCode::OK, out),
-            Err(e) => unserialisable(e).into_response(),
-        }
-    }
-}
-
-/// One searchset entry as a tree (no `fullUrl` for an OperationOutcome the server adds).
-fn entry_value(url: Option<String>, resource: Value, mode: &str) -> Value {
-    let mut e = kizuna_fhir::object([("resource", resource), ("search", json!({ "mode": mode }))]);
-    if let (Some(url), Some(o)) = (url, e.as_object_mut()) {
-        o.insert("fullUrl".into(), Value::String(url));
-    }
-    e
 }
 
 /// A stored resource or a Bundle JSON could not read or write: a fault of the server.
-fn unserialisable(e: serde_json::Error) -> ApiError {
+pub(crate) fn unserialisable(e: serde_json::Error) -> ApiError {
     tracing::error!(error = %e, "searchset JSON");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -1086,7 +1009,7 @@ async fn searchset(
     pairs: Vec<(String, String)>,
     headers: &HeaderMap,
     outline: bool,
-) -> Result<Searchset, ApiError> {
+) -> Result<PreparedBundle, ApiError> {
     check_type(s, rt)?;
     let summary_count = pairs.iter().any(|(k, v)| k == "_summary" && v == "count");
     let mut q = SearchQuery::from_pairs(&pairs);
@@ -1127,11 +1050,15 @@ async fn searchset(
     audit(s, a, "search", &stored);
     let entry = |st: Stored, mode: &'static str| {
         let url = format!("{}/{}/{}", s.base_url, st.resource_type, st.id);
-        let body = match st.text {
-            Some(t) => EntryBody::Stored(t),
-            None => EntryBody::Tree(apply_view(s, &view, st).resource.unwrap_or(Value::Null)),
+        let resource = match st.text {
+            Some(t) => EntryResource::Text(t),
+            None => EntryResource::Tree(apply_view(s, &view, st).resource.unwrap_or(Value::Null)),
         };
-        (Some(url), body, mode)
+        PreparedEntry {
+            full_url: Some(url),
+            resource,
+            search_mode: Some(mode),
+        }
     };
     let mut entries = Vec::new();
     let page_len = result.resources.len() as i64;
@@ -1180,9 +1107,13 @@ async fn searchset(
                 })
                 .collect(),
         };
-        entries.push((None, EntryBody::Tree(oo.to_fhir()), "outcome"));
+        entries.push(PreparedEntry {
+            full_url: None,
+            resource: EntryResource::Tree(oo.to_fhir()),
+            search_mode: Some("outcome"),
+        });
     }
-    Ok(Searchset { head, entries })
+    Ok(PreparedBundle { head, entries })
 }
 
 async fn search_get(

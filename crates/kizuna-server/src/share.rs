@@ -15,7 +15,7 @@ use kizuna_share::policy::{AccessContext, Request};
 use kizuna_share::{ConsentCategory, MemberId, ShareError, ShareService, MEMBER_ID_SYSTEM};
 use serde_json::{json, Value};
 
-use crate::fhir::{parse_body, query_pairs, Auth};
+use crate::fhir::{parse_body, prepared_json, query_pairs, Auth};
 use crate::{fhir_json, ApiError, AppState};
 
 impl From<ShareError> for ApiError {
@@ -284,13 +284,13 @@ pub(crate) async fn type_operation(
                         .await?
                         .ok_or(ShareError::UnknownMember)?;
                     let emergency = param(&q, "emergency-reason").map(str::to_string);
-                    Ok(fhir_json(
-                        StatusCode::OK,
-                        &svc.clinician_summary(p, &person, emergency).await?,
+                    Ok(prepared_json(
+                        svc.clinician_summary_prepared(p, &person, emergency)
+                            .await?,
                     ))
                 }
                 (Method::GET, "Patient", "my-record") => {
-                    Ok(fhir_json(StatusCode::OK, &svc.patient_record(p).await?))
+                    Ok(prepared_json(svc.patient_record_prepared(p).await?))
                 }
                 (Method::GET, "Patient", "access-history") => Ok(fhir_json(
                     StatusCode::OK,
@@ -344,9 +344,8 @@ pub(crate) async fn instance_operation(
             match (method.clone(), rt, op) {
                 (Method::GET, "Patient", "summary") => {
                     let emergency = param(&q, "emergency-reason").map(str::to_string);
-                    Ok(fhir_json(
-                        StatusCode::OK,
-                        &svc.clinician_summary(p, id, emergency).await?,
+                    Ok(prepared_json(
+                        svc.clinician_summary_prepared(p, id, emergency).await?,
                     ))
                 }
                 (Method::POST, "Patient", "consent") => {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use kizuna_audit::HistoryRequester;
 use kizuna_auth::{Principal, Role};
+use kizuna_fhir::prepared::{EntryResource, PreparedBundle, PreparedEntry};
 use serde_json::{json, Value};
 
 use crate::item::*;
@@ -65,13 +66,45 @@ fn reference(r: &Value) -> Value {
     json!({"reference": format!("{}/{}", r["resourceType"].as_str().unwrap_or(""), r["id"].as_str().unwrap_or(""))})
 }
 
+/// The elements of an item the policy (`meta`) and the views (dates, code, value, clinical status)
+/// read; the rest of the stored resource is not parsed.
+const VIEW_OUTLINE: &[&str] = &[
+    "resourceType",
+    "id",
+    "meta",
+    "effectiveDateTime",
+    "effectivePeriod",
+    "authoredOn",
+    "recordedDate",
+    "onsetDateTime",
+    "issued",
+    "code",
+    "valueQuantity",
+    "clinicalStatus",
+    "abatementDateTime",
+    "abatementPeriod",
+];
+
+/// A prepared Bundle as a tree, for callers that inspect it.
+fn as_tree(b: PreparedBundle) -> Result<Value, ShareError> {
+    b.into_value().map_err(|e| ShareError::Store(e.into()))
+}
+
+/// A stored item: the elements the views read, and its stored text for the answer.
+struct Item {
+    outline: Value,
+    text: String,
+}
+
 impl ShareService {
     /// Every item of a person (any kind, any flag): what the policy then filters. The five item
-    /// types are searched side by side (the store has several readers).
-    pub async fn items_of(&self, person: &str) -> Result<Vec<Value>, ShareError> {
+    /// types are searched side by side (the store has several readers). Only the elements the
+    /// policy and the views read are parsed; each item keeps its stored text for the answer.
+    async fn items_of(&self, person: &str) -> Result<Vec<Item>, ShareError> {
         let tag = format!("{TAG_PERSON}|{person}");
         let of = |rt: &'static str| {
-            let q = crate::lookup(&[("_tag".into(), tag.clone())]);
+            let mut q = crate::lookup(&[("_tag".into(), tag.clone())]);
+            q.outline = Some(VIEW_OUTLINE);
             async move { self.store().search(rt, &q).await }
         };
         let [a, b, c, d, e] = crate::submit::ITEM_TYPES;
@@ -79,9 +112,9 @@ impl ShareService {
         let mut out = Vec::new();
         for found in [a?, b?, c?, d?, e?] {
             for st in found.resources {
-                if let Some(r) = st.resource {
+                if let (Some(r), Some(text)) = (st.resource, st.text) {
                     if ItemFacts::of(&r).is_some() {
-                        out.push(r);
+                        out.push(Item { outline: r, text });
                     }
                 }
             }
@@ -93,16 +126,17 @@ impl ShareService {
     fn filter_items(
         &self,
         p: &Principal,
-        items: Vec<Value>,
+        items: Vec<Item>,
         ctx: &AccessContext,
         action: &str,
-    ) -> (Vec<(ItemFacts, Value)>, Vec<&'static str>) {
+    ) -> (Vec<(ItemFacts, Item)>, Vec<&'static str>) {
         let mut shown = Vec::new();
         let mut denied = Vec::new();
         let mut audit = Vec::with_capacity(items.len());
         let time = self.now().to_rfc3339();
-        for r in items {
-            let Some(f) = ItemFacts::of(&r) else { continue };
+        for item in items {
+            let r = &item.outline;
+            let Some(f) = ItemFacts::of(r) else { continue };
             let d = decide(p, &Request::Read(&f), ctx);
             audit.push(crate::decision_entry(
                 time.clone(),
@@ -116,7 +150,7 @@ impl ShareService {
                 ),
             ));
             if d.allowed {
-                shown.push((f, r));
+                shown.push((f, item));
             } else {
                 denied.push(d.rule);
             }
@@ -134,6 +168,20 @@ impl ShareService {
         person: &str,
         emergency: Option<String>,
     ) -> Result<Value, ShareError> {
+        as_tree(
+            self.clinician_summary_prepared(p, person, emergency)
+                .await?,
+        )
+    }
+
+    /// [`Self::clinician_summary`] before it is written: the items that are not changed are
+    /// their stored text, copied into the answer as they are.
+    pub async fn clinician_summary_prepared(
+        &self,
+        p: &Principal,
+        person: &str,
+        emergency: Option<String>,
+    ) -> Result<PreparedBundle, ShareError> {
         let inst = match (p.role, &p.institution) {
             (Role::Institution | Role::Clinician, Some(i)) => i.as_str().to_string(),
             (Role::Operator, _) => String::new(),
@@ -175,57 +223,50 @@ impl ShareService {
         Ok(self.assemble_summary(person, shown))
     }
 
-    fn assemble_summary(&self, person: &str, shown: Vec<(ItemFacts, Value)>) -> Value {
-        let mut by_kind: BTreeMap<ItemKind, Vec<Value>> = BTreeMap::new();
-        for (f, r) in shown {
-            by_kind.entry(f.kind).or_default().push(r);
+    fn assemble_summary(&self, person: &str, shown: Vec<(ItemFacts, Item)>) -> PreparedBundle {
+        let mut by_kind: BTreeMap<ItemKind, Vec<Item>> = BTreeMap::new();
+        for (f, it) in shown {
+            by_kind.entry(f.kind).or_default().push(it);
         }
-        let take = |k: ItemKind, by_kind: &mut BTreeMap<ItemKind, Vec<Value>>| {
+        let take = |k: ItemKind, by_kind: &mut BTreeMap<ItemKind, Vec<Item>>| {
             let mut v = by_kind.remove(&k).unwrap_or_default();
-            v.sort_by_key(|r| std::cmp::Reverse(when(r)));
+            v.sort_by_key(|it| std::cmp::Reverse(when(&it.outline)));
             v
         };
-        let conditions: Vec<Value> = take(ItemKind::Condition, &mut by_kind)
+        let conditions: Vec<Item> = take(ItemKind::Condition, &mut by_kind)
             .into_iter()
-            .filter(is_active_condition)
+            .filter(|it| is_active_condition(&it.outline))
             .collect();
         let mut allergies = take(ItemKind::DrugAllergy, &mut by_kind);
         allergies.extend(take(ItemKind::OtherAllergy, &mut by_kind));
         let infections = take(ItemKind::Infection, &mut by_kind);
         // Labs: per test, the latest result with its trend and the two before it.
-        let mut per_test: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        for r in take(ItemKind::Lab, &mut by_kind) {
-            per_test.entry(code_key(&r)).or_default().push(r);
+        let mut per_test: BTreeMap<String, Vec<Item>> = BTreeMap::new();
+        for it in take(ItemKind::Lab, &mut by_kind) {
+            per_test.entry(code_key(&it.outline)).or_default().push(it);
         }
-        let mut labs = Vec::new();
+        let mut labs: Vec<(Item, Option<&'static str>)> = Vec::new();
         for (_, mut results) in per_test {
             results.truncate(3);
-            if let (Some(latest), Some(prev)) = (
-                results.first().and_then(value_of),
-                results.get(1).and_then(value_of),
+            let trend = match (
+                results.first().and_then(|it| value_of(&it.outline)),
+                results.get(1).and_then(|it| value_of(&it.outline)),
             ) {
-                let trend = if latest > prev {
-                    "up"
-                } else if latest < prev {
-                    "down"
-                } else {
-                    "same"
-                };
-                if let Some(o) = results.first_mut().and_then(Value::as_object_mut) {
-                    let ext = o.entry("extension").or_insert_with(|| json!([]));
-                    if let Some(a) = ext.as_array_mut() {
-                        a.push(json!({"url": EXT_TREND, "valueCode": trend}));
-                    }
-                }
+                (Some(latest), Some(prev)) if latest > prev => Some("up"),
+                (Some(latest), Some(prev)) if latest < prev => Some("down"),
+                (Some(_), Some(_)) => Some("same"),
+                _ => None,
+            };
+            for (i, it) in results.into_iter().enumerate() {
+                labs.push((it, if i == 0 { trend } else { None }));
             }
-            labs.extend(results);
         }
         let now = self.now();
         let window = self.config().prescription_window;
-        let prescriptions: Vec<Value> = take(ItemKind::Prescription, &mut by_kind)
+        let prescriptions: Vec<Item> = take(ItemKind::Prescription, &mut by_kind)
             .into_iter()
-            .filter(|r| {
-                chrono::DateTime::parse_from_rfc3339(&when(r))
+            .filter(|it| {
+                chrono::DateTime::parse_from_rfc3339(&when(&it.outline))
                     .map(|t| now.signed_duration_since(t) <= window)
                     .unwrap_or(true)
             })
@@ -233,9 +274,9 @@ impl ShareService {
         let mut documents = take(ItemKind::Checkup, &mut by_kind);
         documents.extend(take(ItemKind::Referral, &mut by_kind));
         documents.extend(take(ItemKind::DischargeSummary, &mut by_kind));
-        let section = |title: &str, code: &str, rs: &[Value]| {
+        let section = |title: &str, code: &str, rs: &mut dyn Iterator<Item = &Item>| {
             json!({"title": title, "code": {"coding": [{"system": TAG_ITEM, "code": code}]},
-                "entry": rs.iter().map(reference).collect::<Vec<_>>()})
+                "entry": rs.map(|it| reference(&it.outline)).collect::<Vec<_>>()})
         };
         let stamp = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let composition = json!({
@@ -247,71 +288,104 @@ impl ShareService {
             "title": "診療情報サマリー / clinical summary",
             "author": [{"display": "kizuna 電子カルテ情報共有サービス"}],
             "section": [
-                section("傷病名 (現在) / active conditions", "condition", &conditions),
-                section("アレルギー / allergies", "allergy", &allergies),
-                section("感染症 / infections", "infection", &infections),
-                section("検査 (直近と推移) / latest labs with trend", "lab", &labs),
-                section("処方 (現在) / current prescriptions", "prescription", &prescriptions),
-                section("文書 / documents", "document", &documents),
+                section("傷病名 (現在) / active conditions", "condition", &mut conditions.iter()),
+                section("アレルギー / allergies", "allergy", &mut allergies.iter()),
+                section("感染症 / infections", "infection", &mut infections.iter()),
+                section("検査 (直近と推移) / latest labs with trend", "lab", &mut labs.iter().map(|(it, _)| it)),
+                section("処方 (現在) / current prescriptions", "prescription", &mut prescriptions.iter()),
+                section("文書 / documents", "document", &mut documents.iter()),
             ]
         });
-        let mut entries = vec![kizuna_fhir::object([("resource", composition)])];
-        for r in conditions
+        let mut entries = vec![PreparedEntry {
+            full_url: None,
+            resource: EntryResource::Tree(composition),
+            search_mode: None,
+        }];
+        let unchanged = |it: Item| (it, None);
+        for (it, trend) in conditions
             .into_iter()
-            .chain(allergies)
-            .chain(infections)
+            .map(unchanged)
+            .chain(allergies.into_iter().map(unchanged))
+            .chain(infections.into_iter().map(unchanged))
             .chain(labs)
-            .chain(prescriptions)
-            .chain(documents)
+            .chain(prescriptions.into_iter().map(unchanged))
+            .chain(documents.into_iter().map(unchanged))
         {
             let url = format!(
                 "{}/{}",
-                r["resourceType"].as_str().unwrap_or(""),
-                r["id"].as_str().unwrap_or("")
+                it.outline["resourceType"].as_str().unwrap_or(""),
+                it.outline["id"].as_str().unwrap_or("")
             );
-            entries.push(kizuna_fhir::object([
-                ("fullUrl", Value::String(url)),
-                ("resource", r),
-            ]));
+            let resource = match trend {
+                None => EntryResource::Text(it.text),
+                // The latest result of a test carries its trend: the one item that changes.
+                Some(trend) => {
+                    let mut r: Value = serde_json::from_str(&it.text).unwrap_or(it.outline);
+                    if let Some(o) = r.as_object_mut() {
+                        let ext = o.entry("extension").or_insert_with(|| json!([]));
+                        if let Some(a) = ext.as_array_mut() {
+                            a.push(json!({"url": EXT_TREND, "valueCode": trend}));
+                        }
+                    }
+                    EntryResource::Tree(r)
+                }
+            };
+            entries.push(PreparedEntry {
+                full_url: Some(url),
+                resource,
+                search_mode: None,
+            });
         }
-        kizuna_fhir::object([
-            ("resourceType", json!("Bundle")),
-            ("type", json!("collection")),
-            ("timestamp", Value::String(stamp)),
-            ("entry", Value::Array(entries)),
-        ])
+        PreparedBundle {
+            head: kizuna_fhir::object([
+                ("resourceType", json!("Bundle")),
+                ("type", json!("collection")),
+                ("timestamp", Value::String(stamp)),
+            ]),
+            entries,
+        }
     }
 
     /// The patient's own view (the マイナポータル equivalent): their six items and check-up reports,
     /// without what they have not been told (UNINFORMED) and without the letters between doctors.
     pub async fn patient_record(&self, p: &Principal) -> Result<Value, ShareError> {
+        as_tree(self.patient_record_prepared(p).await?)
+    }
+
+    /// [`Self::patient_record`] before it is written, the items as their stored text.
+    pub async fn patient_record_prepared(
+        &self,
+        p: &Principal,
+    ) -> Result<PreparedBundle, ShareError> {
         let person = match (p.role, &p.person) {
             (Role::Patient, Some(person)) => person.clone(),
             _ => return Err(ShareError::Denied("patient-view-needs-patient")),
         };
         let items = self.items_of(&person).await?;
         let (shown, _) = self.filter_items(p, items, &AccessContext::default(), "patient-view");
-        let mut rs: Vec<Value> = shown.into_iter().map(|(_, r)| r).collect();
-        rs.sort_by_key(|r| std::cmp::Reverse(when(r)));
-        Ok(kizuna_fhir::object([
-            ("resourceType", json!("Bundle")),
-            ("type", json!("collection")),
-            (
-                "timestamp",
-                Value::String(
-                    self.now()
-                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        let mut rs: Vec<Item> = shown.into_iter().map(|(_, it)| it).collect();
+        rs.sort_by_key(|it| std::cmp::Reverse(when(&it.outline)));
+        Ok(PreparedBundle {
+            head: kizuna_fhir::object([
+                ("resourceType", json!("Bundle")),
+                ("type", json!("collection")),
+                (
+                    "timestamp",
+                    Value::String(
+                        self.now()
+                            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    ),
                 ),
-            ),
-            (
-                "entry",
-                Value::Array(
-                    rs.into_iter()
-                        .map(|r| kizuna_fhir::object([("resource", r)]))
-                        .collect(),
-                ),
-            ),
-        ]))
+            ]),
+            entries: rs
+                .into_iter()
+                .map(|it| PreparedEntry {
+                    full_url: None,
+                    resource: EntryResource::Text(it.text),
+                    search_mode: None,
+                })
+                .collect(),
+        })
     }
 
     /// Who looked at the patient's data, when and why (emergency access marked), from the audit log.

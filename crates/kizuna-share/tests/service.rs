@@ -807,6 +807,30 @@ async fn consent_emergency_flags_and_the_patients_view(w: World) {
             }
             assert!(n >= 2, "two conditions to flag");
         }
+        if k == BundleKind::Observation {
+            // An earlier result of the first measured test, higher than the latest: a trend "down".
+            if let Some(entries) = b["entry"].as_array_mut() {
+                let first = entries
+                    .iter()
+                    .find(|e| {
+                        e["resource"]["resourceType"] == "Observation"
+                            && e["resource"]["valueQuantity"]["value"].is_number()
+                    })
+                    .cloned();
+                let Some(mut o) = first else {
+                    panic!("no measured lab result")
+                };
+                let id = "9d1c0a52-5f7e-4c1b-9a55-000000000003";
+                o["fullUrl"] = json!(format!("urn:uuid:{id}"));
+                o["resource"]["id"] = json!(id);
+                o["resource"]["effectiveDateTime"] = json!("2001-02-03T09:00:00+09:00");
+                let v = o["resource"]["valueQuantity"]["value"]
+                    .as_f64()
+                    .unwrap_or(0.0);
+                o["resource"]["valueQuantity"]["value"] = json!(v + 1.0);
+                entries.push(o);
+            }
+        }
         let r = w
             .svc
             .submit(
@@ -869,8 +893,46 @@ async fn consent_emergency_flags_and_the_patients_view(w: World) {
         .record_consent(&doctor, &req2)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let (_, kinds) = summary_kinds(&w, &doctor, &person).await;
+    let (s, kinds) = summary_kinds(&w, &doctor, &person).await;
     assert!(kinds.contains(&ItemKind::Lab), "{kinds:?}");
+    // Every item is shown whole, as stored; the latest result of a test also carries its trend.
+    let mut trends = 0;
+    for e in s["entry"].as_array().into_iter().flatten().skip(1) {
+        let mut shown = e["resource"].clone();
+        let (rt, id) = (
+            shown["resourceType"].as_str().unwrap_or("").to_string(),
+            shown["id"].as_str().unwrap_or("").to_string(),
+        );
+        let stored = w
+            .svc
+            .store()
+            .read(&rt, &id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .and_then(|st| st.resource)
+            .unwrap_or_default();
+        if let Some(ext) = shown.get_mut("extension").and_then(Value::as_array_mut) {
+            let before = ext.len();
+            ext.retain(|x| x["url"] != kizuna_share::views::EXT_TREND);
+            trends += before - ext.len();
+            assert!(
+                before == ext.len()
+                    || e["resource"]["extension"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|x| x["valueCode"] == "down"),
+                "the earlier, higher result makes the trend down"
+            );
+            if ext.is_empty() && stored.get("extension").is_none() {
+                if let Some(o) = shown.as_object_mut() {
+                    o.remove("extension");
+                }
+            }
+        }
+        assert_eq!(shown, stored, "{rt}/{id}");
+    }
+    assert!(trends > 0, "no lab result carries a trend");
     // The consent lapses after its period; the patient may revoke earlier.
     w.svc
         .revoke_consent(&patient(&person), consent["id"].as_str().unwrap_or(""))

@@ -1031,7 +1031,7 @@ impl Store {
         let (crits, ignored) = self.compile_criteria(rt, q)?;
         let walkable = self.backend() == Backend::Sqlite && q.sort.is_empty();
         let (plan, probed) = if walkable {
-            self.choose_plan(&crits).await?
+            self.choose_plan(&crits, q.total).await?
         } else {
             (Plan::collect(first_driver(&crits)), vec![None; crits.len()])
         };
@@ -1268,7 +1268,11 @@ impl Store {
     /// row-id order stops at the page's end: for broad criteria (a common code, a gender) that
     /// reads a few hundred rows instead of collecting and sorting tens of thousands of matches.
     /// Also returns the count of each probed set, by criterion.
-    async fn choose_plan(&self, crits: &[Ranked]) -> Result<(Plan, Vec<Option<i64>>), StoreError> {
+    async fn choose_plan(
+        &self,
+        crits: &[Ranked],
+        total: Total,
+    ) -> Result<(Plan, Vec<Option<i64>>), StoreError> {
         /// A set this small drives the query without probing the others.
         const SMALL: i64 = 100;
         let mut counts = vec![None; crits.len()];
@@ -1286,6 +1290,10 @@ impl Store {
         });
         if fixed {
             return Ok((Plan::collect(first_driver(crits)), counts));
+        }
+        // One set read in row-id order is the page whatever its size; only a total needs a count.
+        if let ([(Crit::Set { ordered: true, .. }, _)], Total::None) = (crits, total) {
+            return Ok((Plan::Along(0), counts));
         }
         let mut best: Option<(usize, i64)> = None;
         for (i, (crit, _)) in crits.iter().enumerate() {
