@@ -284,7 +284,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     for i in 0..a.samples {
         let url = format!("{}/Observation/{}", srv.base, pick(&obs_ids, i));
         let t = Instant::now();
-        get_json(&agent, &srv, &url)?;
+        crate::bench_server::get_bytes(&agent, &srv, &url)?;
         reads.push(t.elapsed());
     }
     type Make<'a> = Box<dyn Fn(usize) -> String + 'a>;
@@ -370,15 +370,17 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         for i in 0..a.samples {
             let url = format!("{}/{}", srv.base, make(i));
             let t = Instant::now();
-            let b = match get_json(&agent, &srv, &url) {
-                Ok(b) => b,
+            let b = match crate::bench_server::get_bytes(&agent, &srv, &url) {
+                Ok(bytes) => {
+                    times.push(t.elapsed());
+                    serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null)
+                }
                 Err(e) => {
                     errors += 1;
                     first_error.get_or_insert_with(|| e.to_string());
                     continue;
                 }
             };
-            times.push(t.elapsed());
             if let Some(t) = b["total"].as_i64() {
                 totals += t;
                 counted += 1;
