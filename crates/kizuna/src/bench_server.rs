@@ -182,27 +182,13 @@ pub fn percentiles(mut d: Vec<Duration>) -> Value {
 
 /// GET with the operator token; the answer as JSON.
 pub fn get_json(agent: &ureq::Agent, srv: &BenchServer, url: &str) -> anyhow::Result<Value> {
-    let r = agent
-        .get(url)
-        .set("authorization", &format!("Bearer {}", srv.token))
-        .call()
-        .map_err(|e| anyhow::anyhow!("{url}: {}", status_of(&e)))?;
-    let mut body = Vec::new();
-    r.into_reader().read_to_end(&mut body)?;
-    Ok(serde_json::from_slice(&body)?)
+    Ok(serde_json::from_slice(&get_bytes(agent, srv, url)?)?)
 }
 
 /// GET with the operator token; the answer's bytes, read to the end. Timing this and not
 /// [`get_json`] measures the server, not the client's JSON parser (a 50-resource page is 160 KB).
 pub fn get_bytes(agent: &ureq::Agent, srv: &BenchServer, url: &str) -> anyhow::Result<Vec<u8>> {
-    let r = agent
-        .get(url)
-        .set("authorization", &format!("Bearer {}", srv.token))
-        .call()
-        .map_err(|e| anyhow::anyhow!("{url}: {}", status_of(&e)))?;
-    let mut body = Vec::new();
-    r.into_reader().read_to_end(&mut body)?;
-    Ok(body)
+    call_bytes(agent, "GET", url, &srv.token, None)
 }
 
 /// A call with a bearer token; the JSON answer (`Null` when there is none), or the failure.
@@ -213,6 +199,19 @@ pub fn call(
     token: &str,
     body: Option<&str>,
 ) -> anyhow::Result<Value> {
+    let bytes = call_bytes(agent, method, url, token, body)?;
+    Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// [`call`]'s answer as bytes read to the end: what a benchmark times, so the figure is the
+/// server's latency and not the client's JSON parser.
+pub fn call_bytes(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    token: &str,
+    body: Option<&str>,
+) -> anyhow::Result<Vec<u8>> {
     let r = agent
         .request(method, url)
         .set("authorization", &format!("Bearer {token}"));
@@ -223,7 +222,9 @@ pub fn call(
         None => r.call(),
     };
     let resp = res.map_err(|e| anyhow::anyhow!("{method} {url}: {}", status_of(&e)))?;
-    Ok(serde_json::from_reader(resp.into_reader()).unwrap_or(Value::Null))
+    let mut bytes = Vec::new();
+    resp.into_reader().read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// A short text for a failed call.
