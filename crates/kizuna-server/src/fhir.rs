@@ -988,15 +988,16 @@ pub(crate) fn prepared_json(b: PreparedBundle) -> Response {
     }
 }
 
-/// A stored resource or a Bundle JSON could not read or write: a fault of the server.
+/// A stored resource or an answer's Bundle JSON could not be read or written: a fault of the
+/// server (searches, `$summary`, `$my-record`).
 pub(crate) fn unserialisable(e: serde_json::Error) -> ApiError {
-    tracing::error!(error = %e, "searchset JSON");
+    tracing::error!(error = %e, "answer JSON");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "exception",
         "",
-        "検索結果を JSON にできません",
-        "the search result could not be written as JSON",
+        "応答を JSON にできません",
+        "the answer could not be written as JSON",
     )
 }
 
@@ -1087,10 +1088,7 @@ async fn searchset(
     if q.offset > 0 && q.count > 0 {
         links.push(("previous", page((q.offset - q.count).max(0))));
     }
-    let mut head = bundle("searchset", result.total, Vec::new(), links);
-    if let Some(o) = head.as_object_mut() {
-        o.remove("entry");
-    }
+    let head = bundle("searchset", result.total, Vec::new(), links);
     if !result.ignored.is_empty() {
         let oo = kizuna_fhir::outcome::OperationOutcome {
             issues: result

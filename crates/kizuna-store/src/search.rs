@@ -6,8 +6,9 @@
 //! nested) become nested id sets over the reference index, so one SQL statement answers the whole
 //! query on SQLite and PostgreSQL alike. One set drives the statement (`r.rid IN (…)`); the others
 //! are probed per candidate (`EXISTS`). On SQLite, a page in the default order first counts each
-//! set up to [`COUNT_CAP`] + 1 and lets the smallest drive; when every set is larger, the page
-//! walks the type's rows in row-id order, probing each criterion, and stops at the page's end.
+//! set up to [`COUNT_CAP`] + 1 and picks a plan: collect a small set, read along index rows
+//! that come in row-id order, or walk the type's rows in row-id order probing each criterion —
+//! the last two stop at the page's end.
 
 use kizuna_fhir::fhirpath::DateTime;
 use serde_json::Value;
