@@ -430,7 +430,9 @@ impl Store {
         id: &str,
         version: i64,
     ) -> Result<Option<Stored>, StoreError> {
-        let q = self.sql("SELECT version, last_updated, deleted, body FROM history WHERE rtype = ? AND id = ? AND version = ?");
+        let q = self.sql(&format!(
+            "SELECT h.version, h.last_updated, h.deleted, {HISTORY_BODY} WHERE h.rtype = ? AND h.id = ? AND h.version = ?"
+        ));
         let row = sqlx::query(&q)
             .bind(resource_type)
             .bind(id)
@@ -448,19 +450,19 @@ impl Store {
         since_ms: Option<i64>,
         count: i64,
     ) -> Result<Vec<Stored>, StoreError> {
-        let mut sql = String::from(
-            "SELECT rtype, id, version, last_updated, deleted, body FROM history WHERE 1=1",
+        let mut sql = format!(
+            "SELECT h.rtype, h.id, h.version, h.last_updated, h.deleted, {HISTORY_BODY} WHERE 1=1"
         );
         if resource_type.is_some() {
-            sql.push_str(" AND rtype = ?");
+            sql.push_str(" AND h.rtype = ?");
         }
         if id.is_some() {
-            sql.push_str(" AND id = ?");
+            sql.push_str(" AND h.id = ?");
         }
         if since_ms.is_some() {
-            sql.push_str(" AND lu_ms >= ?");
+            sql.push_str(" AND h.lu_ms >= ?");
         }
-        sql.push_str(" ORDER BY lu_ms DESC, version DESC LIMIT ?");
+        sql.push_str(" ORDER BY h.lu_ms DESC, h.version DESC LIMIT ?");
         let q = self.sql(&sql);
         let mut query = sqlx::query(&q);
         if let Some(t) = resource_type {
@@ -482,6 +484,11 @@ impl Store {
             .collect()
     }
 }
+
+/// A history row's body and the table it comes from: the current version's body is kept once,
+/// in `resources` (the history row has none until the version is replaced).
+const HISTORY_BODY: &str = "COALESCE(h.body, r.body) FROM history h LEFT JOIN resources r \
+     ON h.body IS NULL AND h.deleted = 0 AND r.rtype = h.rtype AND r.id = h.id AND r.version = h.version";
 
 fn stored_from(rt: &str, id: &str, r: &AnyRow) -> Result<Stored, StoreError> {
     stored_from_offset(rt, id, r, 0)

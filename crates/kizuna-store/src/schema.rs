@@ -16,8 +16,9 @@ use crate::{Backend, Store, StoreError};
 ///
 /// 2 added quantity and composite tables and the `:text`/`:of-type`/`:identifier` rows; 3 keyed the
 /// per-resource lookups by (type, id, parameter); 4 replaced type, id and parameter in the index
-/// tables by `pid` and `rid`. Opening an older store migrates it and rebuilds the index.
-pub const SCHEMA_VERSION: &str = "4";
+/// tables by `pid` and `rid`; 5 keeps the current version's body once, in `resources` (its history
+/// row has none until the version is replaced). Opening an older store migrates it.
+pub const SCHEMA_VERSION: &str = "5";
 
 const COMMON: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS kz_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -168,6 +169,16 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
+        let mut bodies_dropped = 0;
+        if before.is_some_and(|v| v < 5) {
+            bodies_dropped = sqlx::query(
+                "UPDATE history SET body = NULL WHERE deleted = 0 AND body IS NOT NULL AND EXISTS \
+                 (SELECT 1 FROM resources r WHERE r.rtype = history.rtype AND r.id = history.id AND r.version = history.version)",
+            )
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
         let upsert = self.sql("INSERT INTO kz_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value");
         sqlx::query(&upsert)
             .bind("schema_version")
@@ -175,6 +186,12 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        if bodies_dropped > 0 {
+            tracing::info!(
+                versions = bodies_dropped,
+                "current versions' second copy dropped from the history"
+            );
+        }
         self.load_params().await?;
         if self.backend() == Backend::Sqlite {
             // Statistics for the planner on the tables that need them (cheap when fresh).

@@ -61,7 +61,9 @@ impl InsertInto<'_> {
 /// One request waiting for the SQLite group commit.
 pub(crate) struct WriteRequest {
     ops: Vec<WriteOp>,
-    rows: Vec<Vec<(String, IndexValue)>>,
+    rows: Vec<Vec<(i64, IndexValue)>>,
+    /// Bodies of creates, serialised before the request reached the writer ([`Prepared`]).
+    bodies: Vec<Option<String>>,
     now: chrono::DateTime<chrono::Utc>,
     reply: tokio::sync::oneshot::Sender<Result<Vec<Stored>, StoreError>>,
 }
@@ -92,6 +94,21 @@ struct PendingRows {
     fresh: Vec<Vec<Bind>>,
     history: Vec<Vec<Bind>>,
     owners: Vec<OwnedRows>,
+}
+
+impl PendingRows {
+    /// Whether a version of this resource waits here (a request writing it twice).
+    fn holds(&self, rt: &str, id: &str) -> bool {
+        self.history.iter().any(|h| {
+            matches!((&h[0], &h[1]), (Bind::S(t), Bind::S(i)) if t == rt && i == id)
+        })
+    }
+}
+
+/// What [`Store::prepare`] computed for a request's writes, one entry per op.
+struct Prepared {
+    rows: Vec<Vec<(i64, IndexValue)>>,
+    bodies: Vec<Option<String>>,
 }
 
 /// A component value spread over the generic composite columns (s1, s2, s3, n1, n2); the search
@@ -250,39 +267,15 @@ impl Store {
             .collect()
     }
 
-    async fn apply(&self, ops: Vec<WriteOp>) -> Result<Vec<Stored>, StoreError> {
+    async fn apply(&self, mut ops: Vec<WriteOp>) -> Result<Vec<Stored>, StoreError> {
         let now = chrono::Utc::now();
-        // Index extraction (FHIRPath over every SearchParameter) is the CPU-heavy part of a
-        // write: done before taking the write lock, so one writer computes while another writes.
-        let rows: Vec<Vec<(String, IndexValue)>> = ops
-            .iter()
-            .map(|op| match op {
-                WriteOp::Create { resource, .. }
-                | WriteOp::CreateWithId { resource }
-                | WriteOp::Update { resource, .. } => self.index_rows_of(resource),
-                WriteOp::Delete { .. } => Vec::new(),
-            })
-            .collect();
-        let keys = ops.iter().zip(&rows).flat_map(|(op, r)| {
-            let rt = match op {
-                WriteOp::Create { resource, .. }
-                | WriteOp::CreateWithId { resource }
-                | WriteOp::Update { resource, .. } => resource
-                    .get("resourceType")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string(),
-                WriteOp::Delete { .. } => String::new(),
-            };
-            r.iter().map(move |(p, _)| (rt.clone(), p.clone()))
-        });
-        self.ensure_params(keys.collect::<Vec<_>>().into_iter())
-            .await?;
+        let Prepared { rows, bodies } = self.prepare(&mut ops, now).await?;
         if let Some(w) = &self.group_writer {
             let (reply, answer) = tokio::sync::oneshot::channel();
             w.send(WriteRequest {
                 ops,
                 rows,
+                bodies,
                 now,
                 reply,
             })
@@ -292,12 +285,70 @@ impl Store {
         let _serial = self.writer_lock().await;
         let mut tx = self.begin_write().await?;
         let written = ops.len();
-        let out = self.apply_in(&mut tx, ops, rows, now).await?;
+        let out = self.apply_in(&mut tx, ops, rows, bodies, now).await?;
         tx.commit().await?;
         if self.backend() == Backend::Postgres && self.pg_stats.due(written) {
             self.refresh_pg_stats();
         }
         Ok(out)
+    }
+
+    /// The work of a write that needs no lock, done by the requesting task so the one SQLite
+    /// writer only writes: index extraction (FHIRPath over every SearchParameter, the CPU-heavy
+    /// part), parameter ids, duplicate rows dropped, and the bodies of creates serialised (a
+    /// create is always version 1 at `now`).
+    async fn prepare(
+        &self,
+        ops: &mut [WriteOp],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Prepared, StoreError> {
+        let extracted: Vec<(String, Vec<(String, IndexValue)>)> = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Create { resource, .. }
+                | WriteOp::CreateWithId { resource }
+                | WriteOp::Update { resource, .. } => (
+                    resource
+                        .get("resourceType")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    self.index_rows_of(resource),
+                ),
+                WriteOp::Delete { .. } => (String::new(), Vec::new()),
+            })
+            .collect();
+        let keys = extracted
+            .iter()
+            .flat_map(|(rt, r)| r.iter().map(move |(p, _)| (rt.clone(), p.clone())));
+        self.ensure_params(keys.collect::<Vec<_>>().into_iter())
+            .await?;
+        let rows = extracted
+            .into_iter()
+            .map(|(rt, idx)| self.resolve_rows(&rt, idx))
+            .collect();
+        let last_updated = stamp_time(now);
+        let mut bodies = Vec::with_capacity(ops.len());
+        for op in ops.iter_mut() {
+            bodies.push(match op {
+                WriteOp::Create { resource, .. } | WriteOp::CreateWithId { resource } => {
+                    stamp(resource, 1, &last_updated);
+                    Some(serde_json::to_string(&*resource)?)
+                }
+                _ => None,
+            });
+        }
+        Ok(Prepared { rows, bodies })
+    }
+
+    /// Index rows keyed by parameter id (every id exists: [`Store::ensure_params`] ran), each
+    /// (parameter, value) once: the index tables are keyed on them.
+    fn resolve_rows(&self, rt: &str, idx: Vec<(String, IndexValue)>) -> Vec<(i64, IndexValue)> {
+        let mut seen = std::collections::HashSet::with_capacity(idx.len());
+        idx.into_iter()
+            .filter(|row| seen.insert(row.clone()))
+            .filter_map(|(p, v)| self.pid(rt, &p).map(|pid| (pid, v)))
+            .collect()
     }
 
     /// PostgreSQL: ANALYZE in the background. Autovacuum gets there too, but only after a minute
@@ -322,12 +373,13 @@ impl Store {
         &self,
         tx: &mut Transaction<'_, Any>,
         mut ops: Vec<WriteOp>,
-        rows: Vec<Vec<(String, IndexValue)>>,
+        rows: Vec<Vec<(i64, IndexValue)>>,
+        mut bodies: Vec<Option<String>>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<Stored>, StoreError> {
         let mut pending = PendingRows::default();
         let out = self
-            .apply_ops(tx, &mut pending, &mut ops, &rows, now)
+            .apply_ops(tx, &mut pending, &mut ops, &rows, &mut bodies, now)
             .await?;
         self.flush(tx, pending).await?;
         Ok(attach(ops, out))
@@ -342,11 +394,12 @@ impl Store {
         tx: &mut Transaction<'_, Any>,
         pending: &mut PendingRows,
         ops: &mut [WriteOp],
-        rows: &[Vec<(String, IndexValue)>],
+        rows: &[Vec<(i64, IndexValue)>],
+        bodies: &mut [Option<String>],
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<Stored>, StoreError> {
         let mut out = Vec::with_capacity(ops.len());
-        for (op, index_rows) in ops.iter_mut().zip(rows) {
+        for ((op, index_rows), body) in ops.iter_mut().zip(rows).zip(bodies.iter_mut()) {
             let stored = match op {
                 WriteOp::Create { resource, .. } | WriteOp::CreateWithId { resource } => {
                     self.write(
@@ -354,7 +407,7 @@ impl Store {
                         pending,
                         index_rows,
                         now,
-                        resource,
+                        (resource, body.take()),
                         None,
                         WriteKind::Fresh,
                     )
@@ -366,7 +419,7 @@ impl Store {
                         pending,
                         index_rows,
                         now,
-                        resource,
+                        (resource, None),
                         *if_match,
                         WriteKind::Upsert,
                     )
@@ -379,7 +432,7 @@ impl Store {
                         pending,
                         index_rows,
                         now,
-                        &mut stub,
+                        (&mut stub, None),
                         None,
                         WriteKind::Delete,
                     )
@@ -486,7 +539,7 @@ impl Store {
                     break;
                 }
                 match self
-                    .apply_ops(&mut tx, &mut pending, &mut r.ops, &r.rows, r.now)
+                    .apply_ops(&mut tx, &mut pending, &mut r.ops, &r.rows, &mut r.bodies, r.now)
                     .await
                 {
                     Ok(out) => done.push(out),
@@ -523,7 +576,10 @@ impl Store {
                     for r in batch {
                         let result = async {
                             let mut tx = self.begin_write().await?;
-                            let out = self.apply_in(&mut tx, r.ops, r.rows, r.now).await?;
+                            // Bodies the shared attempt used are serialised again.
+                            let out = self
+                                .apply_in(&mut tx, r.ops, r.rows, r.bodies, r.now)
+                                .await?;
                             tx.commit().await?;
                             Ok(out)
                         }
@@ -685,9 +741,9 @@ impl Store {
         &self,
         tx: &mut Transaction<'_, Any>,
         pending: &mut PendingRows,
-        index_rows: &[(String, IndexValue)],
+        index_rows: &[(i64, IndexValue)],
         now: chrono::DateTime<chrono::Utc>,
-        resource: &mut Value,
+        (resource, prepared): (&mut Value, Option<String>),
         if_match: Option<i64>,
         kind: WriteKind,
     ) -> Result<Stored, StoreError> {
@@ -705,6 +761,11 @@ impl Store {
                 i
             }
         };
+        // An earlier write of this request to the same resource must be in the tables before
+        // the current row is read and its body moved into the history.
+        if kind != WriteKind::Fresh && pending.holds(&rt, &id) {
+            self.flush(tx, std::mem::take(pending)).await?;
+        }
         let q = match self.backend() {
             Backend::Sqlite => {
                 self.sql("SELECT version, deleted, rid FROM resources WHERE rtype = ? AND id = ?")
@@ -746,21 +807,30 @@ impl Store {
             });
         }
         let version = current.map(|c| c.0).unwrap_or(0) + 1;
-        let last_updated = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let last_updated = stamp_time(now);
         let lu_ms = now.timestamp_millis();
         let body = if delete {
             None
+        } else if let Some(b) = prepared {
+            Some(b)
         } else {
-            let meta = resource.as_object_mut().map(|o| {
-                o.entry("meta")
-                    .or_insert_with(|| Value::Object(Default::default()))
-            });
-            if let Some(Value::Object(m)) = meta {
-                m.insert("versionId".into(), Value::String(version.to_string()));
-                m.insert("lastUpdated".into(), Value::String(last_updated.clone()));
-            }
+            stamp(resource, version, &last_updated);
             Some(serde_json::to_string(&*resource)?)
         };
+        if let Some((old_version, 0, old_rid)) = current {
+            // The version being replaced keeps its body, now in the history.
+            let keep = self.sql(
+                "UPDATE history SET body = (SELECT body FROM resources WHERE rid = ?) \
+                 WHERE rtype = ? AND id = ? AND version = ? AND body IS NULL",
+            );
+            sqlx::query(&keep)
+                .bind(old_rid)
+                .bind(&rt)
+                .bind(&id)
+                .bind(old_version)
+                .execute(&mut **tx)
+                .await?;
+        }
         let rid = if kind == WriteKind::Fresh {
             pending.fresh.push(vec![
                 Bind::S(rt.clone()),
@@ -769,7 +839,7 @@ impl Store {
                 Bind::S(last_updated.clone()),
                 Bind::I(lu_ms),
                 Bind::I(0),
-                Bind::O(body.clone()),
+                Bind::O(body),
             ]);
             None
         } else {
@@ -784,11 +854,13 @@ impl Store {
                 .bind(&last_updated)
                 .bind(lu_ms)
                 .bind(delete as i64)
-                .bind(body.clone())
+                .bind(body)
                 .fetch_one(&mut **tx)
                 .await?;
             Some(row.try_get::<i64, _>(0)?)
         };
+        // The current version's body is in `resources` only; the history gets it when the
+        // version is replaced (above), so a create writes its body once.
         pending.history.push(vec![
             Bind::S(rt.clone()),
             Bind::S(id.clone()),
@@ -796,28 +868,22 @@ impl Store {
             Bind::S(last_updated.clone()),
             Bind::I(lu_ms),
             Bind::I(delete as i64),
-            Bind::O(body),
+            Bind::O(None),
         ]);
-        // The previous version's index rows: in the database (if it was there before this
-        // transaction) and possibly still pending (if this transaction wrote it earlier).
+        // The previous version's index rows: in the database (pending rows of this resource
+        // were flushed above).
         if let Some((_, _, old_rid)) = current {
-            pending.owners.retain(|o| !(o.rt == rt && o.id == id));
             for table in INDEX_TABLES {
                 let del = self.sql(&format!("DELETE FROM {table} WHERE rid = ?"));
                 sqlx::query(&del).bind(old_rid).execute(&mut **tx).await?;
             }
         }
         if !delete {
-            let mut rows: Vec<(i64, IndexValue)> = index_rows
-                .iter()
-                .filter_map(|(p, v)| self.pid(&rt, p).map(|pid| (pid, v.clone())))
-                .collect();
-            dedupe(&mut rows);
             pending.owners.push(OwnedRows {
                 rt: rt.clone(),
                 id: id.clone(),
                 rid,
-                rows,
+                rows: index_rows.to_vec(),
             });
         }
         Ok(Stored {
@@ -829,6 +895,23 @@ impl Store {
             resource: None,
             text: None,
         })
+    }
+}
+
+/// `meta.lastUpdated` of a write at `now`.
+fn stamp_time(now: chrono::DateTime<chrono::Utc>) -> String {
+    now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Sets `meta.versionId` and `meta.lastUpdated` of a resource about to be stored.
+fn stamp(resource: &mut Value, version: i64, last_updated: &str) {
+    let meta = resource.as_object_mut().map(|o| {
+        o.entry("meta")
+            .or_insert_with(|| Value::Object(Default::default()))
+    });
+    if let Some(Value::Object(m)) = meta {
+        m.insert("versionId".into(), Value::String(version.to_string()));
+        m.insert("lastUpdated".into(), Value::String(last_updated.to_string()));
     }
 }
 
@@ -918,11 +1001,7 @@ impl Store {
             self.ensure_params(keys.into_iter()).await?;
             let mut pending = PendingRows::default();
             for (rid, rt, id, idx) in extracted {
-                let mut rows: Vec<(i64, IndexValue)> = idx
-                    .into_iter()
-                    .filter_map(|(p, v)| self.pid(&rt, &p).map(|pid| (pid, v)))
-                    .collect();
-                dedupe(&mut rows);
+                let rows = self.resolve_rows(&rt, idx);
                 pending.owners.push(OwnedRows {
                     rt,
                     id,
@@ -957,13 +1036,6 @@ fn sqlite_chunk(remaining: usize) -> usize {
     } else {
         1 << (usize::BITS - 1 - remaining.leading_zeros())
     }
-}
-
-/// Drops repeated (parameter, value) rows of one resource (a CodeableConcept's text equal to its
-/// coding's display, one code in two codings): the index tables are keyed on them.
-fn dedupe(rows: &mut Vec<(i64, IndexValue)>) {
-    let mut seen = std::collections::HashSet::with_capacity(rows.len());
-    rows.retain(|row| seen.insert(row.clone()));
 }
 
 /// Rewrites `reference` values that name a Bundle `fullUrl` to the stored `Type/id`.

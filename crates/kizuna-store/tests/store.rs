@@ -22,12 +22,50 @@ fn pairs(q: &str) -> SearchQuery {
     sq
 }
 
-async fn crud(s: &Store) {
+/// The versions of a resource as the history gives them: (version, gender of the stored body).
+async fn genders(s: &Store, id: &str) -> Vec<(i64, Option<String>)> {
+    s.history(Some("Patient"), Some(id), None, 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|x| {
+            let g = x
+                .resource
+                .and_then(|r| r["gender"].as_str().map(str::to_string));
+            (x.version, g)
+        })
+        .collect()
+}
+
+/// How many history rows of a resource hold a body of their own (the current version's body is
+/// kept once, in the resources table).
+async fn history_bodies(url: &str, id: &str) -> i64 {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let sql = if url.starts_with("postgres") {
+        "SELECT COUNT(*) FROM history WHERE id = $1 AND body IS NOT NULL"
+    } else {
+        "SELECT COUNT(*) FROM history WHERE id = ? AND body IS NOT NULL"
+    };
+    let n: i64 = sqlx::query_scalar(sql)
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    pool.close().await;
+    n
+}
+
+async fn crud(s: &Store, url: &str) {
     let c = s
         .create(json!({"resourceType": "Patient", "gender": "female", "birthDate": "1970-05-01"}))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.version, 1);
+    assert_eq!(history_bodies(url, &c.id).await, 0, "a create stores its body once");
+    assert_eq!(genders(s, &c.id).await, vec![(1, Some("female".into()))]);
     assert_eq!(c.id.len(), 32);
     let r = c.resource.clone().unwrap_or_default();
     assert_eq!(r["meta"]["versionId"], "1");
@@ -87,6 +125,12 @@ async fn crud(s: &Store) {
         h.iter().map(|x| (x.version, x.deleted)).collect::<Vec<_>>(),
         vec![(3, true), (2, false), (1, false)]
     );
+    // Every replaced version kept its body; the deletion has none.
+    assert_eq!(
+        genders(s, &c.id).await,
+        vec![(3, None), (2, Some("male".into())), (1, Some("female".into()))]
+    );
+    assert_eq!(history_bodies(url, &c.id).await, 2);
     // Deleted resources are not found by search.
     let found = s
         .search("Patient", &pairs(&format!("_id={}", c.id)))
@@ -125,11 +169,20 @@ async fn transactions(s: &Store) {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.total.unwrap_or(-1), n, "gender={g}");
     }
-    let h = s
-        .history(Some("Patient"), Some("twice"), None, 10)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(h.len(), 2);
+    // Both versions readable: the first was replaced inside the same transaction.
+    assert_eq!(
+        genders(s, "twice").await,
+        vec![(2, Some("female".into())), (1, Some("male".into()))]
+    );
+    assert_eq!(
+        s.vread("Patient", "twice", 1)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|x| x.resource)
+            .map(|r| r["gender"].clone()),
+        Some(json!("male"))
+    );
     s.delete("Patient", "twice")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -193,25 +246,25 @@ async fn transactions(s: &Store) {
     );
 }
 
-/// One transaction larger than a SQLite insert statement (64 rows): 131 creates go in as
-/// 64 + 64 + 2 + 1 rows per table, and every one is stored whole and indexed.
+/// One transaction larger than a SQLite insert statement (64 rows): 301 creates go in as
+/// 4 × 64 + 32 + 8 + 4 + 1 rows per table, and every one is stored whole and indexed.
 async fn large_transaction(s: &Store) {
-    let ops: Vec<WriteOp> = (0..131)
+    let ops: Vec<WriteOp> = (0..301)
         .map(|i| WriteOp::Create {
             resource: json!({"resourceType": "Observation", "status": "final",
-                "code": {"coding": [{"system": "urn:kizuna:test", "code": format!("bulk-{i}")}], "text": "bulk-131"},
+                "code": {"coding": [{"system": "urn:kizuna:test", "code": format!("bulk-{i}")}], "text": "bulk-301"},
                 "valueQuantity": {"value": i, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"}}),
             full_url: None,
         })
         .collect();
     let out = s.transaction(ops).await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(out.len(), 131);
+    assert_eq!(out.len(), 301);
     let all = s
-        .search("Observation", &pairs("code:text=bulk-131&_count=1000"))
+        .search("Observation", &pairs("code:text=bulk-301&_count=1000"))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(all.total, Some(131));
-    for i in [0, 63, 64, 127, 128, 129, 130] {
+    assert_eq!(all.total, Some(301));
+    for i in [0, 63, 64, 255, 256, 287, 288, 295, 296, 299, 300] {
         let one = s
             .search(
                 "Observation",
@@ -785,8 +838,43 @@ async fn concurrent_writers(s: &Store) {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-async fn suite(s: Store) {
-    crud(&s).await;
+/// A store of schema 4 kept the current version's body twice (in `resources` and `history`):
+/// opening it drops the second copy, and every version still reads back.
+async fn migrates_duplicated_bodies(url: &str) {
+    let s = Store::open(url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = s
+        .create(json!({"resourceType": "Patient", "gender": "male"}))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut r = c.resource.clone().unwrap_or_default();
+    r["gender"] = json!("female");
+    s.update(r, None).await.unwrap_or_else(|e| panic!("{e}"));
+    s.execute_raw(&format!(
+        "UPDATE history SET body = (SELECT body FROM resources r WHERE r.rtype = history.rtype \
+         AND r.id = history.id AND r.version = history.version) WHERE id = '{}' AND version = 2",
+        c.id
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    s.execute_raw("UPDATE kz_meta SET value = '4' WHERE key = 'schema_version'")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(history_bodies(url, &c.id).await, 2, "the schema-4 layout");
+    drop(s);
+    let s = Store::open(url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(history_bodies(url, &c.id).await, 1);
+    assert_eq!(
+        genders(&s, &c.id).await,
+        vec![(2, Some("female".into())), (1, Some("male".into()))]
+    );
+}
+
+async fn suite(s: Store, url: &str) {
+    crud(&s, url).await;
     concurrent_writers(&s).await;
     transactions(&s).await;
     large_transaction(&s).await;
@@ -801,7 +889,8 @@ async fn sqlite_suite() {
     let s = Store::open(&url, Registry::builtin())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    suite(s.clone()).await;
+    suite(s.clone(), &url).await;
+    migrates_duplicated_bodies(&url).await;
     // Reopening migrates again without losing anything.
     drop(s);
     let s = Store::open(&url, Registry::builtin())
@@ -881,7 +970,8 @@ async fn postgres_suite() {
     s.execute_raw("SELECT pg_stat_reset()")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    suite(s.clone()).await;
+    suite(s.clone(), &url).await;
+    migrates_duplicated_bodies(&url).await;
     for chunk in 0..12 {
         let ops = (0..100)
             .map(|i| kizuna_store::WriteOp::Create {
