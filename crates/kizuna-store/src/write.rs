@@ -99,9 +99,9 @@ struct PendingRows {
 impl PendingRows {
     /// Whether a version of this resource waits here (a request writing it twice).
     fn holds(&self, rt: &str, id: &str) -> bool {
-        self.history.iter().any(|h| {
-            matches!((&h[0], &h[1]), (Bind::S(t), Bind::S(i)) if t == rt && i == id)
-        })
+        self.history
+            .iter()
+            .any(|h| matches!((&h[0], &h[1]), (Bind::S(t), Bind::S(i)) if t == rt && i == id))
     }
 }
 
@@ -331,7 +331,10 @@ impl Store {
         let mut bodies = Vec::with_capacity(ops.len());
         for op in ops.iter_mut() {
             bodies.push(match op {
-                WriteOp::Create { resource, .. } | WriteOp::CreateWithId { resource } => {
+                // Without an id the writer assigns one, and serialises the body itself.
+                WriteOp::Create { resource, .. } | WriteOp::CreateWithId { resource }
+                    if resource.get("id").is_some_and(Value::is_string) =>
+                {
                     stamp(resource, 1, &last_updated);
                     Some(serde_json::to_string(&*resource)?)
                 }
@@ -539,7 +542,14 @@ impl Store {
                     break;
                 }
                 match self
-                    .apply_ops(&mut tx, &mut pending, &mut r.ops, &r.rows, &mut r.bodies, r.now)
+                    .apply_ops(
+                        &mut tx,
+                        &mut pending,
+                        &mut r.ops,
+                        &r.rows,
+                        &mut r.bodies,
+                        r.now,
+                    )
                     .await
                 {
                     Ok(out) => done.push(out),
@@ -911,7 +921,10 @@ fn stamp(resource: &mut Value, version: i64, last_updated: &str) {
     });
     if let Some(Value::Object(m)) = meta {
         m.insert("versionId".into(), Value::String(version.to_string()));
-        m.insert("lastUpdated".into(), Value::String(last_updated.to_string()));
+        m.insert(
+            "lastUpdated".into(),
+            Value::String(last_updated.to_string()),
+        );
     }
 }
 

@@ -64,7 +64,11 @@ async fn crud(s: &Store, url: &str) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.version, 1);
-    assert_eq!(history_bodies(url, &c.id).await, 0, "a create stores its body once");
+    assert_eq!(
+        history_bodies(url, &c.id).await,
+        0,
+        "a create stores its body once"
+    );
     assert_eq!(genders(s, &c.id).await, vec![(1, Some("female".into()))]);
     assert_eq!(c.id.len(), 32);
     let r = c.resource.clone().unwrap_or_default();
@@ -128,7 +132,11 @@ async fn crud(s: &Store, url: &str) {
     // Every replaced version kept its body; the deletion has none.
     assert_eq!(
         genders(s, &c.id).await,
-        vec![(3, None), (2, Some("male".into())), (1, Some("female".into()))]
+        vec![
+            (3, None),
+            (2, Some("male".into())),
+            (1, Some("female".into()))
+        ]
     );
     assert_eq!(history_bodies(url, &c.id).await, 2);
     // Deleted resources are not found by search.
