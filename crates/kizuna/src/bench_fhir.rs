@@ -16,7 +16,7 @@ use clap::Args;
 use kizuna_synth::clinical::BundleKind;
 use serde_json::{json, Value};
 
-use crate::bench_server::{get_json, percentiles, rss_mib, status_of, BenchServer};
+use crate::bench_server::{bytes_written, get_json, percentiles, rss_mib, status_of, BenchServer};
 
 /// Options of `kizuna bench fhir`.
 #[derive(Args)]
@@ -172,6 +172,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     let failures = Arc::new(AtomicU64::new(0));
     let times = Arc::new(Mutex::new(Vec::new()));
     let bar = indicatif::ProgressBar::new(produced);
+    let written_before = bytes_written(srv.child.id());
     let started = Instant::now();
     std::thread::scope(|sc| {
         for _ in 0..a.clients.max(1) {
@@ -212,6 +213,11 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         }
     });
     let ingest_s = started.elapsed().as_secs_f64();
+    // The server's writes during the load (database, WAL, audit log, answers): what a stored
+    // resource costs in bytes, the figure SQLite's page-sized WAL frames make large.
+    let written = bytes_written(srv.child.id())
+        .zip(written_before)
+        .map(|(after, before)| after.saturating_sub(before));
     bar.finish_and_clear();
     let loaded = if a.loaded {
         produced
@@ -435,6 +441,8 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
             "seconds": ingest_s,
             "resources_per_s": loaded as f64 / ingest_s.max(1e-9),
             "bundles_per_s": n_bundles as f64 / ingest_s.max(1e-9),
+            "server_bytes_written": written,
+            "server_bytes_written_per_resource": written.map(|w| w as f64 / loaded.max(1) as f64),
             "bundle_latency": percentiles(tx_times),
         })},
         "read": percentiles(reads),

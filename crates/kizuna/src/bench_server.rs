@@ -169,6 +169,15 @@ pub fn rss_mib(pid: u32) -> Option<(f64, f64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// Bytes a process has written so far (`wchar` in `/proc/PID/io`: to files and sockets, cached or
+/// not), for how much a server writes per stored resource; `None` where there is no `/proc`.
+pub fn bytes_written(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// p50, p99 and max of a set of durations, in milliseconds.
 pub fn percentiles(mut d: Vec<Duration>) -> Value {
     d.sort_unstable();
