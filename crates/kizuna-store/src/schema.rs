@@ -191,6 +191,13 @@ impl Store {
                 versions = bodies_dropped,
                 "current versions' second copy dropped from the history"
             );
+            if self.backend() == Backend::Sqlite {
+                // That rewrote every history page (3.4 GB of WAL for a 1M-resource store): copy
+                // it back and give the log file's space back rather than keep it at that size.
+                sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .execute(self.pool())
+                    .await?;
+            }
         }
         self.load_params().await?;
         if self.backend() == Backend::Sqlite {

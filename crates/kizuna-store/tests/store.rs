@@ -948,6 +948,63 @@ async fn sqlite_checkpoints_beside_a_busy_writer() {
     );
 }
 
+/// SQLite: the schema-5 upgrade rewrites every history page that held a current body; the WAL that
+/// rewrite produced is copied back and truncated, not left on disk at its size.
+#[tokio::test]
+async fn sqlite_upgrade_gives_back_its_wal() {
+    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let db = d.path().join("kizuna.db");
+    let url = format!("sqlite://{}", db.display());
+    let s = Store::open(&url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = "x".repeat(8_000);
+    for chunk in 0..10 {
+        let ops = (0..100)
+            .map(|i| WriteOp::Create {
+                resource: json!({"resourceType": "Basic", "code": {"text": format!("{chunk}-{i}")},
+                    "extension": [{"url": "urn:kizuna:test", "valueString": text}]}),
+                full_url: None,
+            })
+            .collect();
+        s.transaction(ops).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    // The schema-4 layout: every current body in its history row too.
+    for sql in [
+        "UPDATE history SET body = (SELECT body FROM resources r WHERE r.rtype = history.rtype \
+         AND r.id = history.id AND r.version = history.version) WHERE body IS NULL AND deleted = 0",
+        "UPDATE kz_meta SET value = '4' WHERE key = 'schema_version'",
+        "PRAGMA wal_checkpoint(TRUNCATE)",
+    ] {
+        s.execute_raw(sql).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    drop(s);
+    let wal = d.path().join("kizuna.db-wal");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let s = Store::open(&url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // 1,000 history rows of 8 KB were rewritten (about 8 MB of pages).
+    assert!(
+        size(&wal) < 1 << 20,
+        "the WAL kept {} bytes after the upgrade",
+        size(&wal)
+    );
+    let all = s
+        .search("Basic", &pairs("_count=1000"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(all.resources.len(), 1000);
+    let one = &all.resources[0];
+    let v1 = s
+        .vread("Basic", &one.id, 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .and_then(|x| x.resource)
+        .unwrap_or_default();
+    assert_eq!(v1["extension"][0]["valueString"], json!(text));
+}
+
 /// PostgreSQL: `bash .ci/run` starts a server and runs this (`--include-ignored`); the URL comes from
 /// `KIZUNA_TEST_POSTGRES`.
 #[tokio::test]
