@@ -90,6 +90,18 @@ fn as_tree(b: PreparedBundle) -> Result<Value, ShareError> {
     b.into_value().map_err(|e| ShareError::Store(e.into()))
 }
 
+/// A `collection` Bundle stamped at `timestamp` (the clinician summary, the patient's record).
+fn collection(timestamp: String, entries: Vec<PreparedEntry>) -> PreparedBundle {
+    PreparedBundle {
+        head: kizuna_fhir::object([
+            ("resourceType", json!("Bundle")),
+            ("type", json!("collection")),
+            ("timestamp", Value::String(timestamp)),
+        ]),
+        entries,
+    }
+}
+
 /// A stored item: the elements the views read, and its stored text for the answer.
 struct Item {
     outline: Value,
@@ -336,14 +348,7 @@ impl ShareService {
                 search_mode: None,
             });
         }
-        PreparedBundle {
-            head: kizuna_fhir::object([
-                ("resourceType", json!("Bundle")),
-                ("type", json!("collection")),
-                ("timestamp", Value::String(stamp)),
-            ]),
-            entries,
-        }
+        collection(stamp, entries)
     }
 
     /// The patient's own view (the マイナポータル equivalent): their six items and check-up reports,
@@ -365,27 +370,18 @@ impl ShareService {
         let (shown, _) = self.filter_items(p, items, &AccessContext::default(), "patient-view");
         let mut rs: Vec<Item> = shown.into_iter().map(|(_, it)| it).collect();
         rs.sort_by_key(|it| std::cmp::Reverse(when(&it.outline)));
-        Ok(PreparedBundle {
-            head: kizuna_fhir::object([
-                ("resourceType", json!("Bundle")),
-                ("type", json!("collection")),
-                (
-                    "timestamp",
-                    Value::String(
-                        self.now()
-                            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    ),
-                ),
-            ]),
-            entries: rs
-                .into_iter()
-                .map(|it| PreparedEntry {
-                    full_url: None,
-                    resource: EntryResource::Text(it.text),
-                    search_mode: None,
-                })
-                .collect(),
-        })
+        let entries = rs
+            .into_iter()
+            .map(|it| PreparedEntry {
+                full_url: None,
+                resource: EntryResource::Text(it.text),
+                search_mode: None,
+            })
+            .collect();
+        let stamp = self
+            .now()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        Ok(collection(stamp, entries))
     }
 
     /// Who looked at the patient's data, when and why (emergency access marked), from the audit log.

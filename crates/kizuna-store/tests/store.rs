@@ -37,6 +37,16 @@ async fn genders(s: &Store, id: &str) -> Vec<(i64, Option<String>)> {
         .collect()
 }
 
+/// The gender of one version of a Patient, read with vread.
+async fn vread_gender(s: &Store, id: &str, version: i64) -> Option<Value> {
+    s.vread("Patient", id, version)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|x| x.resource)
+        .map(|r| r["gender"].clone())
+}
+
 /// How many history rows of a resource hold a body of their own (the current version's body is
 /// kept once, in the resources table).
 async fn history_bodies(url: &str, id: &str) -> i64 {
@@ -93,15 +103,7 @@ async fn crud(s: &Store, url: &str) {
             .map(|x| x.version),
         Some(2)
     );
-    assert_eq!(
-        s.vread("Patient", &c.id, 1)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|x| x.resource)
-            .map(|r| r["gender"].clone()),
-        Some(json!("female"))
-    );
+    assert_eq!(vread_gender(s, &c.id, 1).await, Some(json!("female")));
     let d = s
         .delete("Patient", &c.id)
         .await
@@ -182,15 +184,7 @@ async fn transactions(s: &Store) {
         genders(s, "twice").await,
         vec![(2, Some("female".into())), (1, Some("male".into()))]
     );
-    assert_eq!(
-        s.vread("Patient", "twice", 1)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|x| x.resource)
-            .map(|r| r["gender"].clone()),
-        Some(json!("male"))
-    );
+    assert_eq!(vread_gender(s, "twice", 1).await, Some(json!("male")));
     s.delete("Patient", "twice")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
