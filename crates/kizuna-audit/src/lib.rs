@@ -6,12 +6,14 @@
 //! - [`merkle`]: RFC 6962 hashing, inclusion and consistency proofs.
 //! - [`checkpoint`]: Ed25519-signed (size, root, time) checkpoints and their keys.
 //! - [`log`]: the append-only log, batched appends, queries, the patient's access history.
+//! - `index` (private): the on-disk person and actor index the log's queries use.
 //! - [`verify`]: recomputes the log against its checkpoints and reports tampering.
 //! - [`event`]: FHIR AuditEvent rendering.
 
 pub mod checkpoint;
 pub mod entry;
 pub mod event;
+mod index;
 pub mod log;
 pub mod merkle;
 pub mod verify;
@@ -44,6 +46,12 @@ pub enum AuditError {
     /// The background writer is gone.
     #[error("監査ライターが停止しています / audit writer stopped")]
     WriterStopped,
+    /// The person/actor index could not be read or written.
+    #[error("監査索引のエラー / audit index error: {0}")]
+    Index(String),
+    /// Another process has this log open (only one writer may append to a log).
+    #[error("監査ログ {0} は他のプロセスが使用中です (サーバーが動いていれば止めてください) / the audit log {0} is open in another process (stop the server first)")]
+    InUse(String),
     /// The background writer could not write.
     #[error("監査ログに書けません / audit write failed: {0}")]
     Write(String),

@@ -3,10 +3,10 @@
 //! Appends are batched (one write and one `fsync` per batch), which is what lets every access be
 //! audited — one entry per resource a search returns — without slowing the service down.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +15,8 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, CheckpointSigner};
 use crate::entry::{Actor, ActorKind, Entry, NewEntry, Outcome, Purpose, Target};
-use crate::merkle::{leaf_hash, Hash, MerkleTree};
+use crate::index::{Coverage, EntryIndex, IndexRow};
+use crate::merkle::{leaf_hash, Hash, LeafSource, MerkleTree};
 use crate::AuditError;
 
 /// File holding the entries, one JSON object per line.
@@ -120,20 +121,37 @@ pub enum HistoryRequester {
     },
 }
 
-/// The log, open for appending and reading.
+/// Leaves per chunk of the in-memory tree, as a power of two: the tree keeps two hashes per 256 entries,
+/// and a proof reads back at most a few chunks of 256 lines.
+pub const CHUNK_BITS: u32 = 8;
+
+/// Entries parsed per index commit while catching up at open.
+const CATCH_UP_BATCH: usize = 10_000;
+
+/// The log, open for appending and reading. What it holds in memory does not grow with the log
+/// beyond a few bytes per 256 entries: the upper Merkle levels and where each chunk of 256 lines
+/// starts. The lists of a person's or an actor's entries live in an on-disk index.
 pub struct AuditLog {
     dir: PathBuf,
     entries: File,
     checkpoints: File,
     tree: MerkleTree,
-    offsets: Vec<u64>,
+    /// Byte offset of the first line of each chunk (the open one included).
+    chunk_starts: Vec<u64>,
     end: u64,
-    by_person: HashMap<String, Vec<u64>>,
-    by_actor: HashMap<String, Vec<u64>>,
+    index: EntryIndex,
+    /// Set when an index write failed: queries scan the log until the next open re-indexes.
+    index_behind: bool,
     options: LogOptions,
     last_checkpoint: Option<Checkpoint>,
     since_checkpoint: Instant,
     buf: Vec<u8>,
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.sync_index();
+    }
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -142,6 +160,71 @@ impl std::fmt::Debug for AuditLog {
             .field("dir", &self.dir)
             .field("len", &self.len())
             .finish()
+    }
+}
+
+/// The fields the index needs, parsed without the rest of an entry.
+#[derive(serde::Deserialize)]
+struct IndexedFields {
+    actor: IndexedActor,
+    #[serde(default)]
+    target: IndexedTarget,
+}
+
+#[derive(serde::Deserialize)]
+struct IndexedActor {
+    id: String,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct IndexedTarget {
+    #[serde(default)]
+    person: Option<String>,
+}
+
+fn index_row(seq: u64, offset: u64, body: &[u8]) -> Option<IndexRow> {
+    let f: IndexedFields = serde_json::from_slice(body).ok()?;
+    Some(IndexRow {
+        seq,
+        offset,
+        person: f.target.person,
+        actor: f.actor.id,
+    })
+}
+
+/// Reads the lines of a chunk back from the entries file, for proofs below a chunk's root.
+struct LogLeaves<'a> {
+    path: PathBuf,
+    chunk_starts: &'a [u64],
+    end: u64,
+}
+
+impl LogLeaves<'_> {
+    fn lines(&self, chunk: u64) -> std::io::Result<Vec<u8>> {
+        let missing = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such chunk");
+        let start = *self.chunk_starts.get(chunk as usize).ok_or_else(missing)?;
+        let stop = self
+            .chunk_starts
+            .get(chunk as usize + 1)
+            .copied()
+            .unwrap_or(self.end);
+        let mut f = File::open(&self.path)?;
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = vec![0u8; stop.saturating_sub(start) as usize];
+        f.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+}
+
+impl LeafSource for LogLeaves<'_> {
+    fn chunk_leaves(&self, chunk: u64) -> std::io::Result<Vec<Hash>> {
+        let buf = self.lines(chunk)?;
+        Ok(buf
+            .strip_suffix(b"\n")
+            .unwrap_or(&buf)
+            .split(|b| *b == b'\n')
+            .map(leaf_hash)
+            .collect())
     }
 }
 
@@ -161,24 +244,30 @@ impl AuditLog {
         )
     }
 
-    /// Opens (or creates) a log directory, rebuilding the tree and indexes from its entries. A torn last
-    /// line (a crash mid-write, never acknowledged) is cut off.
+    /// Opens (or creates) a log directory: rebuilds the tree from its entries, brings the person and
+    /// actor index up to date, and cuts off a torn last line (a crash mid-write, never acknowledged).
+    /// Only one process may have a log open ([`AuditError::InUse`] otherwise).
     pub fn open(dir: &Path, options: LogOptions) -> Result<AuditLog, AuditError> {
         std::fs::create_dir_all(dir)?;
+        let mut index = EntryIndex::open(dir)?;
         let path = dir.join(ENTRIES_FILE);
         let mut entries = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(&path)?;
-        let mut tree = MerkleTree::new();
-        let mut offsets = Vec::new();
-        let mut by_person: HashMap<String, Vec<u64>> = HashMap::new();
-        let mut by_actor: HashMap<String, Vec<u64>> = HashMap::new();
+        let mut coverage = index.coverage()?;
+        let mut tree = MerkleTree::with_chunk_bits(CHUNK_BITS);
+        let mut chunk_starts = Vec::new();
         let mut end = 0u64;
+        let mut pending: Vec<IndexRow> = Vec::new();
+        let mut indexed = 0u64;
+        // Whether the index describes this log: its last covered leaf must be this log's.
+        let mut index_fits = coverage.entries == 0;
+        let mut last_leaf = None;
         {
             entries.seek(SeekFrom::Start(0))?;
-            let mut reader = BufReader::new(&entries);
+            let mut reader = BufReader::with_capacity(1 << 20, &entries);
             let mut line = Vec::new();
             loop {
                 line.clear();
@@ -191,24 +280,66 @@ impl AuditLog {
                     break;
                 }
                 let body = &line[..line.len() - 1];
-                let seq = offsets.len() as u64;
-                if let Ok(e) = serde_json::from_slice::<Entry>(body) {
-                    if let Some(p) = &e.entry.target.person {
-                        by_person.entry(p.clone()).or_default().push(seq);
-                    }
-                    by_actor
-                        .entry(e.entry.actor.id.clone())
-                        .or_default()
-                        .push(seq);
+                let seq = tree.len();
+                if seq % (1u64 << CHUNK_BITS) == 0 {
+                    chunk_starts.push(end);
                 }
-                tree.push(leaf_hash(body));
-                offsets.push(end);
+                let leaf = leaf_hash(body);
+                tree.push(leaf);
+                last_leaf = Some(leaf);
+                if seq + 1 == coverage.entries {
+                    index_fits = coverage.last_leaf == Some(leaf);
+                }
+                if seq >= coverage.entries && index_fits {
+                    pending.extend(index_row(seq, end, body));
+                    if pending.len() >= CATCH_UP_BATCH {
+                        let c = Coverage {
+                            entries: seq + 1,
+                            last_leaf: Some(leaf),
+                        };
+                        index.add(&pending, c)?;
+                        indexed += pending.len() as u64;
+                        pending.clear();
+                    }
+                }
                 end += n as u64;
             }
         }
         let file_len = entries.metadata()?.len();
         if file_len != end {
             entries.set_len(end)?;
+        }
+        let covered_now = Coverage {
+            entries: tree.len(),
+            last_leaf,
+        };
+        if index_fits && coverage.entries <= tree.len() {
+            if !pending.is_empty() || coverage != covered_now {
+                indexed += pending.len() as u64;
+                index.add(&pending, covered_now)?;
+            }
+        } else {
+            // The index is of another log or of a longer one (entries were cut): build it anew.
+            tracing::warn!(
+                covered = coverage.entries,
+                entries = tree.len(),
+                "audit index does not match the log; rebuilding it"
+            );
+            index.clear()?;
+            coverage = Coverage {
+                entries: 0,
+                last_leaf: None,
+            };
+            indexed = reindex(&path, end, &mut index, covered_now)?;
+        }
+        index.sync()?;
+        if indexed > 0 {
+            tracing::info!(
+                indexed,
+                from = coverage.entries,
+                entries = tree.len(),
+                "audit index brought up to date"
+            );
         }
         let cp_path = dir.join(CHECKPOINTS_FILE);
         let mut last_checkpoint = None;
@@ -225,10 +356,10 @@ impl AuditLog {
             entries,
             checkpoints,
             tree,
-            offsets,
+            chunk_starts,
             end,
-            by_person,
-            by_actor,
+            index,
+            index_behind: false,
             options,
             last_checkpoint,
             since_checkpoint: Instant::now(),
@@ -256,9 +387,22 @@ impl AuditLog {
         self.tree.root()
     }
 
+    /// Merkle hashes held in memory (capacity planning: about two per 256 entries).
+    pub fn hashes_held(&self) -> usize {
+        self.tree.hashes_held()
+    }
+
     /// The latest checkpoint written.
     pub fn latest_checkpoint(&self) -> Option<&Checkpoint> {
         self.last_checkpoint.as_ref()
+    }
+
+    fn leaves(&self) -> LogLeaves<'_> {
+        LogLeaves {
+            path: self.dir.join(ENTRIES_FILE),
+            chunk_starts: &self.chunk_starts,
+            end: self.end,
+        }
     }
 
     /// Appends a batch: one write (and one `fsync` when durable); returns the first sequence number.
@@ -277,19 +421,34 @@ impl AuditLog {
         if self.options.sync {
             self.entries.sync_data()?;
         }
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut last_leaf = None;
         for (i, (leaf, len)) in leaves.into_iter().enumerate() {
             let seq = first + i as u64;
             let e = &batch[i];
-            self.tree.push(leaf);
-            self.offsets.push(self.end);
-            self.end += len as u64 + 1;
-            if let Some(p) = &e.target.person {
-                self.by_person.entry(p.clone()).or_default().push(seq);
+            if seq % (1u64 << CHUNK_BITS) == 0 {
+                self.chunk_starts.push(self.end);
             }
-            self.by_actor
-                .entry(e.actor.id.clone())
-                .or_default()
-                .push(seq);
+            self.tree.push(leaf);
+            rows.push(IndexRow {
+                seq,
+                offset: self.end,
+                person: e.target.person.clone(),
+                actor: e.actor.id.clone(),
+            });
+            self.end += len as u64 + 1;
+            last_leaf = Some(leaf);
+        }
+        if !self.index_behind {
+            let covered = Coverage {
+                entries: self.len(),
+                last_leaf,
+            };
+            if let Err(e) = self.index.add(&rows, covered) {
+                // The entries are written; queries scan the log until the next open re-indexes.
+                tracing::error!(error = %e, "audit index write failed; queries scan the log");
+                self.index_behind = true;
+            }
         }
         let covered = self.last_checkpoint.as_ref().map(|c| c.size).unwrap_or(0);
         if self.len() - covered >= self.options.policy.every_entries {
@@ -300,12 +459,14 @@ impl AuditLog {
 
     /// Signs and writes a checkpoint of the current state (if there are new entries and a signer).
     pub fn checkpoint(&mut self, time: Option<&str>) -> Result<Option<Checkpoint>, AuditError> {
+        if self.options.signer.is_none()
+            || self.last_checkpoint.as_ref().map(|c| c.size) == Some(self.len())
+        {
+            return Ok(None);
+        }
         let Some(signer) = &self.options.signer else {
             return Ok(None);
         };
-        if self.last_checkpoint.as_ref().map(|c| c.size) == Some(self.len()) {
-            return Ok(None);
-        }
         let now = time
             .map(str::to_string)
             .unwrap_or_else(|| chrono::Utc::now().to_rfc3339());
@@ -321,6 +482,16 @@ impl AuditLog {
         Ok(Some(cp))
     }
 
+    /// Writes the index rows held in memory, durably.
+    fn sync_index(&mut self) {
+        if !self.index_behind {
+            if let Err(e) = self.index.sync() {
+                tracing::error!(error = %e, "audit index sync failed; queries scan the log");
+                self.index_behind = true;
+            }
+        }
+    }
+
     /// Checkpoints when the time policy says so (called by the background writer when idle).
     pub fn checkpoint_if_due(&mut self) -> Result<(), AuditError> {
         let covered = self.last_checkpoint.as_ref().map(|c| c.size).unwrap_or(0);
@@ -330,82 +501,88 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Reads one entry.
+    /// Reads one entry (from the start of its chunk: at most 255 lines are skipped).
     pub fn get(&self, seq: u64) -> Result<Entry, AuditError> {
-        let start = *self
-            .offsets
-            .get(seq as usize)
+        if seq >= self.len() {
+            return Err(AuditError::NoSuchEntry(seq));
+        }
+        let chunk = self.leaves().lines(seq >> CHUNK_BITS)?;
+        let within = (seq - ((seq >> CHUNK_BITS) << CHUNK_BITS)) as usize;
+        let body = chunk
+            .split(|b| *b == b'\n')
+            .nth(within)
             .ok_or(AuditError::NoSuchEntry(seq))?;
-        let end = self
-            .offsets
-            .get(seq as usize + 1)
-            .copied()
-            .unwrap_or(self.end);
-        let mut f = File::open(self.dir.join(ENTRIES_FILE))?;
-        f.seek(SeekFrom::Start(start))?;
-        let mut buf = vec![0u8; (end - start) as usize];
-        f.read_exact(&mut buf)?;
-        let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
         Ok(serde_json::from_slice(body)?)
     }
 
     /// Proof that entry `seq` is in the tree of `size` entries.
-    pub fn inclusion_proof(&self, seq: u64, size: u64) -> Option<Vec<Hash>> {
-        self.tree.inclusion_proof(seq, size)
+    pub fn inclusion_proof(&self, seq: u64, size: u64) -> Result<Option<Vec<Hash>>, AuditError> {
+        Ok(self.tree.inclusion_proof(seq, size, &self.leaves())?)
     }
 
     /// Proof that the log of `old` entries is a prefix of the log of `new` entries.
-    pub fn consistency_proof(&self, old: u64, new: u64) -> Option<Vec<Hash>> {
-        self.tree.consistency_proof(old, new)
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Option<Vec<Hash>>, AuditError> {
+        Ok(self.tree.consistency_proof(old, new, &self.leaves())?)
     }
 
     /// The leaf hash of an entry.
-    pub fn leaf(&self, seq: u64) -> Option<Hash> {
-        self.tree.leaf(seq)
+    pub fn leaf(&self, seq: u64) -> Result<Option<Hash>, AuditError> {
+        Ok(self.tree.leaf(seq, &self.leaves())?)
     }
 
     /// The root at an earlier size.
-    pub fn root_at(&self, size: u64) -> Option<Hash> {
-        self.tree.root_at(size)
+    pub fn root_at(&self, size: u64) -> Result<Option<Hash>, AuditError> {
+        Ok(self.tree.root_at(size, &self.leaves())?)
     }
 
-    /// Searches the log (operator view). Uses the person or actor index when the query names one.
+    /// Searches the log (operator view). Uses the person or actor index when the query names one,
+    /// and reads the log from the start otherwise.
     pub fn query(&self, q: &AuditQuery) -> Result<Vec<Entry>, AuditError> {
-        let candidates: Box<dyn Iterator<Item = u64>> = if let Some(p) = &q.person {
-            Box::new(
-                self.by_person
-                    .get(p)
-                    .cloned()
-                    .unwrap_or_default()
-                    .into_iter(),
-            )
-        } else if let Some(a) = &q.actor {
-            Box::new(
-                self.by_actor
-                    .get(a)
-                    .cloned()
-                    .unwrap_or_default()
-                    .into_iter(),
-            )
-        } else {
-            Box::new(0..self.len())
+        let listed = match (&q.person, &q.actor) {
+            _ if self.index_behind => None,
+            (Some(p), _) => Some(self.index.person(p)?),
+            (None, Some(a)) => Some(self.index.actor(a)?),
+            (None, None) => None,
         };
-        let mut f = BufReader::new(File::open(self.dir.join(ENTRIES_FILE))?);
         let mut out = Vec::new();
         let mut line = Vec::new();
-        for seq in candidates {
-            let Some(&start) = self.offsets.get(seq as usize) else {
-                continue;
-            };
-            f.seek(SeekFrom::Start(start))?;
-            line.clear();
-            f.read_until(b'\n', &mut line)?;
-            let body = line.strip_suffix(b"\n").unwrap_or(&line);
-            let e: Entry = serde_json::from_slice(body)?;
-            if !matches(&e.entry, q) {
-                continue;
+        let mut f = BufReader::new(File::open(self.dir.join(ENTRIES_FILE))?);
+        match listed {
+            Some(rows) => {
+                for (seq, offset) in rows {
+                    if seq >= self.len() {
+                        continue;
+                    }
+                    f.seek(SeekFrom::Start(offset))?;
+                    line.clear();
+                    f.read_until(b'\n', &mut line)?;
+                    let body = line.strip_suffix(b"\n").unwrap_or(&line);
+                    let e: Entry = serde_json::from_slice(body)?;
+                    if e.seq != seq {
+                        tracing::warn!(seq, found = e.seq, "audit index points at another entry");
+                        continue;
+                    }
+                    if matches(&e.entry, q) {
+                        out.push(e);
+                    }
+                }
             }
-            out.push(e);
+            None => {
+                let mut position = 0u64;
+                while position < self.end {
+                    line.clear();
+                    let n = f.read_until(b'\n', &mut line)?;
+                    if n == 0 {
+                        break;
+                    }
+                    position += n as u64;
+                    let body = line.strip_suffix(b"\n").unwrap_or(&line);
+                    let e: Entry = serde_json::from_slice(body)?;
+                    if matches(&e.entry, q) {
+                        out.push(e);
+                    }
+                }
+            }
         }
         if let Some(limit) = q.limit {
             let skip = out.len().saturating_sub(limit);
@@ -496,6 +673,43 @@ impl AuditLog {
     }
 }
 
+/// Indexes a whole log from its first line (the index was of another log).
+fn reindex(
+    path: &Path,
+    end: u64,
+    index: &mut EntryIndex,
+    covered: Coverage,
+) -> Result<u64, AuditError> {
+    let f = File::open(path)?;
+    let mut reader = BufReader::with_capacity(1 << 20, f);
+    let mut line = Vec::new();
+    let (mut offset, mut seq, mut indexed) = (0u64, 0u64, 0u64);
+    let mut pending = Vec::new();
+    while offset < end {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        let body = line.strip_suffix(b"\n").unwrap_or(&line);
+        pending.extend(index_row(seq, offset, body));
+        if pending.len() >= CATCH_UP_BATCH {
+            let c = Coverage {
+                entries: seq + 1,
+                last_leaf: Some(leaf_hash(body)),
+            };
+            index.add(&pending, c)?;
+            indexed += pending.len() as u64;
+            pending.clear();
+        }
+        offset += n as u64;
+        seq += 1;
+    }
+    indexed += pending.len() as u64;
+    index.add(&pending, covered)?;
+    Ok(indexed)
+}
+
 #[derive(Serialize)]
 struct EntryRef<'a> {
     seq: u64,
@@ -560,6 +774,8 @@ enum Msg {
 pub struct AuditWriter {
     tx: mpsc::Sender<Msg>,
     log: Arc<Mutex<AuditLog>>,
+    /// Entries handed over and not yet written: what a bulk producer watches to stay within memory.
+    queued: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for AuditWriter {
@@ -575,13 +791,25 @@ impl AuditWriter {
         let log = Arc::new(Mutex::new(log));
         let (tx, rx) = mpsc::channel::<Msg>();
         let shared = log.clone();
+        let queued = Arc::new(AtomicU64::new(0));
+        let counter = queued.clone();
         std::thread::Builder::new()
             .name("kizuna-audit".into())
-            .spawn(move || writer_loop(rx, shared, every))
+            .spawn(move || writer_loop(rx, shared, every, counter))
             .map(|_| ())
             .unwrap_or_else(|e| tracing::error!(error = %e, "audit writer thread failed to start"));
-        AuditWriter { tx, log }
+        AuditWriter { tx, log, queued }
     }
+
+    /// Entries queued and not yet written. A caller that records in bulk (an export records one entry
+    /// per patient) waits while this is above [`AuditWriter::QUEUE_HIGH`], so the queue — about 1 KB
+    /// an entry — cannot outgrow the writer.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// The queue length above which bulk producers wait for the writer.
+    pub const QUEUE_HIGH: u64 = 20_000;
 
     /// Queues one entry.
     pub fn record(&self, e: NewEntry) {
@@ -590,7 +818,10 @@ impl AuditWriter {
 
     /// Queues entries (one per resource a search returned, say).
     pub fn record_batch(&self, entries: Vec<NewEntry>) {
+        let n = entries.len() as u64;
+        self.queued.fetch_add(n, Ordering::AcqRel);
         if self.tx.send(Msg::Entries(entries)).is_err() {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
             tracing::error!("audit writer stopped; entries lost");
         }
     }
@@ -612,7 +843,12 @@ impl AuditWriter {
     }
 }
 
-fn writer_loop(rx: mpsc::Receiver<Msg>, log: Arc<Mutex<AuditLog>>, every: Duration) {
+fn writer_loop(
+    rx: mpsc::Receiver<Msg>,
+    log: Arc<Mutex<AuditLog>>,
+    every: Duration,
+    queued: Arc<AtomicU64>,
+) {
     loop {
         let first = match rx.recv_timeout(every) {
             Ok(m) => m,
@@ -650,6 +886,7 @@ fn writer_loop(rx: mpsc::Receiver<Msg>, log: Arc<Mutex<AuditLog>>, every: Durati
             }
             Err(_) => Err("audit log lock poisoned".to_string()),
         };
+        queued.fetch_sub(batch.len() as u64, Ordering::AcqRel);
         if let Err(e) = &result {
             tracing::error!(error = %e, entries = batch.len(), "audit append failed");
         }

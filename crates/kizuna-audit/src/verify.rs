@@ -4,6 +4,7 @@
 //! entry changes a root (and usually breaks the gap-free sequence numbers); a forged or altered
 //! checkpoint fails its signature.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
@@ -40,10 +41,26 @@ impl VerifyReport {
     }
 }
 
-/// Verifies a log directory.
+/// Verifies a log directory, in one pass over the entries and memory that does not grow with the log:
+/// the root at each checkpoint's size is taken as the pass reaches it.
 pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<VerifyReport, AuditError> {
     let mut report = VerifyReport::default();
-    let mut tree = MerkleTree::new();
+    let cp_path = dir.join(CHECKPOINTS_FILE);
+    let text = if cp_path.exists() {
+        std::fs::read_to_string(&cp_path)?
+    } else {
+        String::new()
+    };
+    let wanted: HashSet<u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Checkpoint>(l).ok())
+        .map(|cp| cp.size)
+        .collect();
+    let mut roots: HashMap<u64, crate::merkle::Hash> = HashMap::new();
+    let mut tree = MerkleTree::with_chunk_bits(crate::log::CHUNK_BITS);
+    if wanted.contains(&0) {
+        roots.insert(0, tree.root());
+    }
     let f = std::fs::File::open(dir.join(ENTRIES_FILE))?;
     let reader = BufReader::new(f);
     let mut seq_problem_reported = false;
@@ -72,13 +89,10 @@ pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<VerifyReport, AuditE
         }
         tree.push(leaf_hash(&line));
         report.entries += 1;
+        if wanted.contains(&tree.len()) {
+            roots.insert(tree.len(), tree.root());
+        }
     }
-    let cp_path = dir.join(CHECKPOINTS_FILE);
-    let text = if cp_path.exists() {
-        std::fs::read_to_string(&cp_path)?
-    } else {
-        String::new()
-    };
     let kid = key_id(key);
     let mut last_size = 0u64;
     for (i, line) in text.lines().enumerate() {
@@ -104,7 +118,7 @@ pub fn verify_dir(dir: &Path, key: &VerifyingKey) -> Result<VerifyReport, AuditE
             report.problems.push(format!("チェックポイント {n} のサイズが減っています / checkpoint {n} shrinks the log ({} < {last_size})", cp.size));
         }
         last_size = last_size.max(cp.size);
-        match tree.root_at(cp.size) {
+        match roots.get(&cp.size).copied() {
             None => report.problems.push(format!(
                 "チェックポイント {n} は {} 件を署名していますが {} 件しかありません: 削除 / checkpoint {n} signs {} entries but only {} exist — entries were removed",
                 cp.size, report.entries, cp.size, report.entries

@@ -254,12 +254,28 @@ fn proofs_from_the_log_verify_against_its_checkpoint() {
         .unwrap_or_else(|| panic!("checkpoint"));
     let root = cp.root_hash().unwrap_or_else(|| panic!("root"));
     for seq in 0..10 {
-        let proof = log.inclusion_proof(seq, cp.size).unwrap_or_default();
-        let leaf = log.leaf(seq).unwrap_or_else(|| panic!("leaf"));
+        let proof = log
+            .inclusion_proof(seq, cp.size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let leaf = log
+            .leaf(seq)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("leaf"));
         assert!(verify_inclusion(seq, cp.size, &leaf, &proof, &root));
     }
-    let old = log.root_at(4).unwrap_or_else(|| panic!("root 4"));
-    let proof = log.consistency_proof(4, 10).unwrap_or_default();
+    let old = log
+        .root_at(4)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("root 4"));
+    let proof = log
+        .consistency_proof(4, 10)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     assert!(verify_consistency(4, 10, &old, &root, &proof));
 }
 
@@ -437,6 +453,27 @@ fn background_writer_batches_and_flushes() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(r.ok() && r.covered == 1000, "{:?}", r.problems);
+}
+
+#[test]
+fn the_writer_counts_what_is_queued_until_it_is_written() {
+    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = AuditLog::open(d.path(), LogOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let w = AuditWriter::spawn(log);
+    {
+        // While the log is held, nothing can be written: everything handed over stays queued.
+        let held = w.log().lock().unwrap_or_else(|e| panic!("{e}"));
+        w.record_batch(
+            (0..5)
+                .map(|i| entry(i, "person-A", Purpose::Treatment))
+                .collect(),
+        );
+        w.record(entry(5, "person-B", Purpose::Treatment));
+        assert_eq!(w.queued(), 6);
+        assert_eq!(held.len(), 0);
+    }
+    assert_eq!(w.flush().unwrap_or(0), 6);
+    assert_eq!(w.queued(), 0);
 }
 
 #[test]

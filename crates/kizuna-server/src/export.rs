@@ -18,7 +18,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use kizuna_audit::{NewEntry, Outcome, Purpose, Target};
+use kizuna_audit::{AuditWriter, NewEntry, Outcome, Purpose, Target};
 use kizuna_auth::http::{check_scope, FhirRequest};
 use kizuna_auth::scope::Interaction;
 use kizuna_store::{CompartmentScope, ScanFilter};
@@ -419,6 +419,10 @@ async fn run(
                         })
                         .collect(),
                 );
+                // One entry per patient: wait for the writer rather than queue a whole export's worth.
+                while w.queued() > AuditWriter::QUEUE_HIGH {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
             }
         }
         if let Some((name, mut w)) = writer.take() {
