@@ -22,6 +22,9 @@ pub const INDEX_FILE: &str = "index.redb";
 /// are fixed-width (a quarter of the size with the ids in clear); a collision only makes a query read
 /// an entry it then filters out.
 const ROWS: TableDefinition<(u64, u64), u64> = TableDefinition::new("rows");
+/// chunk number → its first line's offset, its end (8 + 8 bytes) and its Merkle root (32 bytes): a
+/// restart resumes the tree from these instead of hashing the whole log again.
+const CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("chunks");
 /// "covered" → entries indexed (8 bytes, big-endian) and the leaf hash of the last one (32 bytes).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -32,6 +35,17 @@ const CACHE_BYTES: usize = 16 << 20;
 /// copies a leaf page on the first change to it in a transaction, so a commit per append batch of
 /// random person keys rewrote a page per row (~46 µs an entry); in bulk, neighbours share the copy.
 const FLUSH_ROWS: usize = 128 * 1024;
+
+/// A completed chunk of the log, as persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChunkRow {
+    /// Byte offset of its first line.
+    pub start: u64,
+    /// Byte offset just past its last line.
+    pub end: u64,
+    /// Its Merkle root.
+    pub root: Hash,
+}
 
 /// One entry as the index sees it.
 #[derive(Debug, Clone)]
@@ -59,6 +73,8 @@ pub(crate) struct EntryIndex {
     pending: Vec<(u64, u64, u64)>,
     /// What the index covers once `pending` is written.
     pending_coverage: Option<Coverage>,
+    /// Completed chunks not yet written, by number.
+    pending_chunks: Vec<(u64, ChunkRow)>,
 }
 
 /// The index key of a person's or an actor's id (the tag keeps the two apart).
@@ -94,6 +110,7 @@ impl EntryIndex {
         let tx = db.begin_write().map_err(ix)?;
         {
             tx.open_table(ROWS).map_err(ix)?;
+            tx.open_table(CHUNKS).map_err(ix)?;
             tx.open_table(META).map_err(ix)?;
         }
         tx.commit().map_err(ix)?;
@@ -101,6 +118,7 @@ impl EntryIndex {
             db,
             pending: Vec::new(),
             pending_coverage: None,
+            pending_chunks: Vec::new(),
         })
     }
 
@@ -128,16 +146,51 @@ impl EntryIndex {
     pub fn clear(&mut self) -> Result<(), AuditError> {
         self.pending.clear();
         self.pending_coverage = None;
+        self.pending_chunks.clear();
         let mut tx = self.db.begin_write().map_err(ix)?;
         tx.set_durability(Durability::Immediate);
         tx.delete_table(ROWS).map_err(ix)?;
+        tx.delete_table(CHUNKS).map_err(ix)?;
         tx.delete_table(META).map_err(ix)?;
         {
             tx.open_table(ROWS).map_err(ix)?;
+            tx.open_table(CHUNKS).map_err(ix)?;
             tx.open_table(META).map_err(ix)?;
         }
         tx.commit().map_err(ix)?;
         Ok(())
+    }
+
+    /// The persisted chunks, from the first, as long as they follow each other.
+    pub fn chunks(&self) -> Result<Vec<ChunkRow>, AuditError> {
+        let tx = self.db.begin_read().map_err(ix)?;
+        let t = tx.open_table(CHUNKS).map_err(ix)?;
+        let mut out = Vec::new();
+        for row in t.range(0u64..).map_err(ix)? {
+            let (k, v) = row.map_err(ix)?;
+            let b = v.value();
+            let (Some(start), Some(end), Some(root)) = (
+                b.get(..8).and_then(|x| <[u8; 8]>::try_from(x).ok()),
+                b.get(8..16).and_then(|x| <[u8; 8]>::try_from(x).ok()),
+                b.get(16..48).and_then(|x| <Hash>::try_from(x).ok()),
+            ) else {
+                break;
+            };
+            if k.value() != out.len() as u64 {
+                break;
+            }
+            out.push(ChunkRow {
+                start: u64::from_be_bytes(start),
+                end: u64::from_be_bytes(end),
+                root,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Adds completed chunks, written with the next rows.
+    pub fn add_chunks(&mut self, chunks: impl IntoIterator<Item = (u64, ChunkRow)>) {
+        self.pending_chunks.extend(chunks);
     }
 
     /// Adds entries that directly follow what is covered, and moves the coverage to `covered`.
@@ -160,9 +213,9 @@ impl EntryIndex {
     /// a write replaces only after a durable commit (with non-durable ones the file grew to 340 bytes
     /// an entry), and one `fsync` per 64k entries costs nothing measurable.
     pub fn sync(&mut self) -> Result<(), AuditError> {
-        let Some(covered) = self.pending_coverage else {
+        if self.pending_coverage.is_none() && self.pending_chunks.is_empty() {
             return Ok(());
-        };
+        }
         self.pending.sort_unstable();
         let mut tx = self.db.begin_write().map_err(ix)?;
         tx.set_durability(Durability::Immediate);
@@ -171,16 +224,27 @@ impl EntryIndex {
             for (k, seq, offset) in &self.pending {
                 table.insert((*k, *seq), *offset).map_err(ix)?;
             }
-            let mut meta = tx.open_table(META).map_err(ix)?;
-            let mut value = covered.entries.to_be_bytes().to_vec();
-            if let Some(h) = covered.last_leaf {
-                value.extend_from_slice(&h);
+            let mut chunks = tx.open_table(CHUNKS).map_err(ix)?;
+            for (n, c) in &self.pending_chunks {
+                let mut v = Vec::with_capacity(48);
+                v.extend_from_slice(&c.start.to_be_bytes());
+                v.extend_from_slice(&c.end.to_be_bytes());
+                v.extend_from_slice(&c.root);
+                chunks.insert(*n, v.as_slice()).map_err(ix)?;
             }
-            meta.insert("covered", value.as_slice()).map_err(ix)?;
+            if let Some(covered) = self.pending_coverage {
+                let mut meta = tx.open_table(META).map_err(ix)?;
+                let mut value = covered.entries.to_be_bytes().to_vec();
+                if let Some(h) = covered.last_leaf {
+                    value.extend_from_slice(&h);
+                }
+                meta.insert("covered", value.as_slice()).map_err(ix)?;
+            }
         }
         tx.commit().map_err(ix)?;
         self.pending.clear();
         self.pending_coverage = None;
+        self.pending_chunks.clear();
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, CheckpointSigner};
 use crate::entry::{Actor, ActorKind, Entry, NewEntry, Outcome, Purpose, Target};
-use crate::index::{Coverage, EntryIndex, IndexRow};
+use crate::index::{ChunkRow, Coverage, EntryIndex, IndexRow};
 use crate::merkle::{leaf_hash, Hash, LeafSource, MerkleTree};
 use crate::AuditError;
 
@@ -257,16 +257,41 @@ impl AuditLog {
             .append(true)
             .open(&path)?;
         let mut coverage = index.coverage()?;
-        let mut tree = MerkleTree::with_chunk_bits(CHUNK_BITS);
-        let mut chunk_starts = Vec::new();
-        let mut end = 0u64;
+        // Resume from the persisted chunk roots when the log still ends them as recorded.
+        let resumed = match resume(&path, &index, coverage)? {
+            Resume::From(r) => Some(r),
+            Resume::Fresh => None,
+            Resume::Changed => {
+                // Lines the index points at may have changed too: index the log anew as it is read.
+                index.clear()?;
+                coverage = Coverage {
+                    entries: 0,
+                    last_leaf: None,
+                };
+                None
+            }
+        };
+        let (mut tree, mut chunk_starts, mut end, mut index_fits) = match &resumed {
+            Some(r) => (
+                MerkleTree::from_chunk_roots(CHUNK_BITS, &r.roots),
+                r.starts.clone(),
+                r.end,
+                r.index_fits,
+            ),
+            // Whether the index describes this log: its last covered leaf must be this log's.
+            None => (
+                MerkleTree::with_chunk_bits(CHUNK_BITS),
+                Vec::new(),
+                0,
+                coverage.entries == 0,
+            ),
+        };
+        let persisted_chunks = resumed.as_ref().map(|r| r.roots.len() as u64).unwrap_or(0);
         let mut pending: Vec<IndexRow> = Vec::new();
         let mut indexed = 0u64;
-        // Whether the index describes this log: its last covered leaf must be this log's.
-        let mut index_fits = coverage.entries == 0;
-        let mut last_leaf = None;
+        let mut last_leaf = resumed.as_ref().and_then(|r| r.last_leaf);
         {
-            entries.seek(SeekFrom::Start(0))?;
+            entries.seek(SeekFrom::Start(end))?;
             let mut reader = BufReader::with_capacity(1 << 20, &entries);
             let mut line = Vec::new();
             loop {
@@ -332,6 +357,9 @@ impl AuditLog {
             };
             indexed = reindex(&path, end, &mut index, covered_now)?;
         }
+        let complete = tree.len() >> CHUNK_BITS;
+        let from = if index_fits { persisted_chunks } else { 0 };
+        index.add_chunks(chunk_rows(&tree, &chunk_starts, end, from..complete));
         index.sync()?;
         if indexed > 0 {
             tracing::info!(
@@ -444,6 +472,12 @@ impl AuditLog {
                 entries: self.len(),
                 last_leaf,
             };
+            self.index.add_chunks(chunk_rows(
+                &self.tree,
+                &self.chunk_starts,
+                self.end,
+                first >> CHUNK_BITS..self.len() >> CHUNK_BITS,
+            ));
             if let Err(e) = self.index.add(&rows, covered) {
                 // The entries are written; queries scan the log until the next open re-indexes.
                 tracing::error!(error = %e, "audit index write failed; queries scan the log");
@@ -671,6 +705,102 @@ impl AuditLog {
             })
             .collect())
     }
+}
+
+/// Where a log resumes from its persisted chunks.
+struct Resumed {
+    roots: Vec<Hash>,
+    starts: Vec<u64>,
+    /// Offset just past the last persisted chunk: reading continues there.
+    end: u64,
+    /// Leaf hash of the last persisted entry.
+    last_leaf: Option<Hash>,
+    /// Whether the index covers exactly the persisted chunks and they are this log's.
+    index_fits: bool,
+}
+
+/// What opening a log can start from.
+enum Resume {
+    /// The persisted chunks, checked against the log.
+    From(Resumed),
+    /// Nothing persisted: hash the log from its start.
+    Fresh,
+    /// The log no longer ends the persisted chunks as recorded: hash it from its start and index it
+    /// anew.
+    Changed,
+}
+
+/// Reads the persisted chunks and checks the last one against the log (its lines must hash to its
+/// root).
+fn resume(path: &Path, index: &EntryIndex, coverage: Coverage) -> Result<Resume, AuditError> {
+    let chunks = index.chunks()?;
+    let Some(last) = chunks.last().copied() else {
+        return Ok(Resume::Fresh);
+    };
+    let size = 1u64 << CHUNK_BITS;
+    let persisted = chunks.len() as u64 * size;
+    if coverage.entries < persisted {
+        return Ok(Resume::Changed);
+    }
+    let mut f = File::open(path)?;
+    if f.metadata()?.len() < last.end {
+        tracing::error!(
+            end = last.end,
+            "audit log is shorter than its recorded chunks; hashing it again from the start"
+        );
+        return Ok(Resume::Changed);
+    }
+    f.seek(SeekFrom::Start(last.start))?;
+    let mut buf = vec![0u8; (last.end - last.start) as usize];
+    f.read_exact(&mut buf)?;
+    let leaves: Vec<Hash> = buf
+        .strip_suffix(b"\n")
+        .unwrap_or(&buf)
+        .split(|b| *b == b'\n')
+        .map(leaf_hash)
+        .collect();
+    let mut check = MerkleTree::with_chunk_bits(CHUNK_BITS);
+    leaves.iter().for_each(|l| check.push(*l));
+    if leaves.len() as u64 != size || check.root() != last.root {
+        tracing::error!(
+            chunk = chunks.len() - 1,
+            "audit log differs from its recorded chunk roots (changed while the server was stopped?); \
+             hashing it again from the start — run `kizuna audit verify`"
+        );
+        return Ok(Resume::Changed);
+    }
+    let last_leaf = leaves.last().copied();
+    Ok(Resume::From(Resumed {
+        roots: chunks.iter().map(|c| c.root).collect(),
+        starts: chunks.iter().map(|c| c.start).collect(),
+        end: last.end,
+        last_leaf,
+        index_fits: coverage.entries > persisted || coverage.last_leaf == last_leaf,
+    }))
+}
+
+/// The completed chunks `range` of a tree, as the index persists them.
+fn chunk_rows(
+    tree: &MerkleTree,
+    starts: &[u64],
+    end: u64,
+    range: std::ops::Range<u64>,
+) -> Vec<(u64, ChunkRow)> {
+    range
+        .filter_map(|c| {
+            let root = *tree.chunk_roots().get(c as usize)?;
+            let start = *starts.get(c as usize)?;
+            let stop = starts.get(c as usize + 1).copied().unwrap_or(end);
+            Some((
+                c,
+                ChunkRow {
+                    start,
+                    end: stop,
+                    root,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Indexes a whole log from its first line (the index was of another log).

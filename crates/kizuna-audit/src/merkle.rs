@@ -153,6 +153,25 @@ impl MerkleTree {
         }
     }
 
+    /// A tree resumed from the roots of its first completed chunks (what a log persisted), so a
+    /// restart need not hash those chunks' leaves again.
+    pub fn from_chunk_roots(chunk_bits: u32, roots: &[Hash]) -> MerkleTree {
+        let mut t = MerkleTree::with_chunk_bits(chunk_bits);
+        if t.chunk_bits >= KEEP_ALL {
+            return t;
+        }
+        for r in roots {
+            t.push_high(*r);
+            t.len += 1u64 << t.chunk_bits;
+        }
+        t
+    }
+
+    /// Roots of the completed chunks, in order.
+    pub fn chunk_roots(&self) -> &[Hash] {
+        self.high.first().map(Vec::as_slice).unwrap_or(&[])
+    }
+
     /// Leaves per chunk as a power of two.
     pub fn chunk_bits(&self) -> u32 {
         self.chunk_bits
@@ -648,6 +667,27 @@ mod tests {
                 .flatten()
         );
         assert!(log.reads.get() <= 3, "{}", log.reads.get());
+    }
+
+    #[test]
+    fn a_tree_resumed_from_chunk_roots_is_the_same_tree() {
+        for n in [0u64, 8, 9, 23, 64, 70] {
+            let (whole, log) = tree(n, 3);
+            let roots = whole.chunk_roots().to_vec();
+            assert_eq!(roots.len() as u64, n / 8);
+            let mut resumed = MerkleTree::from_chunk_roots(3, &roots);
+            for l in &log.leaves[(n / 8 * 8) as usize..] {
+                resumed.push(*l);
+            }
+            assert_eq!(resumed.len(), n);
+            assert_eq!(resumed.root(), mth(&log.leaves), "n={n}");
+            for m in 0..=n {
+                assert_eq!(
+                    resumed.root_at(m, &log).ok().flatten(),
+                    Some(mth(&log.leaves[..m as usize]))
+                );
+            }
+        }
     }
 
     #[test]

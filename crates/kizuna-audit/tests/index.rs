@@ -237,3 +237,80 @@ fn a_second_process_cannot_open_a_log_in_use() {
         other => panic!("expected InUse, got {other:?}"),
     }
 }
+
+fn signed(dir: &Path) -> AuditLog {
+    AuditLog::open(
+        dir,
+        LogOptions {
+            signer: Some(kizuna_audit::CheckpointSigner::from_seed([3u8; 32])),
+            policy: kizuna_audit::CheckpointPolicy::default(),
+            sync: false,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn edit_line(dir: &Path, n: usize, from: &str, to: &str) {
+    let text = std::fs::read_to_string(dir.join("entries.ndjson")).unwrap_or_default();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines[n] = lines[n].replacen(from, to, 1);
+    std::fs::write(dir.join("entries.ndjson"), lines.join("\n") + "\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn a_restart_keeps_the_recorded_chunk_roots_so_an_edit_while_stopped_stays_evident() {
+    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut log = signed(d.path());
+    append(&mut log, 0..700);
+    let root = log.root();
+    drop(log);
+    // Unchanged: the same tree, proofs included.
+    let log = signed(d.path());
+    assert_eq!((log.len(), log.root()), (700, root));
+    let proof = found(log.inclusion_proof(10, 700), "proof");
+    assert!(verify_inclusion(
+        10,
+        700,
+        &found(log.leaf(10), "leaf"),
+        &proof,
+        &root
+    ));
+    drop(log);
+
+    // An entry of the first chunk edited while the server is stopped: the restarted log keeps the
+    // recorded root, so its next checkpoint does not vouch for the edit and `verify` reports it.
+    edit_line(d.path(), 10, "doctor-3", "doctor-9");
+    let mut log = signed(d.path());
+    assert_eq!(log.root(), root, "chunk 0 was not hashed again");
+    append(&mut log, 700..701);
+    let cp = log.checkpoint(Some("2026-11-30T12:00:00Z")).ok().flatten();
+    assert_eq!(cp.map(|c| c.size), Some(701));
+    drop(log);
+    let key = kizuna_audit::CheckpointSigner::from_seed([3u8; 32]).verifying_key();
+    let r = kizuna_audit::verify_dir(d.path(), &key).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        r.covered < 701,
+        "the new checkpoint must not cover the edited log"
+    );
+    assert!(
+        r.problems.iter().any(|p| p.contains("root mismatch")),
+        "{:?}",
+        r.problems
+    );
+}
+
+#[test]
+fn a_log_that_no_longer_ends_its_recorded_chunks_is_hashed_again() {
+    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut log = signed(d.path());
+    append(&mut log, 0..600);
+    drop(log);
+    // An edit inside the last recorded chunk (entries 256..512) is seen at open: the tree is the
+    // file's again, and the index is rebuilt to match it.
+    edit_line(d.path(), 300, "doctor-6", "doctor-1");
+    let log = signed(d.path());
+    assert_eq!(log.len(), 600);
+    assert_eq!(Some(log.root()), open_root_at(d.path(), 600));
+    assert_index_answers_like_a_scan(&log);
+}
