@@ -357,6 +357,33 @@ fn the_demo_loads_everything_and_every_printed_flow_works() {
     let conditions = before["total"].as_u64().unwrap_or(0);
     assert!(conditions > 0);
 
+    // Offline retention while the server runs is refused before it changes anything: both would
+    // append to one audit log.
+    let out = Command::new(env!("CARGO_BIN_EXE_kizuna"))
+        .args([
+            "retention",
+            "run",
+            "--now",
+            "2032-12-01T00:00:00Z",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("demo"))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("他のプロセスが使用中") && err.contains("open in another process"),
+        "{err}"
+    );
+    let (_, again) = call(
+        "GET",
+        &format!("{kz}/Condition?_summary=count&_total=accurate"),
+        Some(w.var("OPERATOR")),
+        None,
+    );
+    assert_eq!(again["total"].as_u64(), Some(conditions), "nothing deleted");
+
     // Offline retention as of six years on, with the server stopped: the 5-year items go.
     drop(server);
     let out = Command::new(env!("CARGO_BIN_EXE_kizuna"))
