@@ -1042,7 +1042,7 @@ impl Store {
             mut binds,
             rid_order,
             driven,
-        } = assemble(rt, &crits, plan);
+        } = assemble(rt, &crits, plan, &[]);
         // Every probed set is larger than the cap on its own.
         let smallest_probed = smallest(&probed);
         let broad = smallest_probed.is_some_and(|i| probed[i].is_some_and(|n| n > COUNT_CAP));
@@ -1130,11 +1130,24 @@ impl Store {
             (Total::Bounded, None) if broad => None,
             (total, None) => {
                 // Counting: collecting the smallest set beats reading along an order.
-                let c = assemble(
-                    rt,
-                    &crits,
-                    Plan::collect(smallest_probed.or(first_driver(&crits))),
-                );
+                let driver = smallest_probed.or(first_driver(&crits));
+                // An exact count over several broad sets: SQLite intersects their row ids about
+                // twice as fast as it probes one set per row of another (193 against 388 ms for
+                // 86k women and 52k born before 1960 at 1M resources).
+                let also = match (total, driver.map(|d| &crits[d].0)) {
+                    (Total::Accurate, Some(Crit::Set { kind, .. })) if broad => crits
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, (c, _))| {
+                            Some(*i) != driver
+                                && probed[*i].is_some()
+                                && matches!(c, Crit::Set { negate: false, kind: k, .. } if k == kind)
+                        })
+                        .map(|(i, _)| i)
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let c = assemble(rt, &crits, Plan::collect(driver), &also);
                 let inner = format!("SELECT 1 FROM {} WHERE {}", c.from, c.where_sql);
                 let sql = if total == Total::Accurate {
                     format!("SELECT COUNT(*) FROM ({inner}) n")
@@ -1258,7 +1271,7 @@ impl Store {
         q: &SearchQuery,
     ) -> Result<(String, Vec<B>, bool, Vec<String>), StoreError> {
         let (crits, ignored) = self.compile_criteria(rt, q)?;
-        let a = assemble(rt, &crits, Plan::collect(first_driver(&crits)));
+        let a = assemble(rt, &crits, Plan::collect(first_driver(&crits)), &[]);
         Ok((a.where_sql, a.binds, a.driven, ignored))
     }
 
@@ -1434,8 +1447,8 @@ struct Assembled {
 }
 
 /// The statement over `resources r` for a plan; every criterion but the driving one is probed per
-/// row (`EXISTS`).
-fn assemble(rt: &str, crits: &[Ranked], plan: Plan) -> Assembled {
+/// row (`EXISTS`), except the sets in `also`, which a collected driver's set is intersected with.
+fn assemble(rt: &str, crits: &[Ranked], plan: Plan, also: &[usize]) -> Assembled {
     let mut wheres: Vec<String> = Vec::new();
     let mut binds: Vec<B> = Vec::new();
     let mut from = "resources r".to_string();
@@ -1480,11 +1493,21 @@ fn assemble(rt: &str, crits: &[Ranked], plan: Plan) -> Assembled {
                 wheres.push("r.rtype = ?".into());
                 binds.push(B::S(rt.to_string()));
             }
-            wheres.push(format!(
-                "r.{} IN (SELECT {idcol} FROM {from_where})",
-                kind.column()
-            ));
+            let mut sets = format!("SELECT {idcol} FROM {from_where}");
             binds.extend(b.iter().cloned());
+            for &j in also {
+                if let Crit::Set {
+                    from_where,
+                    idcol,
+                    binds: b,
+                    ..
+                } = &crits[j].0
+                {
+                    sets.push_str(&format!(" INTERSECT SELECT {idcol} FROM {from_where}"));
+                    binds.extend(b.iter().cloned());
+                }
+            }
+            wheres.push(format!("r.{} IN ({sets})", kind.column()));
         }
         _ => {
             wheres.push("r.rtype = ?".into());
@@ -1493,7 +1516,7 @@ fn assemble(rt: &str, crits: &[Ranked], plan: Plan) -> Assembled {
     }
     wheres.push("r.deleted = 0".into());
     for (i, (crit, _)) in crits.iter().enumerate() {
-        if Some(i) == driver {
+        if Some(i) == driver || (driver.is_some() && also.contains(&i)) {
             continue;
         }
         match crit {
