@@ -95,6 +95,14 @@ fn ix(e: impl Into<redb::Error>) -> AuditError {
     AuditError::Index(e.into().to_string())
 }
 
+/// Creates the tables a transaction will find (opening a table in a write transaction creates it).
+fn create_tables(tx: &redb::WriteTransaction) -> Result<(), AuditError> {
+    tx.open_table(ROWS).map_err(ix)?;
+    tx.open_table(CHUNKS).map_err(ix)?;
+    tx.open_table(META).map_err(ix)?;
+    Ok(())
+}
+
 impl EntryIndex {
     /// Opens (or creates) the index; another process holding it is [`AuditError::InUse`].
     pub fn open(dir: &Path) -> Result<EntryIndex, AuditError> {
@@ -108,11 +116,7 @@ impl EntryIndex {
                 other => ix(other),
             })?;
         let tx = db.begin_write().map_err(ix)?;
-        {
-            tx.open_table(ROWS).map_err(ix)?;
-            tx.open_table(CHUNKS).map_err(ix)?;
-            tx.open_table(META).map_err(ix)?;
-        }
+        create_tables(&tx)?;
         tx.commit().map_err(ix)?;
         Ok(EntryIndex {
             db,
@@ -152,11 +156,7 @@ impl EntryIndex {
         tx.delete_table(ROWS).map_err(ix)?;
         tx.delete_table(CHUNKS).map_err(ix)?;
         tx.delete_table(META).map_err(ix)?;
-        {
-            tx.open_table(ROWS).map_err(ix)?;
-            tx.open_table(CHUNKS).map_err(ix)?;
-            tx.open_table(META).map_err(ix)?;
-        }
+        create_tables(&tx)?;
         tx.commit().map_err(ix)?;
         Ok(())
     }

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::checkpoint::{Checkpoint, CheckpointSigner};
 use crate::entry::{Actor, ActorKind, Entry, NewEntry, Outcome, Purpose, Target};
 use crate::index::{ChunkRow, Coverage, EntryIndex, IndexRow};
-use crate::merkle::{leaf_hash, Hash, LeafSource, MerkleTree};
+use crate::merkle::{leaf_hash, perfect_root, Hash, LeafSource, MerkleTree};
 use crate::AuditError;
 
 /// File holding the entries, one JSON object per line.
@@ -493,14 +493,12 @@ impl AuditLog {
 
     /// Signs and writes a checkpoint of the current state (if there are new entries and a signer).
     pub fn checkpoint(&mut self, time: Option<&str>) -> Result<Option<Checkpoint>, AuditError> {
-        if self.options.signer.is_none()
-            || self.last_checkpoint.as_ref().map(|c| c.size) == Some(self.len())
-        {
-            return Ok(None);
-        }
         let Some(signer) = &self.options.signer else {
             return Ok(None);
         };
+        if self.last_checkpoint.as_ref().map(|c| c.size) == Some(self.len()) {
+            return Ok(None);
+        }
         let now = time
             .map(str::to_string)
             .unwrap_or_else(|| chrono::Utc::now().to_rfc3339());
@@ -742,26 +740,21 @@ fn resume(path: &Path, index: &EntryIndex, coverage: Coverage) -> Result<Resume,
     if coverage.entries < persisted {
         return Ok(Resume::Changed);
     }
-    let mut f = File::open(path)?;
-    if f.metadata()?.len() < last.end {
+    if std::fs::metadata(path)?.len() < last.end {
         tracing::error!(
             end = last.end,
             "audit log is shorter than its recorded chunks; hashing it again from the start"
         );
         return Ok(Resume::Changed);
     }
-    f.seek(SeekFrom::Start(last.start))?;
-    let mut buf = vec![0u8; (last.end - last.start) as usize];
-    f.read_exact(&mut buf)?;
-    let leaves: Vec<Hash> = buf
-        .strip_suffix(b"\n")
-        .unwrap_or(&buf)
-        .split(|b| *b == b'\n')
-        .map(leaf_hash)
-        .collect();
-    let mut check = MerkleTree::with_chunk_bits(CHUNK_BITS);
-    leaves.iter().for_each(|l| check.push(*l));
-    if leaves.len() as u64 != size || check.root() != last.root {
+    let starts: Vec<u64> = chunks.iter().map(|c| c.start).collect();
+    let leaves = LogLeaves {
+        path: path.to_path_buf(),
+        chunk_starts: &starts,
+        end: last.end,
+    }
+    .chunk_leaves(chunks.len() as u64 - 1)?;
+    if leaves.len() as u64 != size || perfect_root(&leaves) != last.root {
         tracing::error!(
             chunk = chunks.len() - 1,
             "audit log differs from its recorded chunk roots (changed while the server was stopped?); \
@@ -772,7 +765,7 @@ fn resume(path: &Path, index: &EntryIndex, coverage: Coverage) -> Result<Resume,
     let last_leaf = leaves.last().copied();
     Ok(Resume::From(Resumed {
         roots: chunks.iter().map(|c| c.root).collect(),
-        starts: chunks.iter().map(|c| c.start).collect(),
+        starts,
         end: last.end,
         last_leaf,
         index_fits: coverage.entries > persisted || coverage.last_leaf == last_leaf,

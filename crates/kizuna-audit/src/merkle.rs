@@ -53,7 +53,7 @@ fn split(n: u64) -> u64 {
 }
 
 /// The root of a power-of-two run of leaves.
-fn perfect_root(leaves: &[Hash]) -> Hash {
+pub(crate) fn perfect_root(leaves: &[Hash]) -> Hash {
     let mut level: Vec<Hash> = leaves.to_vec();
     while level.len() > 1 {
         level = level

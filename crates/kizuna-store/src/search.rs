@@ -1516,7 +1516,7 @@ fn assemble(rt: &str, crits: &[Ranked], plan: Plan, also: &[usize]) -> Assembled
     }
     wheres.push("r.deleted = 0".into());
     for (i, (crit, _)) in crits.iter().enumerate() {
-        if Some(i) == driver || (driver.is_some() && also.contains(&i)) {
+        if Some(i) == driver || also.contains(&i) {
             continue;
         }
         match crit {
