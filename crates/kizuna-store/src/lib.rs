@@ -6,6 +6,8 @@
 //!
 //! One implementation serves both backends through sqlx's `Any` driver: SQLite (bundled, WAL) is the
 //! zero-setup default in `./kizuna-data/`, PostgreSQL is for production. The same test suite runs on both.
+//! SQLite's one writer is the exception: its group commit runs on a thread of its own and calls its
+//! connection directly (rusqlite, over the same SQLite library), not through a driver's worker thread.
 
 pub mod compartment;
 pub mod include;
@@ -14,6 +16,7 @@ pub mod scan;
 mod schema;
 pub mod search;
 mod write;
+mod write_tx;
 
 use std::sync::Arc;
 
@@ -35,6 +38,9 @@ pub enum StoreError {
     /// The database failed.
     #[error("データベースエラー / database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// The SQLite writer's own connection failed.
+    #[error("データベースエラー / database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// A stored body could not be read.
     #[error("保存データが不正です / stored JSON is corrupt: {0}")]
     Json(#[from] serde_json::Error),
@@ -149,6 +155,15 @@ pub const COMPOSITE_PARTS: usize = 3;
 /// Turns the database's "someone else wrote this first" answers into [`StoreError::Concurrent`]:
 /// a duplicate key (two creates of one id), PostgreSQL serialization failure or deadlock, SQLite busy.
 fn concurrent_or_db(e: StoreError) -> StoreError {
+    if let StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) = &e {
+        use rusqlite::ErrorCode;
+        // 2067: SQLITE_CONSTRAINT_UNIQUE, 1555: SQLITE_CONSTRAINT_PRIMARYKEY.
+        if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+            || matches!(f.extended_code, 2067 | 1555)
+        {
+            return StoreError::Concurrent;
+        }
+    }
     if let StoreError::Db(sqlx::Error::Database(d)) = &e {
         let code = d.code();
         let code = code.as_deref().unwrap_or("");
@@ -281,9 +296,9 @@ impl Store {
             url.to_string()
         };
         let (pool, write_pool) = match backend {
-            // Readers share four connections; the one writer keeps its own, so its page cache stays
-            // warm from one transaction to the next instead of reloading what another connection
-            // changed (which made every commit re-read and re-write the same index pages).
+            // Readers share four connections. The group-commit writer has a connection of its own
+            // (opened below), so its page cache stays warm from one transaction to the next; the
+            // write pool serves the occasional other writes (migration, parameter ids, purges).
             // Reader connections are renewed every 30 s: SQLite loads planner statistics when a
             // connection opens, and those the writer gathers as the store grows would otherwise
             // never reach the readers that plan the searches.
@@ -292,7 +307,7 @@ impl Store {
                     .max_lifetime(std::time::Duration::from_secs(30))
                     .connect(&url)
                     .await?,
-                sqlite_pool(1, 64 * 1024, 16384).connect(&url).await?,
+                sqlite_pool(1, 16 * 1024, 16384).connect(&url).await?,
             ),
             Backend::Postgres => {
                 let p = AnyPoolOptions::new()
@@ -319,9 +334,13 @@ impl Store {
         let mut store = store;
         if backend == Backend::Sqlite {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            // The writer runs on a thread of its own: on the request runtime it waited behind
-            // validation and JSON work for every statement it sent, and the one writer is what
-            // every submission queues on.
+            // The writer runs on a thread of its own, with a connection it calls directly: on the
+            // request runtime it waited behind validation and JSON work for every statement it
+            // sent, and the one writer is what every submission queues on.
+            let path = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&url)?
+                .get_filename()
+                .to_path_buf();
+            let conn = write_tx::open_direct(&path, 64 * 1024, 16384)?;
             let writer = store.clone();
             std::thread::Builder::new()
                 .name("kizuna-sqlite-writer".into())
@@ -330,7 +349,7 @@ impl Store {
                         .enable_all()
                         .build()
                     {
-                        Ok(rt) => rt.block_on(writer.group_commit(rx)),
+                        Ok(rt) => rt.block_on(writer.group_commit(rx, conn)),
                         Err(e) => tracing::error!(error = %e, "SQLite writer failed to start"),
                     }
                 })

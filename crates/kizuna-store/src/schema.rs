@@ -10,6 +10,7 @@ use std::sync::RwLock;
 
 use sqlx::Row;
 
+use crate::write::Bind;
 use crate::{Backend, Store, StoreError};
 
 /// The current schema version (recorded in `kz_meta`).
@@ -300,15 +301,13 @@ impl Store {
         }
         missing.sort();
         missing.dedup();
+        tracing::debug!(parameters = missing.len(), "new parameter ids");
         {
             let _serial = self.writer_lock().await;
             let mut tx = self.begin_write().await?;
             let sql = self.sql("INSERT INTO kz_param (rtype, code) VALUES (?, ?) ON CONFLICT (rtype, code) DO NOTHING");
             for (rt, code) in &missing {
-                sqlx::query(&sql)
-                    .bind(rt)
-                    .bind(code)
-                    .execute(&mut *tx)
+                tx.execute(&sql, &[Bind::S(rt.clone()), Bind::S(code.clone())])
                     .await?;
             }
             tx.commit().await?;

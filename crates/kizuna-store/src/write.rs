@@ -9,11 +9,10 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde_json::Value;
-use sqlx::any::AnyRow;
-use sqlx::{Any, Row, Transaction};
 
 use crate::index::IndexValue;
 use crate::schema::{index_columns, INDEX_TABLES};
+use crate::write_tx::{int, lock, text, WriteTx};
 use crate::{
     concurrent_or_db, new_id, Backend, Store, StoreError, Stored, WriteOp, COMPOSITE_PARTS,
 };
@@ -250,11 +249,11 @@ impl Store {
     /// Starts a write transaction. SQLite takes the write lock up front (`BEGIN IMMEDIATE`), so a
     /// reader turned writer never fails with `SQLITE_BUSY_SNAPSHOT` and waits on `busy_timeout`
     /// instead; PostgreSQL locks rows as it reads them (`FOR UPDATE` in [`Store::write`]).
-    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
-        Ok(match self.backend() {
+    pub(crate) async fn begin_write(&self) -> Result<WriteTx<'static>, StoreError> {
+        Ok(WriteTx::Sqlx(match self.backend() {
             Backend::Sqlite => self.write_pool().begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.write_pool().begin().await?,
-        })
+        }))
     }
 
     /// Index rows of a resource (`_lastUpdated` is searched on the resources table: the client's
@@ -374,7 +373,7 @@ impl Store {
     /// The writes of one request inside an open transaction.
     async fn apply_in(
         &self,
-        tx: &mut Transaction<'_, Any>,
+        tx: &mut WriteTx<'_>,
         mut ops: Vec<WriteOp>,
         rows: Vec<Vec<(i64, IndexValue)>>,
         mut bodies: Vec<Option<String>>,
@@ -394,7 +393,7 @@ impl Store {
     /// [`attach`] moves them into the answers once committed (no copy of any resource).
     async fn apply_ops(
         &self,
-        tx: &mut Transaction<'_, Any>,
+        tx: &mut WriteTx<'_>,
         pending: &mut PendingRows,
         ops: &mut [WriteOp],
         rows: &[Vec<(i64, IndexValue)>],
@@ -453,6 +452,7 @@ impl Store {
     pub(crate) async fn group_commit(
         self,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<WriteRequest>,
+        conn: crate::write_tx::DirectConnection,
     ) {
         /// Writes per shared transaction, so one commit stays short.
         const MAX_OPS: usize = 5000;
@@ -474,9 +474,7 @@ impl Store {
                     if unchecked {
                         unchecked = false;
                         let t = std::time::Instant::now();
-                        let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                            .execute(self.write_pool())
-                            .await;
+                        let _ = lock(&conn).execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
                         slow_upkeep("wal_checkpoint", t);
                     }
                     continue;
@@ -487,9 +485,7 @@ impl Store {
                 since_stats = 0;
                 stats_every = (stats_every * 2).min(200_000);
                 let t = std::time::Instant::now();
-                let _ = sqlx::query("PRAGMA optimize")
-                    .execute(self.write_pool())
-                    .await;
+                let _ = lock(&conn).execute_batch("PRAGMA optimize");
                 slow_upkeep("optimize", t);
             }
             let mut batch = vec![first];
@@ -507,7 +503,7 @@ impl Store {
             let started = std::time::Instant::now();
             let requests = batch.len();
             let _serial = self.writer_lock().await;
-            let mut tx = match self.begin_write().await {
+            let mut tx = match WriteTx::begin_direct(&conn) {
                 Ok(tx) => tx,
                 Err(e) => {
                     let msg = e.to_string();
@@ -585,7 +581,7 @@ impl Store {
                 Err(()) => {
                     for r in batch {
                         let result = async {
-                            let mut tx = self.begin_write().await?;
+                            let mut tx = WriteTx::begin_direct(&conn)?;
                             // Bodies the shared attempt used are serialised again.
                             let out = self
                                 .apply_in(&mut tx, r.ops, r.rows, r.bodies, r.now)
@@ -608,10 +604,10 @@ impl Store {
     /// once — since unpacking JSON cost the one writer a quarter of its time.
     async fn insert_rows(
         &self,
-        tx: &mut Transaction<'_, Any>,
+        tx: &mut WriteTx<'_>,
         into: &InsertInto<'_>,
         rows: &[Vec<Bind>],
-    ) -> Result<Vec<AnyRow>, StoreError> {
+    ) -> Result<Vec<Vec<Bind>>, StoreError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -632,19 +628,10 @@ impl Store {
                 vec![one.as_str(); n].join(", "),
                 into.returning_clause()
             );
-            let mut q = sqlx::query(&sql);
-            for b in chunk.iter().flatten() {
-                q = match b {
-                    Bind::S(v) => q.bind(v.as_str()),
-                    Bind::O(v) => q.bind(v.as_deref()),
-                    Bind::I(v) => q.bind(*v),
-                    Bind::F(v) => q.bind(*v),
-                };
-            }
             if into.returning.is_some() {
-                out.extend(q.fetch_all(&mut **tx).await?);
+                out.extend(tx.fetch(&sql, chunk.iter().flatten()).await?);
             } else {
-                q.execute(&mut **tx).await?;
+                tx.execute(&sql, chunk.iter().flatten()).await?;
             }
         }
         Ok(out)
@@ -653,10 +640,10 @@ impl Store {
     /// One `INSERT … SELECT` from a JSON array of rows (PostgreSQL).
     async fn insert_json(
         &self,
-        tx: &mut Transaction<'_, Any>,
+        tx: &mut WriteTx<'_>,
         into: &InsertInto<'_>,
         rows: &[Vec<Bind>],
-    ) -> Result<Vec<AnyRow>, StoreError> {
+    ) -> Result<Vec<Vec<Bind>>, StoreError> {
         let select: Vec<String> = into
             .types
             .iter()
@@ -673,19 +660,18 @@ impl Store {
             select.join(", "),
             into.returning_clause()
         );
-        let payload = serde_json::to_string(rows)?;
-        let q = sqlx::query(&sql).bind(payload);
+        let payload = [Bind::S(serde_json::to_string(rows)?)];
         Ok(if into.returning.is_some() {
-            q.fetch_all(&mut **tx).await?
+            tx.fetch(&sql, &payload).await?
         } else {
-            q.execute(&mut **tx).await?;
+            tx.execute(&sql, &payload).await?;
             Vec::new()
         })
     }
 
     async fn flush(
         &self,
-        tx: &mut Transaction<'_, Any>,
+        tx: &mut WriteTx<'_>,
         mut pending: PendingRows,
     ) -> Result<(), StoreError> {
         const RES_COLS: &str = "rtype, id, version, last_updated, lu_ms, deleted, body";
@@ -705,7 +691,7 @@ impl Store {
         let mut rids: std::collections::HashMap<(String, String), i64> =
             std::collections::HashMap::with_capacity(created.len());
         for r in created {
-            rids.insert((r.try_get(1)?, r.try_get(2)?), r.try_get(0)?);
+            rids.insert((text(&r, 1)?, text(&r, 2)?), int(&r, 0)?);
         }
         let history = InsertInto {
             table: "history",
@@ -749,7 +735,7 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     async fn write(
         &self,
-        tx: &mut Transaction<'_, Any>,
+        tx: &mut WriteTx<'_>,
         pending: &mut PendingRows,
         index_rows: &[(i64, IndexValue)],
         now: chrono::DateTime<chrono::Utc>,
@@ -788,13 +774,12 @@ impl Store {
         let current: Option<(i64, i64, i64)> = if kind == WriteKind::Fresh {
             None
         } else {
-            match sqlx::query(&q)
-                .bind(&rt)
-                .bind(&id)
-                .fetch_optional(&mut **tx)
+            match tx
+                .fetch(&q, &[Bind::S(rt.clone()), Bind::S(id.clone())])
                 .await?
+                .first()
             {
-                Some(r) => Some((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)),
+                Some(r) => Some((int(r, 0)?, int(r, 1)?, int(r, 2)?)),
                 None => None,
             }
         };
@@ -833,59 +818,49 @@ impl Store {
                 "UPDATE history SET body = (SELECT body FROM resources WHERE rid = ?) \
                  WHERE rtype = ? AND id = ? AND version = ? AND body IS NULL",
             );
-            sqlx::query(&keep)
-                .bind(old_rid)
-                .bind(&rt)
-                .bind(&id)
-                .bind(old_version)
-                .execute(&mut **tx)
-                .await?;
+            tx.execute(
+                &keep,
+                &[
+                    Bind::I(old_rid),
+                    Bind::S(rt.clone()),
+                    Bind::S(id.clone()),
+                    Bind::I(old_version),
+                ],
+            )
+            .await?;
         }
-        let rid = if kind == WriteKind::Fresh {
-            pending.fresh.push(vec![
+        // A row of `resources` or `history` (same columns) for this version.
+        let version_row = |body: Option<String>| {
+            vec![
                 Bind::S(rt.clone()),
                 Bind::S(id.clone()),
                 Bind::I(version),
                 Bind::S(last_updated.clone()),
                 Bind::I(lu_ms),
-                Bind::I(0),
+                Bind::I(delete as i64),
                 Bind::O(body),
-            ]);
+            ]
+        };
+        let rid = if kind == WriteKind::Fresh {
+            pending.fresh.push(version_row(body));
             None
         } else {
             let upsert = self.sql(
                 "INSERT INTO resources (rtype, id, version, last_updated, lu_ms, deleted, body) VALUES (?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, last_updated = excluded.last_updated, lu_ms = excluded.lu_ms, deleted = excluded.deleted, body = excluded.body RETURNING rid",
             );
-            let row = sqlx::query(&upsert)
-                .bind(&rt)
-                .bind(&id)
-                .bind(version)
-                .bind(&last_updated)
-                .bind(lu_ms)
-                .bind(delete as i64)
-                .bind(body)
-                .fetch_one(&mut **tx)
-                .await?;
-            Some(row.try_get::<i64, _>(0)?)
+            let rows = tx.fetch(&upsert, &version_row(body)).await?;
+            Some(int(rows.first().map(Vec::as_slice).unwrap_or_default(), 0)?)
         };
         // The current version's body is in `resources` only; the history gets it when the
         // version is replaced (above), so a create writes its body once.
-        pending.history.push(vec![
-            Bind::S(rt.clone()),
-            Bind::S(id.clone()),
-            Bind::I(version),
-            Bind::S(last_updated.clone()),
-            Bind::I(lu_ms),
-            Bind::I(delete as i64),
-            Bind::O(None),
-        ]);
+        pending.history.push(version_row(None));
         // The previous version's index rows: in the database (pending rows of this resource
         // were flushed above).
         if let Some((_, _, old_rid)) = current {
             for table in INDEX_TABLES {
                 let del = self.sql(&format!("DELETE FROM {table} WHERE rid = ?"));
-                sqlx::query(&del).bind(old_rid).execute(&mut **tx).await?;
+                tx.execute(&del, &[Bind::I(old_rid)]).await?;
             }
         }
         if !delete {
@@ -954,26 +929,22 @@ impl Store {
         let mut tx = self.begin_write().await?;
         let mut n = 0;
         for (rt, id) in keys {
-            let found =
-                sqlx::query(&self.sql("SELECT rid FROM resources WHERE rtype = ? AND id = ?"))
-                    .bind(*rt)
-                    .bind(*id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let Some(row) = found else { continue };
-            let rid: i64 = row.try_get(0)?;
+            let key = [Bind::S(rt.to_string()), Bind::S(id.to_string())];
+            let found = tx
+                .fetch(
+                    &self.sql("SELECT rid FROM resources WHERE rtype = ? AND id = ?"),
+                    &key,
+                )
+                .await?;
+            let Some(row) = found.first() else { continue };
+            let rid = int(row, 0)?;
             for table in INDEX_TABLES {
-                sqlx::query(&self.sql(&format!("DELETE FROM {table} WHERE rid = ?")))
-                    .bind(rid)
-                    .execute(&mut *tx)
-                    .await?;
+                let del = self.sql(&format!("DELETE FROM {table} WHERE rid = ?"));
+                tx.execute(&del, &[Bind::I(rid)]).await?;
             }
             for table in ["resources", "history"] {
-                sqlx::query(&self.sql(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?")))
-                    .bind(*rt)
-                    .bind(*id)
-                    .execute(&mut *tx)
-                    .await?;
+                let del = self.sql(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?"));
+                tx.execute(&del, &key).await?;
             }
             n += 1;
         }
@@ -984,6 +955,7 @@ impl Store {
     /// Rebuilds the search index of every current resource from its stored body (after a schema
     /// change or new SearchParameters), a page at a time, each page in its own transaction.
     pub async fn reindex(&self) -> Result<u64, StoreError> {
+        use sqlx::Row;
         let mut after = 0i64;
         let mut n = 0u64;
         loop {
@@ -1027,10 +999,7 @@ impl Store {
             for o in &pending.owners {
                 for table in INDEX_TABLES {
                     let del = self.sql(&format!("DELETE FROM {table} WHERE rid = ?"));
-                    sqlx::query(&del)
-                        .bind(o.rid.unwrap_or(-1))
-                        .execute(&mut *tx)
-                        .await?;
+                    tx.execute(&del, &[Bind::I(o.rid.unwrap_or(-1))]).await?;
                 }
             }
             n += pending.owners.len() as u64;
