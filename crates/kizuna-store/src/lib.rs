@@ -367,6 +367,14 @@ impl Store {
         Ok(())
     }
 
+    /// SQLite: the group commits so far (each shared by the requests queued at that moment; 0 on
+    /// PostgreSQL). Benchmarks divide the resources they wrote by it: how many resources a commit
+    /// carries is what most decides SQLite's write cost per resource, since each commit writes
+    /// every page it touched again.
+    pub fn group_commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The backend.
     pub fn backend(&self) -> Backend {
         self.backend

@@ -34,6 +34,18 @@ fn bench_store_writes_a_consistent_report() {
     let n = r["resources"].as_u64().unwrap_or(0);
     assert!(n >= 400, "{n}");
     assert!(r["ingest"]["resources_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+    // Every transaction went through a group commit; concurrent ones may have shared one.
+    let commits = r["ingest"]["group_commits"].as_u64().unwrap_or(0);
+    let transactions = r["ingest"]["transaction"]["n"].as_u64().unwrap_or(0);
+    assert!(
+        commits >= 1 && commits <= transactions,
+        "{commits} commits for {transactions} transactions"
+    );
+    let per = r["ingest"]["resources_per_commit"].as_f64().unwrap_or(0.0);
+    assert!(
+        (per * commits as f64 - n as f64).abs() < 0.5,
+        "{per} × {commits} ≠ {n}"
+    );
     assert_eq!(r["read"]["n"], 5);
     let searches = r["search"].as_array().cloned().unwrap_or_default();
     assert_eq!(searches.len(), 6);
