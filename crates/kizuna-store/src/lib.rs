@@ -212,23 +212,29 @@ fn sqlite_pool(max: u32, cache_kib: i64, autocheckpoint: u32) -> AnyPoolOptions 
         .max_connections(max)
         .after_connect(move |conn, _| {
             Box::pin(async move {
-                for pragma in [
-                    "PRAGMA journal_mode=WAL".to_string(),
-                    "PRAGMA synchronous=NORMAL".to_string(),
-                    format!("PRAGMA cache_size=-{cache_kib}"),
-                    // Pages of WAL after which a commit checkpoints. The writer's is a safety net:
-                    // its checkpoints are done beside it ([`checkpointer`]).
-                    format!("PRAGMA wal_autocheckpoint={autocheckpoint}"),
-                    "PRAGMA busy_timeout=10000".to_string(),
-                    // Savepoints of the group commit journal pages in memory, not in a temp file.
-                    "PRAGMA temp_store=MEMORY".to_string(),
-                    "PRAGMA foreign_keys=ON".to_string(),
-                ] {
+                for pragma in sqlite_settings(cache_kib, autocheckpoint) {
                     sqlx::query(&pragma).execute(&mut *conn).await?;
                 }
                 Ok(())
             })
         })
+}
+
+/// The settings of every SQLite connection, pooled or the writer's own: WAL, `synchronous=NORMAL`,
+/// its page cache and checkpoint threshold.
+pub(crate) fn sqlite_settings(cache_kib: i64, autocheckpoint: u32) -> [String; 7] {
+    [
+        "PRAGMA journal_mode=WAL".to_string(),
+        "PRAGMA synchronous=NORMAL".to_string(),
+        format!("PRAGMA cache_size=-{cache_kib}"),
+        // Pages of WAL after which a commit checkpoints. The writer's is a safety net: its
+        // checkpoints are done beside it ([`checkpointer`]).
+        format!("PRAGMA wal_autocheckpoint={autocheckpoint}"),
+        "PRAGMA busy_timeout=10000".to_string(),
+        // Savepoints of the group commit journal pages in memory, not in a temp file.
+        "PRAGMA temp_store=MEMORY".to_string(),
+        "PRAGMA foreign_keys=ON".to_string(),
+    ]
 }
 
 /// Copies committed WAL pages into the database file on a connection of its own, so the one writer

@@ -246,6 +246,15 @@ impl Store {
         }
     }
 
+    /// Deletes a resource's rows from every index table (before its new rows, or for good).
+    async fn delete_index_rows(&self, tx: &mut WriteTx<'_>, rid: i64) -> Result<(), StoreError> {
+        for table in INDEX_TABLES {
+            let del = self.sql(&format!("DELETE FROM {table} WHERE rid = ?"));
+            tx.execute(&del, &[Bind::I(rid)]).await?;
+        }
+        Ok(())
+    }
+
     /// Starts a write transaction. SQLite takes the write lock up front (`BEGIN IMMEDIATE`), so a
     /// reader turned writer never fails with `SQLITE_BUSY_SNAPSHOT` and waits on `busy_timeout`
     /// instead; PostgreSQL locks rows as it reads them (`FOR UPDATE` in [`Store::write`]).
@@ -858,10 +867,7 @@ impl Store {
         // The previous version's index rows: in the database (pending rows of this resource
         // were flushed above).
         if let Some((_, _, old_rid)) = current {
-            for table in INDEX_TABLES {
-                let del = self.sql(&format!("DELETE FROM {table} WHERE rid = ?"));
-                tx.execute(&del, &[Bind::I(old_rid)]).await?;
-            }
+            self.delete_index_rows(tx, old_rid).await?;
         }
         if !delete {
             pending.owners.push(OwnedRows {
@@ -937,11 +943,7 @@ impl Store {
                 )
                 .await?;
             let Some(row) = found.first() else { continue };
-            let rid = int(row, 0)?;
-            for table in INDEX_TABLES {
-                let del = self.sql(&format!("DELETE FROM {table} WHERE rid = ?"));
-                tx.execute(&del, &[Bind::I(rid)]).await?;
-            }
+            self.delete_index_rows(&mut tx, int(row, 0)?).await?;
             for table in ["resources", "history"] {
                 let del = self.sql(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?"));
                 tx.execute(&del, &key).await?;
@@ -997,10 +999,7 @@ impl Store {
             let _serial = self.writer_lock().await;
             let mut tx = self.begin_write().await?;
             for o in &pending.owners {
-                for table in INDEX_TABLES {
-                    let del = self.sql(&format!("DELETE FROM {table} WHERE rid = ?"));
-                    tx.execute(&del, &[Bind::I(o.rid.unwrap_or(-1))]).await?;
-                }
+                self.delete_index_rows(&mut tx, o.rid.unwrap_or(-1)).await?;
             }
             n += pending.owners.len() as u64;
             self.flush(&mut tx, pending).await?;

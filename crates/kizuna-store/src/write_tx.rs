@@ -63,8 +63,8 @@ impl rusqlite::ToSql for Bind {
     }
 }
 
-/// Opens the SQLite writer's connection with the pool connections' settings (WAL, `synchronous=NORMAL`,
-/// its own page cache and checkpoint threshold).
+/// Opens the SQLite writer's connection with the pool connections' settings
+/// ([`crate::sqlite_settings`]), its own page cache and checkpoint threshold.
 pub(crate) fn open_direct(
     path: &std::path::Path,
     cache_kib: i64,
@@ -75,11 +75,7 @@ pub(crate) fn open_direct(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.execute_batch(&format!(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-{cache_kib}; \
-         PRAGMA wal_autocheckpoint={autocheckpoint}; PRAGMA temp_store=MEMORY; PRAGMA foreign_keys=ON;"
-    ))?;
+    conn.execute_batch(&crate::sqlite_settings(cache_kib, autocheckpoint).join(";"))?;
     conn.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
     Ok(std::sync::Mutex::new(conn))
 }
