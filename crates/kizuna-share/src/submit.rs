@@ -433,16 +433,22 @@ impl ShareService {
         let person;
         if clins {
             let t = std::time::Instant::now();
-            self.validate_or_refuse(&b)?;
-            let validated = t.elapsed();
-            let (patient_urls, member) = patient_of(&b)?;
-            person = self
-                .resolve_member(&member)
-                .await?
-                .ok_or(ShareError::UnknownMember)?;
+            // The person is looked up while the bundle is validated (the lookup waits on a
+            // reader, validation on this task); a validation failure is still the answer first.
+            let patient = patient_of(&b);
+            let resolving = async {
+                match &patient {
+                    Ok((_, member)) => self.resolve_member(member).await.map(Some),
+                    Err(_) => Ok(None),
+                }
+            };
+            let validating = async { self.validate_or_refuse(&b) };
+            let (resolved, valid) = tokio::join!(biased; resolving, validating);
+            valid?;
+            let (patient_urls, _) = patient?;
+            person = resolved?.flatten().ok_or(ShareError::UnknownMember)?;
             tracing::debug!(
-                validate_us = validated.as_micros() as u64,
-                resolve_us = (t.elapsed() - validated).as_micros() as u64,
+                validate_and_resolve_us = t.elapsed().as_micros() as u64,
                 "submit stages"
             );
             let urls = by_full_url(&b);
@@ -751,12 +757,19 @@ impl ShareService {
         &self,
         source: &str,
     ) -> Result<Vec<(String, String)>, ShareError> {
+        // The five types side by side (the store has several readers): a submission waits for
+        // one lookup instead of five in a row.
+        let q = crate::lookup(&[("_source".into(), source.to_string())]);
+        let of = |rt: &'static str| {
+            let q = &q;
+            async move { self.store().search_ids(rt, q).await.map(|ids| (rt, ids)) }
+        };
+        let [a, b, c, d, e] = ITEM_TYPES;
+        let (a, b, c, d, e) = tokio::join!(of(a), of(b), of(c), of(d), of(e));
         let mut out = Vec::new();
-        for rt in ITEM_TYPES {
-            let q = crate::lookup(&[("_source".into(), source.to_string())]);
-            for id in self.store().search_ids(rt, &q).await? {
-                out.push((rt.to_string(), id));
-            }
+        for found in [a, b, c, d, e] {
+            let (rt, ids) = found?;
+            out.extend(ids.into_iter().map(|id| (rt.to_string(), id)));
         }
         Ok(out)
     }

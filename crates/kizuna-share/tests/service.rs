@@ -506,6 +506,16 @@ async fn submissions_are_validated_matched_replaced_and_withdrawn(w: World) {
             .await,
         Err(ShareError::UnknownMember)
     ));
+    // Invalid and of an unknown person (the person is looked up while the bundle is validated):
+    // the validation answer comes first.
+    let mut both = stranger.clone();
+    both["entry"][1]["resource"]["code"] = json!({"coding": [{"system": "x", "code": 1}]});
+    assert!(matches!(
+        w.svc
+            .submit(&me, &serde_json::to_vec(&both).unwrap_or_default(), None)
+            .await,
+        Err(ShareError::Validation(_))
+    ));
     let mut foreign = b.clone();
     if let Some(e) = foreign["entry"].as_array_mut().and_then(|e| {
         e.iter_mut()
