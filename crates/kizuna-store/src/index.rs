@@ -436,6 +436,33 @@ fn mark_unions(list: &mut [SearchParam]) {
     for (i, members) in unions {
         list[i].union_of = members;
     }
+    // Parameters defined exactly alike (R4's `phonetic` and `name` on Patient, `subject` and
+    // `patient` on DeviceUseStatement): the smallest code keeps the rows, the others read them,
+    // so each value is indexed once.
+    let same = |a: &SearchParam, b: &SearchParam| {
+        a.kind == b.kind
+            && a.parts == b.parts
+            && a.components.len() == b.components.len()
+            && a.components
+                .iter()
+                .zip(&b.components)
+                .all(|(x, y)| x.kind == y.kind && x.expr.source() == y.expr.source())
+    };
+    let aliases: Vec<(usize, String)> = list
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.union_of.is_empty() && !p.parts.is_empty())
+        .filter_map(|(i, p)| {
+            list.iter()
+                .filter(|q| q.union_of.is_empty() && q.code < p.code && same(q, p))
+                .map(|q| q.code.clone())
+                .min()
+                .map(|c| (i, c))
+        })
+        .collect();
+    for (i, canonical) in aliases {
+        list[i].union_of = vec![canonical];
+    }
 }
 
 /// The value tuples of one element of a composite: the cross product of its components' values.
@@ -953,5 +980,29 @@ mod union_tests {
         assert!(idx
             .param("Patient", "name")
             .is_some_and(|p| p.union_of.is_empty()));
+        // Parameters defined exactly alike share one set of rows, kept by the smallest code.
+        let of = |rt: &str, code: &str| {
+            idx.param(rt, code)
+                .map(|p| p.union_of.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(of("Patient", "phonetic"), vec!["name"]);
+        assert_eq!(of("Practitioner", "phonetic"), vec!["name"]);
+        assert_eq!(of("DeviceUseStatement", "subject"), vec!["patient"]);
+        assert_eq!(of("CodeSystem", "url"), vec!["system"]);
+        assert!(of("DeviceUseStatement", "patient").is_empty());
+        // Alike in expression, not in components: composites keep their own rows.
+        assert!(of("Observation", "code-value-quantity").is_empty());
+        assert!(of("Observation", "code-value-concept").is_empty());
+        // A restricted reference (`subject.where(resolve() is Patient)`) is not its base.
+        assert!(of("Observation", "patient").is_empty());
+        let patient = kizuna_fhir::Registry::builtin();
+        let rows = idx.extract(
+            patient,
+            &serde_json::json!({"resourceType": "Patient",
+                "name": [{"family": "山田", "given": ["太郎"]}]}),
+        );
+        assert!(rows.iter().any(|(c, _)| c == "name"));
+        assert!(!rows.iter().any(|(c, _)| c == "phonetic"));
     }
 }
