@@ -24,6 +24,11 @@ pub mod xml;
 
 pub use package::Registry;
 
+/// A hash map keyed by names and URLs from the loaded definitions (types, profiles, element keys).
+/// Validation looks these up for every element of every resource; their keys come from the
+/// definitions, not from requests, so the faster foldhash replaces SipHash's flooding protection.
+pub type DefMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A JSON object from fields whose values are moved in. `serde_json::json!` serialises every
 /// interpolated value into a new one (a deep copy through the serializer): for Bundles of stored
 /// resources that copying cost more than writing the response.

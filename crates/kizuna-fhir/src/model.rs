@@ -88,7 +88,7 @@ pub fn choice_suffix(type_name: &str) -> String {
 /// All FHIR types by key.
 #[derive(Debug, Default)]
 pub struct TypeModel {
-    types: HashMap<String, Arc<TypeInfo>>,
+    types: crate::DefMap<String, Arc<TypeInfo>>,
 }
 
 /// FHIR primitive type names, which in JSON are plain values.
@@ -260,12 +260,12 @@ impl TypeModel {
 
     /// True when `key` is a primitive type.
     pub fn is_primitive(&self, key: &str) -> bool {
-        PRIMITIVES.contains(&key)
-            || self
-                .types
-                .get(key)
-                .map(|t| t.kind == TypeKind::Primitive)
-                .unwrap_or(false)
+        // The table first: validation asks for every element, most of them complex, and a
+        // table entry is never a complex type named in PRIMITIVES (tested).
+        match self.types.get(key) {
+            Some(t) => t.kind == TypeKind::Primitive,
+            None => PRIMITIVES.contains(&key),
+        }
     }
 
     /// True when `key` is a resource type (concrete or abstract).
@@ -371,4 +371,29 @@ fn has_children(elements: &[Value], path: &str) -> bool {
             .map(|p| p.starts_with(&prefix))
             .unwrap_or(false)
     })
+}
+
+#[cfg(test)]
+mod primitive_tests {
+    use super::{TypeKind, PRIMITIVES};
+
+    #[test]
+    fn every_listed_primitive_in_the_table_is_a_primitive_type() {
+        let model = crate::Registry::builtin().model();
+        for p in PRIMITIVES {
+            if let Some(t) = model.get(p) {
+                assert_eq!(t.kind, TypeKind::Primitive, "{p}");
+            }
+            assert!(model.is_primitive(p), "{p}");
+        }
+        for complex in [
+            "Coding",
+            "Reference",
+            "Patient",
+            "Extension",
+            "BackboneElement",
+        ] {
+            assert!(!model.is_primitive(complex), "{complex}");
+        }
+    }
 }

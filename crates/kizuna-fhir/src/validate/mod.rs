@@ -11,7 +11,6 @@
 mod primitive;
 pub mod profile;
 
-use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use serde_json::{Map, Value};
@@ -30,7 +29,7 @@ const MAX_DEPTH: usize = 48;
 pub struct Validator {
     registry: &'static Registry,
     terminology: &'static Terminology,
-    profiles: RwLock<HashMap<String, Option<Arc<Profile>>>>,
+    profiles: RwLock<crate::DefMap<String, Option<Arc<Profile>>>>,
     structure_only: bool,
 }
 
@@ -46,7 +45,7 @@ impl Validator {
         Validator {
             registry,
             terminology,
-            profiles: RwLock::new(HashMap::new()),
+            profiles: RwLock::new(crate::DefMap::default()),
             structure_only: false,
         }
     }
@@ -1386,6 +1385,9 @@ impl<'v> Run<'v> {
                 ty_owned
             },
         });
+        // One evaluation context for all of this element's constraints, made on first use.
+        let (v, root, container) = (self.v, self.root, self.container);
+        let mut ctx: Option<EvalContext<'v>> = None;
         for c in &def.constraints {
             // ele-1 and ext-1 are checked structurally above, dom-3 natively (it walks the whole resource).
             if c.key == "ele-1" || c.key == "ext-1" {
@@ -1409,15 +1411,18 @@ impl<'v> Run<'v> {
                 );
                 continue;
             };
-            let mut ctx = EvalContext::new(model)
-                .with_resource(resource)
-                .with_root(self.container.unwrap_or(resource));
-            if self.root.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
-                ctx = ctx.with_bundle(self.root);
-            }
-            ctx.terminology = Some(self.v.terminology);
-            ctx.profiles = Some(self.v);
-            match expr.evaluate_bool(&ctx, vec![node.clone()]) {
+            let ctx = ctx.get_or_insert_with(|| {
+                let mut ctx = EvalContext::new(model)
+                    .with_resource(resource)
+                    .with_root(container.unwrap_or(resource));
+                if root.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+                    ctx = ctx.with_bundle(root);
+                }
+                ctx.terminology = Some(v.terminology);
+                ctx.profiles = Some(v);
+                ctx
+            });
+            match expr.evaluate_bool(ctx, vec![node.clone()]) {
                 Ok(Some(false)) => {
                     let sev = if c.error {
                         Severity::Error

@@ -95,7 +95,7 @@ pub struct ElDef {
     /// The element's path in the base type (the id without slice names), the key of backbone types.
     pub base_path: String,
     /// Child index by JSON key (`valueQuantity` → the `value[x]` child), built at compile time.
-    pub key_index: HashMap<String, usize>,
+    pub key_index: crate::DefMap<String, usize>,
     /// Children that must be checked even when absent (minimum cardinality, or slices with a minimum).
     pub required: Vec<usize>,
     /// The JSON keys this element may appear under, with their `_key` and type (`valueQuantity` …).
@@ -128,7 +128,7 @@ pub struct Profile {
     /// The root element.
     pub root: ElDef,
     /// Elements by path, for `contentReference`.
-    pub by_path: HashMap<String, ElDef>,
+    pub by_path: crate::DefMap<String, ElDef>,
 }
 
 fn value_with_prefix(el: &Value, prefix: &str) -> Option<Value> {
@@ -372,8 +372,8 @@ pub fn compile(sd: &Value) -> Option<Profile> {
     fill_patterns(&mut root);
     fill_indexes(&mut root);
     // Re-fill by_path with full subtrees for contentReference targets.
-    let mut full = HashMap::new();
-    fn collect(d: &ElDef, out: &mut HashMap<String, ElDef>, wanted: &HashMap<String, ElDef>) {
+    let mut full = crate::DefMap::default();
+    fn collect(d: &ElDef, out: &mut crate::DefMap<String, ElDef>, wanted: &HashMap<String, ElDef>) {
         if d.slice_name.is_none() && wanted.contains_key(&d.id) && !d.children.is_empty() {
             out.insert(d.id.clone(), d.clone());
         }
@@ -421,7 +421,7 @@ fn fill_indexes(d: &mut ElDef) {
     for c in d.children.iter_mut().chain(d.slices.iter_mut()) {
         fill_indexes(c);
     }
-    d.key_index = HashMap::new();
+    d.key_index = crate::DefMap::default();
     d.required = Vec::new();
     for (i, c) in d.children.iter().enumerate() {
         for (k, _, _) in &c.json_keys {
