@@ -563,7 +563,21 @@ impl<'v> Run<'v> {
         // (value, ext, chosen type, json key)
         let mut items: Vec<(&'v Value, Option<&'v Value>, &str, &str, bool)> = Vec::new();
         static NULL: Value = Value::Null;
-        let present: Vec<&(String, String, String)> = if def.choice {
+        // (json key, its value, its `_` extension object) of each key the object has: each looked
+        // up once (the object's map hashes with SipHash).
+        type Present<'a, 'v> = (
+            &'a (String, String, String),
+            Option<&'v Value>,
+            Option<&'v Value>,
+        );
+        fn look_up<'a, 'v>(
+            obj: &'v Map<String, Value>,
+            jk: &'a (String, String, String),
+        ) -> Present<'a, 'v> {
+            (jk, obj.get(&jk.0), obj.get(&jk.1))
+        }
+        let lookup = |jk| look_up(obj, jk);
+        let present: Vec<Present<'_, 'v>> = if def.choice {
             // Few keys per object, many types per choice: scan the object.
             let name = def.name.as_str();
             obj.keys()
@@ -573,16 +587,17 @@ impl<'v> Run<'v> {
                         .iter()
                         .find(|jk| jk.0 == k.trim_start_matches('_'))
                 })
-                .fold(Vec::new(), |mut acc, jk| {
-                    if !acc.iter().any(|x: &&(String, String, String)| x.0 == jk.0) {
-                        acc.push(jk);
+                .fold(Vec::new(), |mut acc: Vec<Present<'_, 'v>>, jk| {
+                    if !acc.iter().any(|x| x.0 .0 == jk.0) {
+                        acc.push(lookup(jk));
                     }
                     acc
                 })
         } else {
             def.json_keys
                 .iter()
-                .filter(|jk| obj.contains_key(&jk.0) || obj.contains_key(&jk.1))
+                .map(lookup)
+                .filter(|(_, val, ext)| val.is_some() || ext.is_some())
                 .collect()
         };
         if present.is_empty() {
@@ -616,10 +631,8 @@ impl<'v> Run<'v> {
             }
             return;
         }
-        for (key, ext_key, ty) in present {
+        for ((key, _, ty), val, ext) in present {
             let (key, ty) = (key.as_str(), ty.as_str());
-            let val = obj.get(key);
-            let ext = obj.get(ext_key);
             let is_array = matches!(val, Some(Value::Array(_)))
                 || matches!((val, ext), (None, Some(Value::Array(_))));
             // JSON shape follows the base element's cardinality, not the profile's.
