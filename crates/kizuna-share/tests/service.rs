@@ -364,6 +364,17 @@ async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -
     out.into_iter().flatten().collect()
 }
 
+/// Submits a bundle given as JSON.
+async fn submit_json(
+    w: &World,
+    p: &Principal,
+    b: &Value,
+) -> Result<kizuna_share::submit::SubmissionReport, ShareError> {
+    w.svc
+        .submit(p, &serde_json::to_vec(b).unwrap_or_default(), None)
+        .await
+}
+
 async fn submissions_are_validated_matched_replaced_and_withdrawn(w: World) {
     let (p, subs, _) = subject(0);
     import(&w, &[&p]).await;
@@ -458,9 +469,7 @@ async fn submissions_are_validated_matched_replaced_and_withdrawn(w: World) {
         }
     }
     wide["identifier"]["value"] = json!(format!("{inst}^2026^OLDCARD1"));
-    let r3 = w
-        .svc
-        .submit(&me, &serde_json::to_vec(&wide).unwrap_or_default(), None)
+    let r3 = submit_json(&w, &me, &wide)
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(
@@ -479,9 +488,7 @@ async fn submissions_are_validated_matched_replaced_and_withdrawn(w: World) {
     let mut bad = b.clone();
     bad["entry"][1]["resource"]["code"] = json!({"coding": [{"system": "x", "code": 1}]});
     assert!(matches!(
-        w.svc
-            .submit(&me, &serde_json::to_vec(&bad).unwrap_or_default(), None)
-            .await,
+        submit_json(&w, &me, &bad).await,
         Err(ShareError::Validation(_))
     ));
     let mut stranger = b.clone();
@@ -497,13 +504,7 @@ async fn submissions_are_validated_matched_replaced_and_withdrawn(w: World) {
         }
     }
     assert!(matches!(
-        w.svc
-            .submit(
-                &me,
-                &serde_json::to_vec(&stranger).unwrap_or_default(),
-                None
-            )
-            .await,
+        submit_json(&w, &me, &stranger).await,
         Err(ShareError::UnknownMember)
     ));
     // Invalid and of an unknown person (the person is looked up while the bundle is validated):
@@ -511,9 +512,7 @@ async fn submissions_are_validated_matched_replaced_and_withdrawn(w: World) {
     let mut both = stranger.clone();
     both["entry"][1]["resource"]["code"] = json!({"coding": [{"system": "x", "code": 1}]});
     assert!(matches!(
-        w.svc
-            .submit(&me, &serde_json::to_vec(&both).unwrap_or_default(), None)
-            .await,
+        submit_json(&w, &me, &both).await,
         Err(ShareError::Validation(_))
     ));
     let mut foreign = b.clone();
@@ -524,9 +523,7 @@ async fn submissions_are_validated_matched_replaced_and_withdrawn(w: World) {
         e["resource"]["extension"][0]["valueIdentifier"]["value"] = json!("2713456781");
     }
     assert!(matches!(
-        w.svc
-            .submit(&me, &serde_json::to_vec(&foreign).unwrap_or_default(), None)
-            .await,
+        submit_json(&w, &me, &foreign).await,
         Err(ShareError::Invalid { .. })
     ));
     let huge = vec![b' '; 10 * 1024 * 1024 + 1];

@@ -408,6 +408,14 @@ fn parts_for(expr: &str, rt: &str) -> Vec<String> {
 /// Marks the parameters of one type whose parts are exactly the union of two or more other
 /// parameters' parts, of the same kind (and, for composites, the same components).
 fn mark_unions(list: &mut [SearchParam]) {
+    // Composites with the same base differ by their components (`code-value-quantity`, …).
+    let same_components = |a: &SearchParam, b: &SearchParam| {
+        a.components.len() == b.components.len()
+            && a.components
+                .iter()
+                .zip(&b.components)
+                .all(|(x, y)| x.kind == y.kind && x.expr.source() == y.expr.source())
+    };
     let mut unions: Vec<(usize, Vec<String>)> = Vec::new();
     for (i, p) in list.iter().enumerate() {
         if p.parts.len() < 2 {
@@ -418,11 +426,7 @@ fn mark_unions(list: &mut [SearchParam]) {
                 && q.code != p.code
                 && !q.parts.is_empty()
                 && q.parts.iter().all(|x| p.parts.contains(x))
-                && q.components.len() == p.components.len()
-                && q.components
-                    .iter()
-                    .zip(&p.components)
-                    .all(|(a, b)| a.kind == b.kind && a.expr.source() == b.expr.source())
+                && same_components(q, p)
         };
         let members: Vec<&SearchParam> = list.iter().filter(|q| same_shape(q)).collect();
         let mut covered: Vec<&String> = members.iter().flat_map(|q| q.parts.iter()).collect();
@@ -440,13 +444,7 @@ fn mark_unions(list: &mut [SearchParam]) {
     // `patient` on DeviceUseStatement): the smallest code keeps the rows, the others read them,
     // so each value is indexed once.
     let same = |a: &SearchParam, b: &SearchParam| {
-        a.kind == b.kind
-            && a.parts == b.parts
-            && a.components.len() == b.components.len()
-            && a.components
-                .iter()
-                .zip(&b.components)
-                .all(|(x, y)| x.kind == y.kind && x.expr.source() == y.expr.source())
+        a.kind == b.kind && a.parts == b.parts && same_components(a, b)
     };
     let aliases: Vec<(usize, String)> = list
         .iter()
@@ -996,9 +994,8 @@ mod union_tests {
         assert!(of("Observation", "code-value-concept").is_empty());
         // A restricted reference (`subject.where(resolve() is Patient)`) is not its base.
         assert!(of("Observation", "patient").is_empty());
-        let patient = kizuna_fhir::Registry::builtin();
         let rows = idx.extract(
-            patient,
+            kizuna_fhir::Registry::builtin(),
             &serde_json::json!({"resourceType": "Patient",
                 "name": [{"family": "山田", "given": ["太郎"]}]}),
         );
