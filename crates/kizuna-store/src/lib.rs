@@ -12,6 +12,7 @@
 pub mod compartment;
 pub mod include;
 pub mod index;
+pub mod page_cache;
 pub mod scan;
 mod schema;
 pub mod search;
@@ -301,6 +302,9 @@ impl Store {
         } else {
             url.to_string()
         };
+        if backend == Backend::Sqlite {
+            page_cache::install();
+        }
         let (pool, write_pool) = match backend {
             // Readers share four connections. The group-commit writer has a connection of its own
             // (opened below), so its page cache stays warm from one transaction to the next; the
