@@ -183,6 +183,14 @@ pub fn matches_pattern(value: &Value, pattern: &Value) -> bool {
     }
 }
 
+/// A JSON key a child definition accepts (key, `_` key, type), with the value and the `_`
+/// extension object the element has under it.
+type Present<'a, 'v> = (
+    &'a (String, String, String),
+    Option<&'v Value>,
+    Option<&'v Value>,
+);
+
 impl<'v> Run<'v> {
     fn push(&mut self, sev: Severity, code: &'static str, path: &str, ja: &str, en: &str) {
         self.issues.push(Issue::new(sev, code, path, ja, en));
@@ -300,7 +308,16 @@ impl<'v> Run<'v> {
         profile: &Arc<Profile>,
     ) {
         let model = self.v.registry.model();
-        if model.is_primitive(ty) {
+        // One look in the type table answers both questions for this element.
+        let kind = model.get(ty).map(|t| t.kind);
+        let primitive = match kind {
+            Some(k) => k == crate::model::TypeKind::Primitive,
+            None => model.is_primitive(ty),
+        };
+        let is_res = ty == "Resource"
+            || ty == "DomainResource"
+            || kind == Some(crate::model::TypeKind::Resource);
+        if primitive {
             // R4 types Resource.id as System.String, but a resource id must still be a FHIR `id`.
             let ty =
                 if def.name == "id" && def.id.matches('.').count() == 1 && !def.id.contains(':') {
@@ -339,7 +356,7 @@ impl<'v> Run<'v> {
             self.constraints(value, ext, def, ty, path, resource);
             return;
         }
-        if is_resource_type(self.v, ty) && !std::ptr::eq(value, resource) {
+        if is_res && !std::ptr::eq(value, resource) {
             self.nested_resource(value, def, path, resource);
             return;
         }
@@ -412,35 +429,44 @@ impl<'v> Run<'v> {
             def
         };
         let children = &owner.children;
-        let is_res = is_resource_type(self.v, ty);
         if !children.is_empty() {
-            // Visit the children the object has (by key), then the required ones it lacks.
-            let mut seen: Vec<usize> = Vec::with_capacity(obj.len());
+            // Visit the children the object has, then the required ones it lacks. One pass over
+            // the object pairs each key's value with its `_` extension under its child, so no
+            // child looks its keys up again (the object's map hashes with SipHash).
+            let mut found: Vec<(usize, Present<'_, 'v>)> = Vec::with_capacity(obj.len());
             let mut unknown = false;
-            for key in obj.keys() {
-                let bare = key.strip_prefix('_').unwrap_or(key);
-                match owner.key_index.get(bare) {
-                    Some(&i) => {
-                        if !seen.contains(&i) {
-                            seen.push(i);
-                        }
+            for (key, val) in obj {
+                let (bare, is_ext) = match key.strip_prefix('_') {
+                    Some(b) => (b, true),
+                    None => (key.as_str(), false),
+                };
+                let Some(&i) = owner.key_index.get(bare) else {
+                    if !(key == "resourceType" && is_res) && key != "fhir_comments" {
+                        unknown = true;
                     }
-                    None => {
-                        if !(key == "resourceType" && is_res) && key != "fhir_comments" {
-                            unknown = true;
-                        }
-                    }
+                    continue;
+                };
+                let Some(jk) = children[i].json_keys.iter().find(|jk| jk.0 == bare) else {
+                    continue;
+                };
+                match found.iter_mut().find(|(_, p)| std::ptr::eq(p.0, jk)) {
+                    Some((_, p)) if is_ext => p.2 = Some(val),
+                    Some((_, p)) => p.1 = Some(val),
+                    None if is_ext => found.push((i, (jk, None, Some(val)))),
+                    None => found.push((i, (jk, Some(val), None))),
                 }
             }
             if unknown {
                 self.unknown_keys(obj, children, ty, path);
             }
-            seen.sort_unstable();
-            for &i in &seen {
-                self.child(obj, &children[i], path, resource, profile, is_res);
+            // Stable: a choice's types stay in the object's order.
+            found.sort_by_key(|(i, _)| *i);
+            for group in found.chunk_by(|a, b| a.0 == b.0) {
+                let def = &children[group[0].0];
+                self.child_items(group, def, path, resource, profile);
             }
             for &i in &owner.required {
-                if !seen.contains(&i) {
+                if found.binary_search_by_key(&i, |(j, _)| *j).is_err() {
                     self.child(obj, &children[i], path, resource, profile, is_res);
                 }
             }
@@ -560,24 +586,14 @@ impl<'v> Run<'v> {
         profile: &Arc<Profile>,
         _parent_is_resource: bool,
     ) {
-        // (value, ext, chosen type, json key)
-        let mut items: Vec<(&'v Value, Option<&'v Value>, &str, &str, bool)> = Vec::new();
-        static NULL: Value = Value::Null;
-        // (json key, its value, its `_` extension object) of each key the object has: each looked
-        // up once (the object's map hashes with SipHash).
-        type Present<'a, 'v> = (
-            &'a (String, String, String),
-            Option<&'v Value>,
-            Option<&'v Value>,
-        );
         fn look_up<'a, 'v>(
             obj: &'v Map<String, Value>,
             jk: &'a (String, String, String),
-        ) -> Present<'a, 'v> {
-            (jk, obj.get(&jk.0), obj.get(&jk.1))
+        ) -> (usize, Present<'a, 'v>) {
+            (0, (jk, obj.get(&jk.0), obj.get(&jk.1)))
         }
         let lookup = |jk| look_up(obj, jk);
-        let present: Vec<Present<'_, 'v>> = if def.choice {
+        let present: Vec<(usize, Present<'_, 'v>)> = if def.choice {
             // Few keys per object, many types per choice: scan the object.
             let name = def.name.as_str();
             obj.keys()
@@ -587,8 +603,8 @@ impl<'v> Run<'v> {
                         .iter()
                         .find(|jk| jk.0 == k.trim_start_matches('_'))
                 })
-                .fold(Vec::new(), |mut acc: Vec<Present<'_, 'v>>, jk| {
-                    if !acc.iter().any(|x| x.0 .0 == jk.0) {
+                .fold(Vec::new(), |mut acc: Vec<(usize, Present<'_, 'v>)>, jk| {
+                    if !acc.iter().any(|x| x.1 .0 .0 == jk.0) {
                         acc.push(lookup(jk));
                     }
                     acc
@@ -597,9 +613,25 @@ impl<'v> Run<'v> {
             def.json_keys
                 .iter()
                 .map(lookup)
-                .filter(|(_, val, ext)| val.is_some() || ext.is_some())
+                .filter(|(_, (_, val, ext))| val.is_some() || ext.is_some())
                 .collect()
         };
+        self.child_items(&present, def, path, resource, profile);
+    }
+
+    /// Checks one child definition given the keys the object has for it (`present`, in the
+    /// object's order): cardinality, shape, slicing, and each item.
+    fn child_items(
+        &mut self,
+        present: &[(usize, Present<'_, 'v>)],
+        def: &ElDef,
+        path: &str,
+        resource: &'v Value,
+        profile: &Arc<Profile>,
+    ) {
+        // (value, ext, chosen type, json key)
+        let mut items: Vec<(&'v Value, Option<&'v Value>, &str, &str, bool)> = Vec::new();
+        static NULL: Value = Value::Null;
         if present.is_empty() {
             if def.min > 0 {
                 let name_path = format!(
@@ -631,7 +663,7 @@ impl<'v> Run<'v> {
             }
             return;
         }
-        for ((key, _, ty), val, ext) in present {
+        for &(_, ((key, _, ty), val, ext)) in present {
             let (key, ty) = (key.as_str(), ty.as_str());
             let is_array = matches!(val, Some(Value::Array(_)))
                 || matches!((val, ext), (None, Some(Value::Array(_))));
@@ -1378,7 +1410,13 @@ impl<'v> Run<'v> {
         } else {
             ty
         };
-        let ty_owned: &str = match model.get(key).or_else(|| model.get(ty)) {
+        let info = model.get(key).or_else(|| model.get(ty));
+        // `key` differs from `ty` only for BackboneElement and Element, never resources.
+        let is_res = key == ty
+            && (ty == "Resource"
+                || ty == "DomainResource"
+                || info.is_some_and(|t| t.kind == crate::model::TypeKind::Resource));
+        let ty_owned: &str = match info {
             Some(t) => t.key.as_str(),
             None => crate::model::PRIMITIVES
                 .iter()
@@ -1389,7 +1427,7 @@ impl<'v> Run<'v> {
         let node = Item::Node(Node {
             value: if value.is_null() { None } else { Some(value) },
             ext,
-            ty: if is_resource_type(self.v, ty) {
+            ty: if is_res {
                 value
                     .get("resourceType")
                     .and_then(Value::as_str)
