@@ -757,21 +757,9 @@ impl ShareService {
         &self,
         source: &str,
     ) -> Result<Vec<(String, String)>, ShareError> {
-        // The five types side by side (the store has several readers): a submission waits for
-        // one lookup instead of five in a row.
+        // The five types in one statement: a submission waits for one reader, not five.
         let q = crate::lookup(&[("_source".into(), source.to_string())]);
-        let of = |rt: &'static str| {
-            let q = &q;
-            async move { self.store().search_ids(rt, q).await.map(|ids| (rt, ids)) }
-        };
-        let [a, b, c, d, e] = ITEM_TYPES;
-        let (a, b, c, d, e) = tokio::join!(of(a), of(b), of(c), of(d), of(e));
-        let mut out = Vec::new();
-        for found in [a, b, c, d, e] {
-            let (rt, ids) = found?;
-            out.extend(ids.into_iter().map(|id| (rt.to_string(), id)));
-        }
-        Ok(out)
+        Ok(self.store().search_ids_in(&ITEM_TYPES, &q).await?)
     }
 
     async fn store_submission(

@@ -1233,6 +1233,35 @@ impl Store {
             .collect()
     }
 
+    /// The `(type, id)` of every current resource of the given types that matches the query, in
+    /// one statement: a caller that looks the same criterion up across several types (the sharing
+    /// service's earlier contents of a bundle identifier) waits for one reader, not one per type.
+    /// Ordered by type, then id. Each type must have the query's parameters (a common parameter
+    /// such as `_id` or `_source`, or one of the same name on each).
+    pub async fn search_ids_in(
+        &self,
+        types: &[&str],
+        q: &SearchQuery,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        if types.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut selects = Vec::with_capacity(types.len());
+        let mut all_binds = Vec::new();
+        for rt in types {
+            let (where_sql, binds, _, _) = self.compile_where(rt, q)?;
+            selects.push(format!(
+                "SELECT r.rtype, r.id FROM resources r WHERE {where_sql}"
+            ));
+            all_binds.extend(binds);
+        }
+        let sql = self.sql(&format!("{} ORDER BY 1, 2", selects.join(" UNION ALL ")));
+        let rows = bind_all(&sql, &all_binds).fetch_all(self.pool()).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
+            .collect()
+    }
+
     /// The compiled criteria of a query, most selective kind first, and the parameters lenient
     /// handling ignored.
     fn compile_criteria(

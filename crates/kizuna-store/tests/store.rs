@@ -600,6 +600,53 @@ async fn searches(s: &Store) {
     )
     .await;
     includes(s, &all).await;
+    ids_across_types(s, &all).await;
+}
+
+/// `search_ids_in` answers like one `search_ids` per type, merged: for a common parameter that
+/// matches everything, for ids picked from two types, and for nothing.
+async fn ids_across_types(s: &Store, all: &[Value]) {
+    let types = ["Condition", "Observation", "Patient"];
+    let per_type = |q: SearchQuery| async move {
+        let mut out = Vec::new();
+        for rt in types {
+            let ids = s.search_ids(rt, &q).await.unwrap_or_else(|e| panic!("{e}"));
+            out.extend(ids.into_iter().map(|id| (rt.to_string(), id)));
+        }
+        out.sort();
+        out
+    };
+    let everything = pairs("_lastUpdated=gt2000-01-01");
+    let got = s
+        .search_ids_in(&types, &everything)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(got.len() > 200, "{}", got.len());
+    assert_eq!(got, per_type(everything).await);
+    let pick = |rt: &str| {
+        all.iter()
+            .find(|r| r["resourceType"] == rt)
+            .map(key)
+            .unwrap_or_else(|| panic!("no {rt} loaded"))
+    };
+    let (c, o) = (pick("Condition"), pick("Observation"));
+    let two = pairs(&format!("_id={},{}", c.1, o.1));
+    let got = s
+        .search_ids_in(&types, &two)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got, vec![c, o]);
+    let none = pairs("_id=no-such-id");
+    let got = s
+        .search_ids_in(&types, &none)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(got.is_empty(), "{got:?}");
+    assert!(s
+        .search_ids_in(&[], &none)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .is_empty());
 }
 
 fn key(r: &Value) -> (String, String) {
