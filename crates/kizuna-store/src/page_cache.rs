@@ -45,7 +45,9 @@ struct Wrapped {
 
 /// Installs the wrapper. SQLite accepts a page cache only before it first initialises, so this
 /// must run before any connection opens; later it changes nothing and returns `false` (SQLite then
-/// keeps its default cache, which is slower but correct). Idempotent and thread-safe.
+/// keeps its default cache, which is slower but correct). Idempotent; callers may race each other,
+/// but no other thread may be opening SQLite connections while the first call runs (the store
+/// calls it before it opens its first).
 pub fn install() -> bool {
     *INSTALLED.get_or_init(|| {
         let mut default = std::mem::MaybeUninit::<ffi::sqlite3_pcache_methods2>::zeroed();
