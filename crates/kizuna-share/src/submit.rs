@@ -134,7 +134,13 @@ fn self_contained(
     ) {
         match v {
             Value::Object(o) => {
-                if let Some(Value::String(rf)) = o.get_mut("reference") {
+                // A scan of the few keys, not a SipHash lookup in every object of every resource;
+                // the object's own reference still comes before its children's.
+                let own = o
+                    .iter_mut()
+                    .find(|(k, _)| *k == "reference")
+                    .map(|(_, r)| r);
+                if let Some(Value::String(rf)) = own {
                     if patient_urls.iter().any(|u| u == rf) {
                         *rf = format!("Patient/{person}");
                     } else if let Some(target) = by_url.get(rf.as_str()) {

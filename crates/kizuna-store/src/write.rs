@@ -1021,15 +1021,22 @@ fn sqlite_chunk(remaining: usize) -> usize {
 
 /// Rewrites `reference` values that name a Bundle `fullUrl` to the stored `Type/id`.
 fn rewrite_refs(v: &mut Value, map: &[(String, String)]) {
+    if map.is_empty() {
+        return;
+    }
     match v {
+        // The walk meets every key anyway: a `reference` is recognised on the way, not looked up
+        // (SipHash) in every object of every resource.
         Value::Object(o) => {
-            if let Some(Value::String(r)) = o.get_mut("reference") {
-                if let Some((_, to)) = map.iter().find(|(from, _)| from == r) {
-                    *r = to.clone();
+            for (k, x) in o.iter_mut() {
+                match x {
+                    Value::String(r) if k == "reference" => {
+                        if let Some((_, to)) = map.iter().find(|(from, _)| from == r) {
+                            *r = to.clone();
+                        }
+                    }
+                    x => rewrite_refs(x, map),
                 }
-            }
-            for x in o.values_mut() {
-                rewrite_refs(x, map);
             }
         }
         Value::Array(a) => a.iter_mut().for_each(|x| rewrite_refs(x, map)),
