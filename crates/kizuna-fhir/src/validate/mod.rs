@@ -166,7 +166,13 @@ struct Run<'v> {
 }
 
 fn is_resource_type(v: &Validator, ty: &str) -> bool {
-    ty == "Resource" || ty == "DomainResource" || v.registry.model().is_resource(ty)
+    is_resource_kind(ty, v.registry.model().get(ty).map(|t| t.kind))
+}
+
+/// True when `ty`, whose entry in the type table (if any) has `kind`, is a resource type: for
+/// callers that already looked the type up.
+fn is_resource_kind(ty: &str, kind: Option<crate::model::TypeKind>) -> bool {
+    ty == "Resource" || ty == "DomainResource" || kind == Some(crate::model::TypeKind::Resource)
 }
 
 /// True when `value` contains everything in `pattern` (FHIR pattern matching).
@@ -312,11 +318,9 @@ impl<'v> Run<'v> {
         let kind = model.get(ty).map(|t| t.kind);
         let primitive = match kind {
             Some(k) => k == crate::model::TypeKind::Primitive,
-            None => model.is_primitive(ty),
+            None => crate::model::PRIMITIVES.contains(&ty),
         };
-        let is_res = ty == "Resource"
-            || ty == "DomainResource"
-            || kind == Some(crate::model::TypeKind::Resource);
+        let is_res = is_resource_kind(ty, kind);
         if primitive {
             // R4 types Resource.id as System.String, but a resource id must still be a FHIR `id`.
             let ty =
@@ -1412,10 +1416,7 @@ impl<'v> Run<'v> {
         };
         let info = model.get(key).or_else(|| model.get(ty));
         // `key` differs from `ty` only for BackboneElement and Element, never resources.
-        let is_res = key == ty
-            && (ty == "Resource"
-                || ty == "DomainResource"
-                || info.is_some_and(|t| t.kind == crate::model::TypeKind::Resource));
+        let is_res = key == ty && is_resource_kind(ty, info.map(|t| t.kind));
         let ty_owned: &str = match info {
             Some(t) => t.key.as_str(),
             None => crate::model::PRIMITIVES
