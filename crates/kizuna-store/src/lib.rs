@@ -16,6 +16,7 @@ pub mod page_cache;
 pub mod scan;
 mod schema;
 pub mod search;
+pub mod wal_buffer;
 mod write;
 mod write_tx;
 

@@ -64,17 +64,20 @@ impl rusqlite::ToSql for Bind {
 }
 
 /// Opens the SQLite writer's connection with the pool connections' settings
-/// ([`crate::sqlite_settings`]), its own page cache and checkpoint threshold.
+/// ([`crate::sqlite_settings`]), its own page cache and checkpoint threshold, through the VFS
+/// that writes each commit's log in one call ([`crate::wal_buffer`]) when it is available.
 pub(crate) fn open_direct(
     path: &std::path::Path,
     cache_kib: i64,
     autocheckpoint: u32,
 ) -> Result<DirectConnection, StoreError> {
     use rusqlite::OpenFlags;
-    let conn = rusqlite::Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = if crate::wal_buffer::register() {
+        rusqlite::Connection::open_with_flags_and_vfs(path, flags, crate::wal_buffer::VFS_NAME)?
+    } else {
+        rusqlite::Connection::open_with_flags(path, flags)?
+    };
     conn.execute_batch(&crate::sqlite_settings(cache_kib, autocheckpoint).join(";"))?;
     conn.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
     Ok(std::sync::Mutex::new(conn))

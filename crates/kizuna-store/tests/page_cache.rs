@@ -5,34 +5,11 @@
 //! This file holds one test so that it runs in a process of its own: the wrapper can only be
 //! installed before SQLite first initialises.
 
+mod support;
+
 use std::collections::BTreeMap;
 
-/// A small deterministic generator (xorshift64*), so a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-fn contents(conn: &rusqlite::Connection) -> BTreeMap<String, i64> {
-    let mut st = conn
-        .prepare("SELECT k, v FROM t ORDER BY k")
-        .expect("prepare");
-    st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows")
-}
-
-fn integrity(conn: &rusqlite::Connection) -> String {
-    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .expect("integrity_check")
-}
+use support::{change, contents, integrity, Rng};
 
 #[test]
 fn rebalancing_through_the_wrapper_keeps_the_database_exact() {
@@ -61,24 +38,13 @@ fn rebalancing_through_the_wrapper_keeps_the_database_exact() {
             let r = rng.next();
             // Random keys of varying length fill pages unevenly, so siblings get split and merged.
             let k = format!("{:x}{}", r % 50_000, "x".repeat((r >> 40) as usize % 60));
-            if r % 5 == 0 {
-                tx.execute("DELETE FROM t WHERE k = ?1", [&k])
-                    .expect("delete");
-                model.remove(&k);
-            } else {
-                let v = (r >> 8) as i64 % 1_000_000;
-                tx.execute(
-                    "INSERT INTO t (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
-                    rusqlite::params![k, v],
-                )
-                .expect("upsert");
-                model.insert(k, v);
-            }
+            let v = (r >> 8) as i64 % 1_000_000;
+            change(&tx, &mut model, k, (r % 5 != 0).then_some(v));
         }
         // Every tenth transaction is rolled back: the cache must drop what it held for it.
         if round % 10 == 9 {
             tx.rollback().expect("rollback");
-            model = contents(&conn);
+            model = contents::<String, i64>(&conn);
         } else {
             tx.commit().expect("commit");
         }
