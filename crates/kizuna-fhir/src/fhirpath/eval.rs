@@ -12,6 +12,21 @@ use super::temporal::{CalendarUnit, DateTime};
 use super::{ucum, EvalContext, FhirPathError, Item, Node};
 use crate::model::TypeModel;
 
+/// A primitive's `_name` sibling (its id and extensions), looked up without building the key on
+/// the heap: navigation asks for one at every primitive child, during validation and indexing.
+fn underscored<'m>(map: &'m serde_json::Map<String, Value>, name: &str) -> Option<&'m Value> {
+    let mut buf = [0u8; 64];
+    let n = name.len();
+    if n < buf.len() {
+        buf[0] = b'_';
+        buf[1..=n].copy_from_slice(name.as_bytes());
+        if let Ok(key) = std::str::from_utf8(&buf[..=n]) {
+            return map.get(key);
+        }
+    }
+    map.get(&format!("_{name}"))
+}
+
 pub(super) type Coll<'a> = Vec<Item<'a>>;
 pub(super) type R<T> = Result<T, FhirPathError>;
 
@@ -236,7 +251,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         if model.get(node.ty).is_none() && !is_prim {
             // Unknown type: navigate the JSON as it is.
             if let Some(v) = map.get(name) {
-                push_dynamic(v, map.get(&format!("_{name}")), out);
+                push_dynamic(v, underscored(map, name), out);
             }
             return Ok(());
         }
@@ -265,16 +280,14 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                         push_values(model, None, Some(v), &el.types[i], out);
                     }
                 } else {
-                    let ext = map.get(&format!("_{bare}"));
+                    let ext = underscored(map, bare);
                     push_values(model, Some(v), ext, &el.types[i], out);
                 }
             }
         } else {
             let t = el.types.first().map(String::as_str).unwrap_or("Element");
-            let ext_key;
             let ext = if model.is_primitive(t) {
-                ext_key = format!("_{name}");
-                map.get(&ext_key)
+                underscored(map, name)
             } else {
                 None
             };
@@ -315,14 +328,14 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 if let Some((_, t)) = model.element_for_json_key(node.ty, k) {
                     let t = intern_type(model, node.ty, k, &t);
                     let ext = if model.is_primitive(t) {
-                        map.get(&format!("_{k}"))
+                        underscored(map, k)
                     } else {
                         None
                     };
                     push_values(model, Some(v), ext, t, out);
                 }
             } else {
-                push_dynamic(v, map.get(&format!("_{k}")), out);
+                push_dynamic(v, underscored(map, k), out);
             }
         }
     }
