@@ -122,11 +122,19 @@ pub(crate) fn index_columns(slot: usize) -> (&'static str, &'static [&'static st
     }
 }
 
-/// Parameter ids by (resource type, code), and back.
+/// Parameter ids by resource type and code, and back. Keyed type first so that a lookup borrows
+/// its two strings instead of building an owned pair (it runs for every index row written).
 #[derive(Debug, Default)]
 pub(crate) struct ParamIds {
-    by_key: HashMap<(String, String), i64>,
+    by_key: HashMap<String, HashMap<String, i64>>,
     by_id: HashMap<i64, (String, String)>,
+}
+
+impl ParamIds {
+    /// The id of a parameter of a type, if it has one.
+    pub(crate) fn get(&self, rt: &str, code: &str) -> Option<i64> {
+        self.by_key.get(rt)?.get(code).copied()
+    }
 }
 
 /// The dictionary, shared by clones of a [`Store`].
@@ -237,8 +245,11 @@ impl Store {
                 Err(_) => r.try_get::<i32, _>(0)? as i64,
             };
             let key = (r.try_get::<String, _>(1)?, r.try_get::<String, _>(2)?);
-            ids.by_id.insert(pid, key.clone());
-            ids.by_key.insert(key, pid);
+            ids.by_key
+                .entry(key.0.clone())
+                .or_default()
+                .insert(key.1.clone(), pid);
+            ids.by_id.insert(pid, key);
         }
         if let Ok(mut p) = self.params.write() {
             *p = ids;
@@ -248,12 +259,7 @@ impl Store {
 
     /// The id of a parameter of a type, if any resource was ever indexed with it.
     pub(crate) fn pid(&self, rt: &str, code: &str) -> Option<i64> {
-        self.params
-            .read()
-            .ok()?
-            .by_key
-            .get(&(rt.to_string(), code.to_string()))
-            .copied()
+        self.params.read().ok()?.get(rt, code)
     }
 
     /// The ids whose rows hold a parameter's values (with `suffix`, one of its pseudo-parameters):
@@ -286,15 +292,15 @@ impl Store {
 
     /// Makes sure every (type, code) has an id, in its own short transaction: a write that rolls
     /// back never leaves the cache holding an id the database does not have.
-    pub(crate) async fn ensure_params(
-        &self,
-        keys: impl Iterator<Item = (String, String)>,
-    ) -> Result<(), StoreError> {
+    pub(crate) async fn ensure_params(&self, keys: &[(&str, &str)]) -> Result<(), StoreError> {
         let mut missing: Vec<(String, String)> = {
             let Ok(p) = self.params.read() else {
                 return Ok(());
             };
-            keys.filter(|k| !p.by_key.contains_key(k)).collect()
+            keys.iter()
+                .filter(|(rt, code)| p.get(rt, code).is_none())
+                .map(|(rt, code)| (rt.to_string(), code.to_string()))
+                .collect()
         };
         if missing.is_empty() {
             return Ok(());

@@ -104,6 +104,9 @@ impl PendingRows {
     }
 }
 
+/// Up to this many index rows, a resource's rows are deduplicated by comparison, not hashing.
+const DEDUP_SCAN: usize = 64;
+
 /// What [`Store::prepare`] computed for a request's writes, one entry per op.
 struct Prepared {
     rows: Vec<Vec<(i64, IndexValue)>>,
@@ -326,11 +329,11 @@ impl Store {
                 WriteOp::Delete { .. } => (String::new(), Vec::new()),
             })
             .collect();
-        let keys = extracted
+        let keys: Vec<(&str, &str)> = extracted
             .iter()
-            .flat_map(|(rt, r)| r.iter().map(move |(p, _)| (rt.clone(), p.clone())));
-        self.ensure_params(keys.collect::<Vec<_>>().into_iter())
-            .await?;
+            .flat_map(|(rt, r)| r.iter().map(move |(p, _)| (rt.as_str(), p.as_str())))
+            .collect();
+        self.ensure_params(&keys).await?;
         let rows = extracted
             .into_iter()
             .map(|(rt, idx)| self.resolve_rows(&rt, idx))
@@ -355,11 +358,29 @@ impl Store {
     /// Index rows keyed by parameter id (every id exists: [`Store::ensure_params`] ran), each
     /// (parameter, value) once: the index tables are keyed on them.
     fn resolve_rows(&self, rt: &str, idx: Vec<(String, IndexValue)>) -> Vec<(i64, IndexValue)> {
-        let mut seen = std::collections::HashSet::with_capacity(idx.len());
-        idx.into_iter()
-            .filter(|row| seen.insert(row.clone()))
-            .filter_map(|(p, v)| self.pid(rt, &p).map(|pid| (pid, v)))
-            .collect()
+        let Ok(params) = self.params.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<(i64, IndexValue)> = Vec::with_capacity(idx.len());
+        // A resource has a few dozen rows: comparing with those kept is cheaper than hashing and
+        // cloning every row into a set, which only a large resource needs.
+        let large = idx.len() > DEDUP_SCAN;
+        let mut seen = std::collections::HashSet::new();
+        for (p, v) in idx {
+            let Some(pid) = params.get(rt, &p) else {
+                continue;
+            };
+            let row = (pid, v);
+            let new = if large {
+                seen.insert(row.clone())
+            } else {
+                !out.contains(&row)
+            };
+            if new {
+                out.push(row);
+            }
+        }
+        out
     }
 
     /// PostgreSQL: ANALYZE in the background. Autovacuum gets there too, but only after a minute
@@ -981,11 +1002,11 @@ impl Store {
                 };
                 extracted.push((rid, rt, id, idx));
             }
-            let keys: Vec<(String, String)> = extracted
+            let keys: Vec<(&str, &str)> = extracted
                 .iter()
-                .flat_map(|(_, rt, _, idx)| idx.iter().map(move |(p, _)| (rt.clone(), p.clone())))
+                .flat_map(|(_, rt, _, idx)| idx.iter().map(move |(p, _)| (rt.as_str(), p.as_str())))
                 .collect();
-            self.ensure_params(keys.into_iter()).await?;
+            self.ensure_params(&keys).await?;
             let mut pending = PendingRows::default();
             for (rid, rt, id, idx) in extracted {
                 let rows = self.resolve_rows(&rt, idx);
