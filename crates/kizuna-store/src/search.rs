@@ -1005,28 +1005,28 @@ fn number_cond(col: &str, key: &str, v: &str, binds: &mut Vec<B>) -> Result<Stri
     })
 }
 
-/// A search statement with its arguments. On PostgreSQL it is not kept prepared: a kept statement
-/// switches to a generic plan after five runs, and with parameter ids and codes as skewed as
-/// `gender=female` against one patient's codes that plan was off by 15× (2.7 → 42 ms for a
-/// patient's codes sorted by date, 81 → 148 ms for women born before 1960). Planning each run costs
-/// about 0.3 ms. SQLite plans once per statement text, so it keeps its statements.
-fn bind_all<'q>(
-    sql: &'q str,
-    binds: &[B],
-    backend: Backend,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    let mut query = sqlx::query(sql).persistent(backend == Backend::Sqlite);
-    for b in binds {
-        query = match b {
-            B::S(s) => query.bind(s.clone()),
-            B::I(i) => query.bind(*i),
-            B::F(f) => query.bind(*f),
-        };
-    }
-    query
-}
-
 impl Store {
+    /// A search statement with its arguments. On PostgreSQL it is not kept prepared: a kept
+    /// statement switches to a generic plan after five runs, and with parameter ids and codes as
+    /// skewed as `gender=female` against one patient's codes that plan was off by 15× (2.7 → 42 ms
+    /// for a patient's codes sorted by date, 81 → 148 ms for women born before 1960). Planning each
+    /// run costs about 0.3 ms. SQLite plans once per statement text, so it keeps its statements.
+    fn search_statement<'q>(
+        &self,
+        sql: &'q str,
+        binds: &[B],
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        let mut query = sqlx::query(sql).persistent(self.backend() == Backend::Sqlite);
+        for b in binds {
+            query = match b {
+                B::S(s) => query.bind(s.clone()),
+                B::I(i) => query.bind(*i),
+                B::F(f) => query.bind(*f),
+            };
+        }
+        query
+    }
+
     /// Searches one resource type.
     pub async fn search(&self, rt: &str, q: &SearchQuery) -> Result<SearchResult, StoreError> {
         if let Some(m) = q.malformed.first() {
@@ -1165,7 +1165,8 @@ impl Store {
         };
         let total = match count_sql {
             Some((sql, b)) => {
-                let n: i64 = bind_all(&self.sql(&sql), &b, self.backend())
+                let n: i64 = self
+                    .search_statement(&self.sql(&sql), &b)
                     .fetch_one(self.pool())
                     .await?
                     .try_get(0)?;
@@ -1181,7 +1182,8 @@ impl Store {
             order.join(", ")
         ));
         binds.extend(order_binds);
-        let rows = bind_all(&page_sql, &binds, self.backend())
+        let rows = self
+            .search_statement(&page_sql, &binds)
             .bind(q.count.clamp(0, 1000))
             .bind(q.offset.max(0))
             .fetch_all(self.pool())
@@ -1233,7 +1235,8 @@ impl Store {
         let sql = self.sql(&format!(
             "SELECT r.id FROM resources r WHERE {where_sql} ORDER BY r.id"
         ));
-        let rows = bind_all(&sql, &binds, self.backend())
+        let rows = self
+            .search_statement(&sql, &binds)
             .fetch_all(self.pool())
             .await?;
         rows.iter()
@@ -1264,7 +1267,8 @@ impl Store {
             all_binds.extend(binds);
         }
         let sql = self.sql(&format!("{} ORDER BY 1, 2", selects.join(" UNION ALL ")));
-        let rows = bind_all(&sql, &all_binds, self.backend())
+        let rows = self
+            .search_statement(&sql, &all_binds)
             .fetch_all(self.pool())
             .await?;
         rows.iter()
@@ -1357,7 +1361,8 @@ impl Store {
                 "SELECT COUNT(*) FROM (SELECT DISTINCT {idcol} FROM {from_where} LIMIT {}) n",
                 COUNT_CAP + 1
             );
-            let n: i64 = bind_all(&self.sql(&sql), binds, self.backend())
+            let n: i64 = self
+                .search_statement(&self.sql(&sql), binds)
                 .fetch_one(self.pool())
                 .await?
                 .try_get(0)?;

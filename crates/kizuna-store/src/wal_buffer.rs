@@ -276,11 +276,15 @@ fn methods(w: &WalFile) -> &'static ffi::sqlite3_io_methods {
     unsafe { &*(*w.inner).pMethods }
 }
 
+/// The file's gathered run (a separate allocation from the file object).
+fn run_of<'a>(w: &WalFile) -> &'a mut Run {
+    // SAFETY: `run` is set by `open` and freed only by `wal_close`; one thread at a time.
+    unsafe { &mut *w.run }
+}
+
 /// Writes the gathered run out through the default VFS. The run is emptied either way: SQLite
 /// fails the statement on an error and writes those frames again if it retries.
-fn write_run(w: &mut WalFile) -> c_int {
-    // SAFETY: `run` is set by `open` and freed only by `wal_close`.
-    let run = unsafe { &mut *w.run };
+fn write_run(w: &WalFile, run: &mut Run) -> c_int {
     if run.data.is_empty() {
         return ffi::SQLITE_OK;
     }
@@ -323,40 +327,30 @@ unsafe extern "C" fn wal_write(
     };
     // SAFETY: SQLite passes `amt` readable bytes.
     let bytes = unsafe { std::slice::from_raw_parts(buf as *const u8, len) };
-    // SAFETY: as in `write_run`.
-    let run = unsafe { &mut *w.run };
+    let run = run_of(w);
     let continues = offset == run.last_end || (offset == 0 && len == WAL_HEADER);
     run.last_end = offset + amt as i64;
-    if !continues {
-        let rc = write_run(w);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let Some(write) = methods(w).xWrite else {
-            return ffi::SQLITE_IOERR_WRITE;
-        };
-        // SAFETY: the default VFS's write with SQLite's own arguments.
-        return unsafe { write(w.inner, buf, amt, offset) };
-    }
-    // SAFETY: as above (the borrow of `run` ended with `write_run`'s possible use).
-    let run = unsafe { &mut *w.run };
     if run.data.is_empty() || offset != run.start + run.data.len() as i64 {
-        let rc = write_run(w);
+        // Not an extension of the run: what was gathered goes out first.
+        let rc = write_run(w, run);
         if rc != ffi::SQLITE_OK {
             return rc;
         }
-        // SAFETY: as above.
-        let run = unsafe { &mut *w.run };
+        if !continues {
+            let Some(write) = methods(w).xWrite else {
+                return ffi::SQLITE_IOERR_WRITE;
+            };
+            // SAFETY: the default VFS's write with SQLite's own arguments.
+            return unsafe { write(w.inner, buf, amt, offset) };
+        }
         run.start = offset;
     }
-    // SAFETY: as above.
-    let run = unsafe { &mut *w.run };
     run.data.extend_from_slice(bytes);
     WRITES_GATHERED.fetch_add(1, Ordering::Relaxed);
     let completes_commit = run.commit_next;
     run.commit_next = len == FRAME_HEADER && bytes[4..8] != [0; 4];
     if completes_commit || run.data.len() >= MAX_RUN {
-        return write_run(w);
+        return write_run(w, run);
     }
     ffi::SQLITE_OK
 }
@@ -364,7 +358,7 @@ unsafe extern "C" fn wal_write(
 unsafe extern "C" fn wal_close(f: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: SQLite calls this once on a file `open` made.
     let w = unsafe { wal(f) };
-    let written = write_run(w);
+    let written = write_run(w, run_of(w));
     // SAFETY: `run` came from `Box::into_raw` in `open` and is freed here only.
     drop(unsafe { Box::from_raw(w.run) });
     w.run = std::ptr::null_mut();
@@ -386,7 +380,7 @@ macro_rules! after_run {
         unsafe extern "C" fn $name(f: *mut ffi::sqlite3_file, $($arg: $ty),*) -> c_int {
             // SAFETY: SQLite calls this on a file `open` made.
             let w = unsafe { wal(f) };
-            let rc = write_run(w);
+            let rc = write_run(w, run_of(w));
             if rc != ffi::SQLITE_OK {
                 return rc;
             }
