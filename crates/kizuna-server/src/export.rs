@@ -1,6 +1,6 @@
 //! FHIR Bulk Data export (`$export`, the async request pattern): system, `Patient` and `Group` level,
 //! with `_type` and `_since`. A kick-off answers 202 with a status URL; a background task reads the
-//! store a page at a time in id order and writes NDJSON files (the stored JSON text, never parsed),
+//! store a page at a time in storage order and writes NDJSON files (the stored JSON text, never parsed),
 //! so memory stays flat whatever the export's size; the status URL answers 202 with progress, then
 //! 200 with the manifest; DELETE cancels; files are streamed from disk to the requester only.
 //!
@@ -21,7 +21,7 @@ use axum::Extension;
 use kizuna_audit::{AuditWriter, NewEntry, Outcome, Purpose, Target};
 use kizuna_auth::http::{check_scope, FhirRequest};
 use kizuna_auth::scope::Interaction;
-use kizuna_store::{CompartmentScope, ScanFilter};
+use kizuna_store::{CompartmentScope, ScanCursor, ScanFilter};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
@@ -348,7 +348,7 @@ async fn run(
     let mut outputs = Vec::new();
     let actor = actor(a);
     for rt in types {
-        let mut after = String::new();
+        let mut after = ScanCursor::default();
         let mut file_no = 0;
         let mut in_file = 0u64;
         let mut writer: Option<(String, tokio::io::BufWriter<tokio::fs::File>)> = None;
@@ -362,12 +362,12 @@ async fn run(
             }
             let page = s
                 .store
-                .scan_page(rt, filter, &after, s.exports.page_size)
+                .scan_page(rt, filter, after, s.exports.page_size)
                 .await
                 .map_err(|e| e.to_string())?;
             let Some(page) = page else { break };
             let Some(last) = page.last() else { break };
-            after = last.id.clone();
+            after = last.cursor;
             let mut people = Vec::new();
             for row in &page {
                 if writer.is_none() || in_file >= s.exports.file_limit {

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kizuna_audit::{NewEntry, Outcome, Purpose};
 use kizuna_auth::Principal;
-use kizuna_store::ScanFilter;
+use kizuna_store::{ScanCursor, ScanFilter};
 use serde_json::Value;
 
 use crate::item::*;
@@ -79,17 +79,17 @@ impl ShareService {
             BTreeMap::new();
         let mut waiting: Vec<(String, Occasional)> = Vec::new();
         for rt in crate::submit::ITEM_TYPES {
-            let mut after = String::new();
+            let mut after = ScanCursor::default();
             loop {
                 let Some(page) = self
                     .store()
-                    .scan_page(rt, &ScanFilter::default(), &after, 1000)
+                    .scan_page(rt, &ScanFilter::default(), after, 1000)
                     .await?
                 else {
                     break;
                 };
                 let Some(last) = page.last() else { break };
-                after = last.id.clone();
+                after = last.cursor;
                 for row in page {
                     let Ok(r) = serde_json::from_str::<Value>(&row.body) else {
                         continue;

@@ -1,6 +1,11 @@
-//! Reading many resources in constant memory: pages in id order (keyset paging on the primary key),
+//! Reading many resources in constant memory: pages in storage order (keyset paging on the row id),
 //! bodies returned as the stored JSON text so an exporter can write them without parsing. The bulk
-//! `$export` reads through here.
+//! `$export` and the retention job read through here.
+//!
+//! Storage order, not id order: server-assigned ids follow the order of writes closely, but ids a
+//! client chose (an update that creates) come in any order, and walking those fetched each body
+//! from a random page of the resources table. Row ids follow the table's own layout, so a walk
+//! reads it front to back whoever chose the ids; the cursor is an integer, not a string.
 
 use sqlx::Row;
 
@@ -24,6 +29,11 @@ pub enum CompartmentScope {
     GroupMembers(String),
 }
 
+/// Where a scan stands: the next page starts after the row this was taken from.
+/// `ScanCursor::default()` starts at the beginning.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanCursor(i64);
+
 /// One scanned resource: its id and its stored JSON (one line, no newline inside).
 #[derive(Debug, Clone)]
 pub struct ScannedRow {
@@ -31,16 +41,20 @@ pub struct ScannedRow {
     pub id: String,
     /// The stored JSON text.
     pub body: String,
+    /// The cursor that continues the scan after this row.
+    pub cursor: ScanCursor,
 }
 
 impl Store {
-    /// The next page of current resources of `rt` after id `after` (empty string: from the start),
-    /// at most `limit`. `None` when the type is outside the compartment the filter asks for.
+    /// The next page of current resources of `rt` after `after`, at most `limit`, in storage
+    /// order. A resource updated during a scan keeps its place, so a scan visits every resource
+    /// that exists throughout it once. `None` when the type is outside the compartment the
+    /// filter asks for.
     pub async fn scan_page(
         &self,
         rt: &str,
         filter: &ScanFilter,
-        after: &str,
+        after: ScanCursor,
         limit: i64,
     ) -> Result<Option<Vec<ScannedRow>>, StoreError> {
         enum P {
@@ -48,9 +62,9 @@ impl Store {
             I(i64),
         }
         let mut sql = String::from(
-            "SELECT r.id, r.body FROM resources r WHERE r.rtype = ? AND r.deleted = 0 AND r.id > ?",
+            "SELECT r.rid, r.id, r.body FROM resources r WHERE r.rtype = ? AND r.deleted = 0 AND r.rid > ?",
         );
-        let mut binds: Vec<P> = vec![P::S(rt.to_string()), P::S(after.to_string())];
+        let mut binds: Vec<P> = vec![P::S(rt.to_string()), P::I(after.0)];
         if let Some(s) = filter.since_ms {
             sql.push_str(" AND r.lu_ms >= ?");
             binds.push(P::I(s));
@@ -93,7 +107,7 @@ impl Store {
                 sql.push(')');
             }
         }
-        sql.push_str(" ORDER BY r.id LIMIT ?");
+        sql.push_str(" ORDER BY r.rid LIMIT ?");
         let sql = self.sql(&sql);
         let mut q = sqlx::query(&sql);
         for b in binds {
@@ -105,10 +119,11 @@ impl Store {
         let rows = q.bind(limit).fetch_all(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let body: Option<String> = r.try_get(1)?;
+            let body: Option<String> = r.try_get(2)?;
             out.push(ScannedRow {
-                id: r.try_get(0)?,
+                id: r.try_get(1)?,
                 body: body.unwrap_or_default(),
+                cursor: ScanCursor(r.try_get(0)?),
             });
         }
         Ok(Some(out))
