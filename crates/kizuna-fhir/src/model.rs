@@ -232,12 +232,21 @@ impl TypeModel {
 
     /// Finds an element of a type, searching its base types too (`Patient.id` lives on `Resource`).
     pub fn element(&self, key: &str, name: &str) -> Option<&ElementInfo> {
-        let mut cur = self.types.get(key);
+        self.element_in(self.types.get(key)?, name)
+    }
+
+    /// [`TypeModel::element`] for a type already looked up (FHIRPath navigation has it).
+    pub fn element_in<'s>(&'s self, t: &'s TypeInfo, name: &str) -> Option<&'s ElementInfo> {
+        let mut cur = Some(t);
         while let Some(t) = cur {
             if let Some(e) = t.element(name) {
                 return Some(e);
             }
-            cur = t.base.as_deref().and_then(|b| self.types.get(b));
+            cur = t
+                .base
+                .as_deref()
+                .and_then(|b| self.types.get(b))
+                .map(Arc::as_ref);
         }
         None
     }
@@ -278,17 +287,14 @@ impl TypeModel {
 
     /// True when `sub` is `sup` or derives from it.
     pub fn is_subtype(&self, sub: &str, sup: &str) -> bool {
-        let mut cur = Some(sub.to_string());
-        let mut guard = 0;
-        while let Some(c) = cur {
+        // Borrowed all the way up: FHIRPath asks this at every leading type name.
+        let mut cur = Some(sub);
+        for _ in 0..32 {
+            let Some(c) = cur else { return false };
             if c == sup {
                 return true;
             }
-            guard += 1;
-            if guard > 32 {
-                return false;
-            }
-            cur = self.types.get(&c).and_then(|t| t.base.clone());
+            cur = self.types.get(c).and_then(|t| t.base.as_deref());
         }
         false
     }

@@ -237,7 +237,12 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             _ => return Ok(()),
         };
         let model = self.model();
-        let is_prim = model.is_primitive(node.ty);
+        // One lookup of the node's type serves the primitive test and the element search.
+        let info = model.get(node.ty);
+        let is_prim = match info {
+            Some(t) => t.kind == crate::model::TypeKind::Primitive,
+            None => crate::model::PRIMITIVES.contains(&node.ty),
+        };
         let obj = if is_prim { node.ext } else { node.value };
         let Some(Value::Object(map)) = obj else {
             if is_prim && !matches!(name, "id" | "extension") {
@@ -248,14 +253,21 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             }
             return Ok(());
         };
-        if model.get(node.ty).is_none() && !is_prim {
-            // Unknown type: navigate the JSON as it is.
-            if let Some(v) = map.get(name) {
-                push_dynamic(v, underscored(map, name), out);
+        let Some(info) = info else {
+            if !is_prim {
+                // Unknown type: navigate the JSON as it is.
+                if let Some(v) = map.get(name) {
+                    push_dynamic(v, underscored(map, name), out);
+                }
+                return Ok(());
             }
-            return Ok(());
-        }
-        let Some(el) = model.element(node.ty, name) else {
+            return Err(FhirPathError::Semantic(format!(
+                "{} に要素 {name} はありません / {} has no element {name}",
+                model.type_name(node.ty),
+                model.type_name(node.ty)
+            )));
+        };
+        let Some(el) = model.element_in(info, name) else {
             return Err(FhirPathError::Semantic(format!(
                 "{} に要素 {name} はありません / {} has no element {name}",
                 model.type_name(node.ty),
@@ -440,8 +452,11 @@ fn push_values<'a>(
     ty: &'a str,
     out: &mut Coll<'a>,
 ) {
+    // Asked once per call, not per value of an array.
+    let is_resource =
+        v.is_some() && (ty == "Resource" || ty == "DomainResource" || model.is_resource(ty));
     let resource_ty = |x: &'a Value| -> &'a str {
-        if ty == "Resource" || ty == "DomainResource" || model.is_resource(ty) {
+        if is_resource {
             x.get("resourceType").and_then(Value::as_str).unwrap_or(ty)
         } else {
             ty

@@ -185,6 +185,64 @@ impl<'a> EvalContext<'a> {
     }
 }
 
+/// Where a path expression starts: see [`FhirPath::root_elements`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootElement<'e> {
+    /// The leading type name (`Observation` in `Observation.code`), when there is one. It
+    /// selects the focus only when the focus is of that type; the caller checks it names a type.
+    pub qualifier: Option<&'e str>,
+    /// The element's name (`code`; `value` for `value[x]`).
+    pub element: &'e str,
+}
+
+/// Functions whose result is empty whenever their input is: a path through them is empty when
+/// its start is.
+const EMPTY_IN_EMPTY_OUT: &[&str] = &[
+    "where",
+    "select",
+    "repeat",
+    "ofType",
+    "as",
+    "first",
+    "last",
+    "tail",
+    "skip",
+    "take",
+    "single",
+    "distinct",
+    "extension",
+    "resolve",
+    "trace",
+];
+
+/// Collects the start elements of `e` into `out`; false when `e` is not a path whose result is
+/// empty without them.
+fn roots<'e>(e: &'e Expr, out: &mut Vec<RootElement<'e>>) -> bool {
+    let leading_type = |n: &str| n.starts_with(|c: char| c.is_ascii_uppercase());
+    match e {
+        Expr::Ident(n) if !leading_type(n) => root(None, n, out),
+        Expr::Member(inner, name) => match inner.as_ref() {
+            Expr::Ident(t) if leading_type(t) => root(Some(t), name, out),
+            other => roots(other, out),
+        },
+        // `Patient.extension('…')` and `extension('…')` read the focus's own `extension`.
+        Expr::Call(recv, f, _) if f == "extension" => match recv.as_deref() {
+            None => root(None, "extension", out),
+            Some(Expr::Ident(t)) if leading_type(t) => root(Some(t), "extension", out),
+            Some(x) => roots(x, out),
+        },
+        Expr::Call(Some(x), f, _) if EMPTY_IN_EMPTY_OUT.contains(&f.as_str()) => roots(x, out),
+        Expr::As(x, _) | Expr::Indexer(x, _) => roots(x, out),
+        Expr::Binary(parse::BinOp::Union, a, b) => roots(a, out) && roots(b, out),
+        _ => false,
+    }
+}
+
+fn root<'e>(qualifier: Option<&'e str>, element: &'e str, out: &mut Vec<RootElement<'e>>) -> bool {
+    out.push(RootElement { qualifier, element });
+    true
+}
+
 /// A parsed expression, ready to evaluate many times.
 #[derive(Debug, Clone)]
 pub struct FhirPath {
@@ -209,6 +267,16 @@ impl FhirPath {
     /// The syntax tree.
     pub fn expr(&self) -> &Expr {
         &self.expr
+    }
+
+    /// The focus's own elements a path expression starts from (`Observation.code` starts from
+    /// `code`; a union, from each part's), each with the type name that qualifies it, if any
+    /// (`Observation`). When the focus has none of them the result is empty, so an index builder
+    /// can skip the evaluation. `None` when the expression may give something without them:
+    /// `exists()`, `count()`, literals, comparisons, variables.
+    pub fn root_elements(&self) -> Option<Vec<RootElement<'_>>> {
+        let mut out = Vec::new();
+        roots(&self.expr, &mut out).then_some(out)
     }
 
     /// Evaluates against an input collection.
@@ -244,6 +312,76 @@ impl FhirPath {
             _ => Err(FhirPathError::Execution(
                 "真偽値が一つ必要です / expected a single boolean".into(),
             )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FhirPath, RootElement};
+
+    fn roots(src: &str) -> Option<Vec<(Option<String>, String)>> {
+        let p = FhirPath::parse(src).unwrap_or_else(|e| panic!("{src}: {e}"));
+        p.root_elements().map(|v| {
+            v.into_iter()
+                .map(|RootElement { qualifier, element }| {
+                    (qualifier.map(str::to_string), element.to_string())
+                })
+                .collect()
+        })
+    }
+
+    fn q(t: &str, e: &str) -> (Option<String>, String) {
+        (Some(t.to_string()), e.to_string())
+    }
+
+    #[test]
+    fn paths_start_from_their_first_element() {
+        assert_eq!(
+            roots("Observation.code"),
+            Some(vec![q("Observation", "code")])
+        );
+        assert_eq!(
+            roots("Patient.name.family"),
+            Some(vec![q("Patient", "name")])
+        );
+        assert_eq!(roots("name.given"), Some(vec![(None, "name".into())]));
+        assert_eq!(
+            roots("(Observation.value as Quantity) | (Observation.value as SampledData)"),
+            Some(vec![q("Observation", "value"), q("Observation", "value")])
+        );
+        assert_eq!(
+            roots("Observation.subject.where(reference.startsWith('Patient/')).first()"),
+            Some(vec![q("Observation", "subject")])
+        );
+        assert_eq!(
+            roots("Patient.extension('http://example.org/x').value.ofType(string)[0]"),
+            Some(vec![q("Patient", "extension")])
+        );
+        assert_eq!(
+            roots("Resource.meta.security | Condition.code"),
+            Some(vec![q("Resource", "meta"), q("Condition", "code")])
+        );
+    }
+
+    #[test]
+    fn expressions_that_give_something_from_nothing_have_no_roots() {
+        for src in [
+            "Patient.deceased.exists() and Patient.deceased != false",
+            "Observation.code.exists()",
+            "Patient.name.count()",
+            "Patient.name.empty()",
+            "Patient.name.iif(true, 1, 2)",
+            "Patient.active.not()",
+            "Patient.name | 'x'",
+            "%resource.name",
+            "Patient",
+            "Patient.name = 'x'",
+            "Patient.name is HumanName",
+            "$this.name",
+            "iif(true, Patient.name, Patient.address)",
+        ] {
+            assert_eq!(roots(src), None, "{src}");
         }
     }
 }
