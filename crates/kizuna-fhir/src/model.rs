@@ -269,9 +269,14 @@ impl TypeModel {
 
     /// True when `key` is a primitive type.
     pub fn is_primitive(&self, key: &str) -> bool {
+        Self::primitive(self.types.get(key).map(Arc::as_ref), key)
+    }
+
+    /// [`TypeModel::is_primitive`] for a type already looked up (`info`: its table entry, if any).
+    pub fn primitive(info: Option<&TypeInfo>, key: &str) -> bool {
         // The table first: validation asks for every element, most of them complex, and a
         // table entry is never a complex type named in PRIMITIVES (tested).
-        match self.types.get(key) {
+        match info {
             Some(t) => t.kind == TypeKind::Primitive,
             None => PRIMITIVES.contains(&key),
         }

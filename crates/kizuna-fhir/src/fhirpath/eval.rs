@@ -238,11 +238,8 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         };
         let model = self.model();
         // One lookup of the node's type serves the primitive test and the element search.
-        let info = model.get(node.ty);
-        let is_prim = match info {
-            Some(t) => t.kind == crate::model::TypeKind::Primitive,
-            None => crate::model::PRIMITIVES.contains(&node.ty),
-        };
+        let info = model.get(node.ty).map(|t| t.as_ref());
+        let is_prim = TypeModel::primitive(info, node.ty);
         let obj = if is_prim { node.ext } else { node.value };
         let Some(Value::Object(map)) = obj else {
             if is_prim && !matches!(name, "id" | "extension") {
@@ -253,21 +250,14 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             }
             return Ok(());
         };
-        let Some(info) = info else {
-            if !is_prim {
-                // Unknown type: navigate the JSON as it is.
-                if let Some(v) = map.get(name) {
-                    push_dynamic(v, underscored(map, name), out);
-                }
-                return Ok(());
+        if info.is_none() && !is_prim {
+            // Unknown type: navigate the JSON as it is.
+            if let Some(v) = map.get(name) {
+                push_dynamic(v, underscored(map, name), out);
             }
-            return Err(FhirPathError::Semantic(format!(
-                "{} に要素 {name} はありません / {} has no element {name}",
-                model.type_name(node.ty),
-                model.type_name(node.ty)
-            )));
-        };
-        let Some(el) = model.element_in(info, name) else {
+            return Ok(());
+        }
+        let Some(el) = info.and_then(|t| model.element_in(t, name)) else {
             return Err(FhirPathError::Semantic(format!(
                 "{} に要素 {name} はありません / {} has no element {name}",
                 model.type_name(node.ty),
