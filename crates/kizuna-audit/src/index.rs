@@ -6,7 +6,10 @@
 //! log). That is why the newest rows may wait in memory and be written in bulk: a crash loses at most
 //! those, and the next start indexes them again from the log.
 
+use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
 use redb::{Database, Durability, TableDefinition};
 
@@ -35,6 +38,12 @@ const CACHE_BYTES: usize = 16 << 20;
 /// copies a leaf page on the first change to it in a transaction, so a commit per append batch of
 /// random person keys rewrote a page per row (~46 µs an entry); in bulk, neighbours share the copy.
 const FLUSH_ROWS: usize = 128 * 1024;
+
+/// Rows handed to the committer and not yet on disk before [`EntryIndex::add`] waits (12 MB). A
+/// commit of 128k rows into a large index takes seconds (each person row lands on its own page);
+/// appends go on meanwhile, so a burst (an export records an entry per patient) does not stall
+/// behind it, and only a writer that outpaces the disk for long waits.
+const MAX_IN_FLIGHT_ROWS: usize = 4 * FLUSH_ROWS;
 
 /// A completed chunk of the log, as persisted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,16 +74,101 @@ pub(crate) struct Coverage {
     pub last_leaf: Option<Hash>,
 }
 
-/// The person and actor index of one log directory: what is on disk, and the newest rows in memory
-/// (lost in a crash, and indexed again from the log at the next open).
+/// The person and actor index of one log directory: what is on disk, the rows being written by its
+/// committer thread, and the newest rows in memory (lost in a crash with those in flight, and indexed
+/// again from the log at the next open).
 pub(crate) struct EntryIndex {
-    db: Database,
-    /// (key, seq, offset) not yet written; every seq here is above every seq on disk.
+    db: Arc<Database>,
+    /// (key, seq, offset) not yet handed over; every seq here is above every seq in flight or on disk.
     pending: Vec<(u64, u64, u64)>,
     /// What the index covers once `pending` is written.
     pending_coverage: Option<Coverage>,
-    /// Completed chunks not yet written, by number.
+    /// Completed chunks not yet handed over, by number.
     pending_chunks: Vec<(u64, ChunkRow)>,
+    in_flight: Arc<InFlight>,
+    committer: Option<(mpsc::Sender<Arc<Batch>>, JoinHandle<()>)>,
+}
+
+/// One transaction's worth: sorted rows, the chunks completed and the coverage after it.
+struct Batch {
+    rows: Vec<(u64, u64, u64)>,
+    chunks: Vec<(u64, ChunkRow)>,
+    coverage: Option<Coverage>,
+}
+
+/// The batches handed to the committer, oldest first, until each is on disk.
+#[derive(Default)]
+struct InFlight {
+    state: Mutex<InFlightState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct InFlightState {
+    batches: VecDeque<Arc<Batch>>,
+    rows: usize,
+    /// The first failed commit. The committer writes nothing after it: a later batch on disk
+    /// would claim coverage over the failed one's entries.
+    failed: Option<String>,
+}
+
+impl InFlight {
+    fn lock(&self) -> MutexGuard<'_, InFlightState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Writes batches in order, each in one durable transaction.
+fn committer_loop(
+    db: Arc<Database>,
+    batches: mpsc::Receiver<Arc<Batch>>,
+    in_flight: Arc<InFlight>,
+) {
+    for batch in batches {
+        if in_flight.lock().failed.is_some() {
+            continue;
+        }
+        let result = commit(&db, &batch);
+        let mut st = in_flight.lock();
+        match result {
+            Ok(()) => {
+                st.batches.pop_front();
+                st.rows -= batch.rows.len();
+            }
+            Err(e) => st.failed = Some(e.to_string()),
+        }
+        drop(st);
+        in_flight.changed.notify_all();
+    }
+}
+
+fn commit(db: &Database, batch: &Batch) -> Result<(), AuditError> {
+    let mut tx = db.begin_write().map_err(ix)?;
+    tx.set_durability(Durability::Immediate);
+    {
+        let mut table = tx.open_table(ROWS).map_err(ix)?;
+        for (k, seq, offset) in &batch.rows {
+            table.insert((*k, *seq), *offset).map_err(ix)?;
+        }
+        let mut chunks = tx.open_table(CHUNKS).map_err(ix)?;
+        for (n, c) in &batch.chunks {
+            let mut v = Vec::with_capacity(48);
+            v.extend_from_slice(&c.start.to_be_bytes());
+            v.extend_from_slice(&c.end.to_be_bytes());
+            v.extend_from_slice(&c.root);
+            chunks.insert(*n, v.as_slice()).map_err(ix)?;
+        }
+        if let Some(covered) = batch.coverage {
+            let mut meta = tx.open_table(META).map_err(ix)?;
+            let mut value = covered.entries.to_be_bytes().to_vec();
+            if let Some(h) = covered.last_leaf {
+                value.extend_from_slice(&h);
+            }
+            meta.insert("covered", value.as_slice()).map_err(ix)?;
+        }
+    }
+    tx.commit().map_err(ix)?;
+    Ok(())
 }
 
 /// The index key of a person's or an actor's id (the tag keeps the two apart).
@@ -118,11 +212,22 @@ impl EntryIndex {
         let tx = db.begin_write().map_err(ix)?;
         create_tables(&tx)?;
         tx.commit().map_err(ix)?;
+        let db = Arc::new(db);
+        let in_flight = Arc::new(InFlight::default());
+        let (tx, rx) = mpsc::channel();
+        let committer = std::thread::Builder::new()
+            .name("kizuna-audit-ix".into())
+            .spawn({
+                let (db, in_flight) = (db.clone(), in_flight.clone());
+                move || committer_loop(db, rx, in_flight)
+            })?;
         Ok(EntryIndex {
             db,
             pending: Vec::new(),
             pending_coverage: None,
             pending_chunks: Vec::new(),
+            in_flight,
+            committer: Some((tx, committer)),
         })
     }
 
@@ -148,6 +253,9 @@ impl EntryIndex {
 
     /// Forgets everything (the index belongs to another log, or the log was cut).
     pub fn clear(&mut self) -> Result<(), AuditError> {
+        // Whatever is in flight belongs to what is being forgotten.
+        let _ = self.wait_idle();
+        self.in_flight.lock().failed = None;
         self.pending.clear();
         self.pending_coverage = None;
         self.pending_chunks.clear();
@@ -204,48 +312,74 @@ impl EntryIndex {
         }
         self.pending_coverage = Some(covered);
         if self.pending.len() >= FLUSH_ROWS {
-            self.sync()?;
+            self.hand_over()?;
         }
         Ok(())
     }
 
-    /// Writes and `fsync`s everything added so far. Every write is durable: redb reuses the pages
-    /// a write replaces only after a durable commit (with non-durable ones the file grew to 340 bytes
-    /// an entry), and one `fsync` per 64k entries costs nothing measurable.
+    /// Hands everything added so far to the committer and waits until it is on disk. Every write
+    /// is durable: redb reuses the pages a write replaces only after a durable commit (with
+    /// non-durable ones the file grew to 340 bytes an entry), and one `fsync` per 64k entries costs
+    /// nothing measurable.
     pub fn sync(&mut self) -> Result<(), AuditError> {
+        self.hand_over()?;
+        self.wait_idle()
+    }
+
+    /// Passes the rows held here to the committer as one batch, first waiting while too many are
+    /// in flight.
+    fn hand_over(&mut self) -> Result<(), AuditError> {
         if self.pending_coverage.is_none() && self.pending_chunks.is_empty() {
             return Ok(());
         }
-        self.pending.sort_unstable();
-        let mut tx = self.db.begin_write().map_err(ix)?;
-        tx.set_durability(Durability::Immediate);
+        let mut rows = std::mem::take(&mut self.pending);
+        rows.sort_unstable();
+        let batch = Arc::new(Batch {
+            rows,
+            chunks: std::mem::take(&mut self.pending_chunks),
+            coverage: self.pending_coverage.take(),
+        });
+        let Some((to_committer, _)) = &self.committer else {
+            return Err(AuditError::Index(
+                "索引の書き込みが止まっています / the index committer has stopped".into(),
+            ));
+        };
+        let mut st = self.in_flight.lock();
+        while st.failed.is_none() && st.rows > 0 && st.rows + batch.rows.len() > MAX_IN_FLIGHT_ROWS
         {
-            let mut table = tx.open_table(ROWS).map_err(ix)?;
-            for (k, seq, offset) in &self.pending {
-                table.insert((*k, *seq), *offset).map_err(ix)?;
-            }
-            let mut chunks = tx.open_table(CHUNKS).map_err(ix)?;
-            for (n, c) in &self.pending_chunks {
-                let mut v = Vec::with_capacity(48);
-                v.extend_from_slice(&c.start.to_be_bytes());
-                v.extend_from_slice(&c.end.to_be_bytes());
-                v.extend_from_slice(&c.root);
-                chunks.insert(*n, v.as_slice()).map_err(ix)?;
-            }
-            if let Some(covered) = self.pending_coverage {
-                let mut meta = tx.open_table(META).map_err(ix)?;
-                let mut value = covered.entries.to_be_bytes().to_vec();
-                if let Some(h) = covered.last_leaf {
-                    value.extend_from_slice(&h);
-                }
-                meta.insert("covered", value.as_slice()).map_err(ix)?;
-            }
+            st = self
+                .in_flight
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
         }
-        tx.commit().map_err(ix)?;
-        self.pending.clear();
-        self.pending_coverage = None;
-        self.pending_chunks.clear();
-        Ok(())
+        if let Some(e) = &st.failed {
+            return Err(AuditError::Index(e.clone()));
+        }
+        st.rows += batch.rows.len();
+        st.batches.push_back(batch.clone());
+        drop(st);
+        to_committer.send(batch).map_err(|_| {
+            AuditError::Index(
+                "索引の書き込みが止まっています / the index committer has stopped".into(),
+            )
+        })
+    }
+
+    /// Waits until every batch handed over is on disk (or one failed).
+    fn wait_idle(&self) -> Result<(), AuditError> {
+        let mut st = self.in_flight.lock();
+        while st.failed.is_none() && !st.batches.is_empty() {
+            st = self
+                .in_flight
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        match &st.failed {
+            Some(e) => Err(AuditError::Index(e.clone())),
+            None => Ok(()),
+        }
     }
 
     /// (seq, offset) of a person's entries (and of any whose key collides), in log order.
@@ -259,6 +393,9 @@ impl EntryIndex {
     }
 
     fn lookup(&self, key: u64) -> Result<Vec<(u64, u64)>, AuditError> {
+        // Held across the read so a batch cannot leave the in-flight list before the snapshot
+        // holds it; a batch committed meanwhile is in both, and the duplicates go below.
+        let st = self.in_flight.lock();
         let tx = self.db.begin_read().map_err(ix)?;
         let t = tx.open_table(ROWS).map_err(ix)?;
         let mut out = Vec::new();
@@ -266,16 +403,87 @@ impl EntryIndex {
             let (k, v) = row.map_err(ix)?;
             out.push((k.value().1, v.value()));
         }
-        // Rows still in memory come after every row on disk (the buffer may be sorted by a failed
-        // write; order them by seq again).
-        let mut newer: Vec<(u64, u64)> = self
-            .pending
+        let mut newer: Vec<(u64, u64)> = st
+            .batches
             .iter()
+            .flat_map(|b| b.rows.iter())
+            .chain(self.pending.iter())
             .filter(|(k, _, _)| *k == key)
             .map(|(_, seq, offset)| (*seq, *offset))
             .collect();
-        newer.sort_unstable();
-        out.extend(newer);
+        drop(st);
+        out.append(&mut newer);
+        out.sort_unstable();
+        out.dedup();
         Ok(out)
+    }
+}
+
+impl Drop for EntryIndex {
+    /// Lets the committer finish what it was handed; rows never handed over are indexed again at
+    /// the next open.
+    fn drop(&mut self) {
+        if let Some((to_committer, thread)) = self.committer.take() {
+            drop(to_committer);
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(from: u64, to: u64) -> Vec<IndexRow> {
+        (from..to)
+            .map(|seq| IndexRow {
+                seq,
+                offset: seq * 100,
+                person: Some(format!("person-{}", seq % 3)),
+                actor: "operator".into(),
+            })
+            .collect()
+    }
+
+    fn covering(n: u64) -> Coverage {
+        Coverage {
+            entries: n,
+            last_leaf: None,
+        }
+    }
+
+    #[test]
+    fn rows_being_written_are_found_once_before_and_after_the_commit() {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut ix = EntryIndex::open(d.path()).unwrap_or_else(|e| panic!("{e}"));
+        // Holding a write transaction keeps the committer from writing the batch handed to it.
+        let held = ix.db.begin_write().unwrap_or_else(|e| panic!("{e}"));
+        // Two rows an entry: the first call fills a batch, the second stays here.
+        let n = FLUSH_ROWS as u64 / 2 + 10;
+        ix.add(&rows(0, n - 10), covering(n - 10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        ix.add(&rows(n - 10, n), covering(n))
+            .unwrap_or_else(|e| panic!("{e}"));
+        {
+            let st = ix.in_flight.lock();
+            assert_eq!(st.batches.len(), 1, "one batch handed over");
+            assert!(st.rows >= FLUSH_ROWS);
+        }
+        assert_eq!(ix.pending.len(), 20, "the rest is still held here");
+        let expect: Vec<(u64, u64)> = (0..n)
+            .filter(|s| s % 3 == 1)
+            .map(|s| (s, s * 100))
+            .collect();
+        assert_eq!(ix.person("person-1").ok(), Some(expect.clone()));
+        assert_eq!(ix.actor("operator").map(|v| v.len()).ok(), Some(n as usize));
+        drop(held);
+        ix.sync().unwrap_or_else(|e| panic!("{e}"));
+        assert!(ix.in_flight.lock().batches.is_empty());
+        assert_eq!(ix.person("person-1").ok(), Some(expect));
+        assert_eq!(ix.coverage().ok(), Some(covering(n)));
+        drop(ix);
+        // On disk after a reopen.
+        let ix = EntryIndex::open(d.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ix.actor("operator").map(|v| v.len()).ok(), Some(n as usize));
     }
 }
