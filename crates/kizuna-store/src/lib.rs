@@ -30,7 +30,7 @@ use sqlx::{AnyPool, Row};
 pub use compartment::PatientCompartment;
 pub use include::Include;
 pub use index::{IndexValue, Indexer, ParamType};
-pub use scan::{CompartmentScope, ScanCursor, ScanFilter, ScannedRow};
+pub use scan::{CompartmentScope, NdjsonPage, ScanCursor, ScanFilter, ScannedRow};
 pub use schema::SCHEMA_VERSION;
 pub use search::{SearchParamValue, SearchQuery, SearchResult, SortSpec, Total};
 
@@ -40,7 +40,7 @@ pub enum StoreError {
     /// The database failed.
     #[error("データベースエラー / database error: {0}")]
     Db(#[from] sqlx::Error),
-    /// The SQLite writer's own connection failed.
+    /// A SQLite connection called directly (the writer's, or a bulk read's) failed.
     #[error("データベースエラー / database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// A stored body could not be read.
@@ -78,6 +78,9 @@ pub enum StoreError {
     /// The shared commit of several requests failed; this request's writes were rolled back.
     #[error("コミットに失敗しました / the commit failed: {0}")]
     Commit(String),
+    /// A read on a blocking thread did not finish (the runtime is shutting down, or it panicked).
+    #[error("読み出しが中断されました / a read was interrupted: {0}")]
+    Interrupted(String),
     /// The store's writer task is gone (the runtime is shutting down).
     #[error("書き込みを受け付けられません / the store is shutting down")]
     WriterStopped,
@@ -197,6 +200,8 @@ pub struct Store {
     pg_stats: Arc<write::StatsSchedule>,
     /// SQLite: commits so far, for the [`checkpointer`] (which stops when the store is gone).
     commits: Arc<std::sync::atomic::AtomicU64>,
+    /// SQLite: read connections called directly, for bulk reads ([`Store::scan_ndjson`]).
+    direct_reads: Option<Arc<scan::DirectReads>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -340,6 +345,7 @@ impl Store {
             group_writer: None,
             pg_stats: Arc::new(write::StatsSchedule::default()),
             commits: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            direct_reads: None,
         };
         store.migrate().await?;
         let mut store = store;
@@ -356,6 +362,7 @@ impl Store {
             // the last commit), but each one stalls every write on two `fsync`s: at 16,384 pages
             // they took 1.2 s of every 15 s of the writer's time during a 100k ingest.
             let conn = write_tx::open_direct(&path, 64 * 1024, 65536)?;
+            store.direct_reads = Some(Arc::new(scan::DirectReads::new(path.clone())));
             let writer = store.clone();
             std::thread::Builder::new()
                 .name("kizuna-sqlite-writer".into())

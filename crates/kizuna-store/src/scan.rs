@@ -7,8 +7,14 @@
 //! from a random page of the resources table. Row ids follow the table's own layout, so a walk
 //! reads it front to back whoever chose the ids; the cursor is an integer, not a string.
 
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use sqlx::Row;
 
+use crate::write::Bind;
+use crate::write_tx::bind_all;
 use crate::{Store, StoreError};
 
 /// Which resources of a type a scan returns.
@@ -45,38 +51,59 @@ pub struct ScannedRow {
     pub cursor: ScanCursor,
 }
 
+/// A page of a scan as NDJSON, for writers that copy bodies out unparsed (the bulk export): the
+/// stored JSON of each row followed by a newline, in one buffer.
+#[derive(Debug, Clone, Default)]
+pub struct NdjsonPage {
+    /// The bodies, each ending in `\n` (a stored body holds no newline).
+    pub ndjson: Vec<u8>,
+    /// The rows' ids, in order, when asked for.
+    pub ids: Vec<String>,
+    /// Lines in `ndjson`.
+    pub rows: usize,
+    /// The cursor that continues the scan after this page: the one it started from at the end
+    /// of the scan.
+    pub next: ScanCursor,
+}
+
+impl NdjsonPage {
+    fn push(&mut self, rid: i64, id: Option<String>, body: &[u8]) {
+        self.ndjson.extend_from_slice(body);
+        self.ndjson.push(b'\n');
+        self.ids.extend(id);
+        self.rows += 1;
+        self.next = ScanCursor(rid);
+    }
+}
+
+/// What one page of a scan asks the database.
+enum ScanQuery {
+    /// The type is outside the compartment the filter asks for.
+    Outside,
+    /// Nothing can match (no resource of the type was ever indexed with a patient link).
+    Empty,
+    /// `SELECT rid, id, body …` with `?` placeholders; the page size binds last.
+    Sql(String, Vec<Bind>),
+}
+
 impl Store {
-    /// The next page of current resources of `rt` after `after`, at most `limit`, in storage
-    /// order. A resource updated during a scan keeps its place, so a scan visits every resource
-    /// that exists throughout it once. `None` when the type is outside the compartment the
-    /// filter asks for.
-    pub async fn scan_page(
-        &self,
-        rt: &str,
-        filter: &ScanFilter,
-        after: ScanCursor,
-        limit: i64,
-    ) -> Result<Option<Vec<ScannedRow>>, StoreError> {
-        enum P {
-            S(String),
-            I(i64),
-        }
+    fn scan_query(&self, rt: &str, filter: &ScanFilter, after: ScanCursor) -> ScanQuery {
         let mut sql = String::from(
             "SELECT r.rid, r.id, r.body FROM resources r WHERE r.rtype = ? AND r.deleted = 0 AND r.rid > ?",
         );
-        let mut binds: Vec<P> = vec![P::S(rt.to_string()), P::I(after.0)];
+        let mut binds: Vec<Bind> = vec![Bind::S(rt.to_string()), Bind::I(after.0)];
         if let Some(s) = filter.since_ms {
             sql.push_str(" AND r.lu_ms >= ?");
-            binds.push(P::I(s));
+            binds.push(Bind::I(s));
         }
-        let members = |group: &str, binds: &mut Vec<P>| {
-            binds.push(P::I(
+        let members = |group: &str, binds: &mut Vec<Bind>| {
+            binds.push(Bind::I(
                 self.pids("Group", "member", "")
                     .first()
                     .copied()
                     .unwrap_or(-1),
             ));
-            binds.push(P::S(group.to_string()));
+            binds.push(Bind::S(group.to_string()));
             "SELECT g.tid FROM idx_reference g WHERE g.pid = ? AND g.ttype = 'Patient' AND g.rid = (SELECT gr.rid FROM resources gr WHERE gr.rtype = 'Group' AND gr.id = ?)"
         };
         match (&filter.compartment, rt) {
@@ -88,18 +115,17 @@ impl Store {
             (Some(scope), _) => {
                 let params = self.compartment().params(rt).to_vec();
                 if params.is_empty() {
-                    return Ok(None);
+                    return ScanQuery::Outside;
                 }
                 let pids: Vec<i64> = params.iter().flat_map(|p| self.pids(rt, p, "")).collect();
                 if pids.is_empty() {
-                    // No resource of the type was ever indexed with a patient link.
-                    return Ok(Some(Vec::new()));
+                    return ScanQuery::Empty;
                 }
                 let list = vec!["?"; pids.len()].join(", ");
                 sql.push_str(&format!(
                     " AND EXISTS (SELECT 1 FROM idx_reference x WHERE x.rid = r.rid AND x.ttype = 'Patient' AND x.pid IN ({list})"
                 ));
-                binds.extend(pids.into_iter().map(P::I));
+                binds.extend(pids.into_iter().map(Bind::I));
                 if let CompartmentScope::GroupMembers(g) = scope {
                     let m = members(g, &mut binds);
                     sql.push_str(&format!(" AND x.tid IN ({m})"));
@@ -108,15 +134,30 @@ impl Store {
             }
         }
         sql.push_str(" ORDER BY r.rid LIMIT ?");
+        ScanQuery::Sql(sql, binds)
+    }
+
+    /// The next page of current resources of `rt` after `after`, at most `limit`, in storage
+    /// order. A resource updated during a scan keeps its place, so a scan visits every resource
+    /// that exists throughout it once. `None` when the type is outside the compartment the
+    /// filter asks for.
+    pub async fn scan_page(
+        &self,
+        rt: &str,
+        filter: &ScanFilter,
+        after: ScanCursor,
+        limit: i64,
+    ) -> Result<Option<Vec<ScannedRow>>, StoreError> {
+        let (sql, mut binds) = match self.scan_query(rt, filter, after) {
+            ScanQuery::Outside => return Ok(None),
+            ScanQuery::Empty => return Ok(Some(Vec::new())),
+            ScanQuery::Sql(sql, binds) => (sql, binds),
+        };
+        binds.push(Bind::I(limit));
         let sql = self.sql(&sql);
-        let mut q = sqlx::query(&sql);
-        for b in binds {
-            q = match b {
-                P::S(s) => q.bind(s),
-                P::I(i) => q.bind(i),
-            };
-        }
-        let rows = q.bind(limit).fetch_all(self.pool()).await?;
+        let rows = bind_all(sqlx::query(&sql), &binds)
+            .fetch_all(self.pool())
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let body: Option<String> = r.try_get(2)?;
@@ -127,6 +168,57 @@ impl Store {
             });
         }
         Ok(Some(out))
+    }
+
+    /// The same page as [`Store::scan_page`], as NDJSON, with the ids when `with_ids`. On SQLite
+    /// it is read on a blocking thread over a connection called directly, each body copied once
+    /// into the page: through the driver each was copied three times and handed over row by row,
+    /// which bounded the export at one core.
+    pub async fn scan_ndjson(
+        &self,
+        rt: &str,
+        filter: &ScanFilter,
+        after: ScanCursor,
+        limit: i64,
+        with_ids: bool,
+    ) -> Result<Option<NdjsonPage>, StoreError> {
+        let (sql, mut binds) = match self.scan_query(rt, filter, after) {
+            ScanQuery::Outside => return Ok(None),
+            ScanQuery::Empty => {
+                return Ok(Some(NdjsonPage {
+                    next: after,
+                    ..NdjsonPage::default()
+                }))
+            }
+            ScanQuery::Sql(sql, binds) => (sql, binds),
+        };
+        binds.push(Bind::I(limit));
+        if let Some(direct) = &self.direct_reads {
+            let direct = direct.clone();
+            return tokio::task::spawn_blocking(move || {
+                direct.ndjson_page(&sql, &binds, with_ids, after)
+            })
+            .await
+            .map_err(|e| StoreError::Interrupted(e.to_string()))?
+            .map(Some);
+        }
+        let sql = self.sql(&sql);
+        let rows = bind_all(sqlx::query(&sql), &binds)
+            .fetch_all(self.pool())
+            .await?;
+        let mut page = NdjsonPage {
+            next: after,
+            ..NdjsonPage::default()
+        };
+        for r in rows {
+            let body: Option<String> = r.try_get(2)?;
+            let id = if with_ids { Some(r.try_get(1)?) } else { None };
+            match body {
+                Some(body) => page.push(r.try_get(0)?, id, body.as_bytes()),
+                None => page.next = ScanCursor(r.try_get(0)?),
+            }
+        }
+        Ok(Some(page))
     }
 
     /// The resource types that have at least one current resource.
@@ -140,5 +232,85 @@ impl Store {
             .collect();
         out.sort();
         Ok(out)
+    }
+}
+
+/// SQLite read connections called directly, for bulk reads. Idle ones are kept a while (a
+/// connection's planner statistics date from its opening, as with the pool's readers).
+#[derive(Debug)]
+pub(crate) struct DirectReads {
+    path: PathBuf,
+    idle: Mutex<Vec<(Instant, rusqlite::Connection)>>,
+}
+
+impl DirectReads {
+    /// How long an idle connection is reused.
+    const FRESH: Duration = Duration::from_secs(30);
+    /// Idle connections kept.
+    const KEEP: usize = 2;
+
+    pub(crate) fn new(path: PathBuf) -> DirectReads {
+        DirectReads {
+            path,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn take(&self) -> Result<(Instant, rusqlite::Connection), StoreError> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((opened, conn)) = idle.pop() {
+            if opened.elapsed() < Self::FRESH {
+                return Ok((opened, conn));
+            }
+        }
+        drop(idle);
+        use rusqlite::OpenFlags;
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        // A walk front to back: a small cache, as every page is read once.
+        conn.execute_batch("PRAGMA cache_size=-2048; PRAGMA busy_timeout=10000")?;
+        Ok((Instant::now(), conn))
+    }
+
+    fn give_back(&self, conn: (Instant, rusqlite::Connection)) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < Self::KEEP {
+            idle.push(conn);
+        }
+    }
+
+    /// Runs a scan query (see `ScanQuery::Sql`) into a page. Blocking.
+    fn ndjson_page(
+        &self,
+        sql: &str,
+        binds: &[Bind],
+        with_ids: bool,
+        after: ScanCursor,
+    ) -> Result<NdjsonPage, StoreError> {
+        let conn = self.take()?;
+        let mut page = NdjsonPage {
+            next: after,
+            ..NdjsonPage::default()
+        };
+        let result = (|| -> Result<(), StoreError> {
+            let mut st = conn.1.prepare_cached(sql)?;
+            let mut rows = st.query(rusqlite::params_from_iter(binds))?;
+            while let Some(r) = rows.next()? {
+                let id = if with_ids {
+                    Some(r.get::<_, String>(1)?)
+                } else {
+                    None
+                };
+                match r.get_ref(2)? {
+                    rusqlite::types::ValueRef::Text(body) => page.push(r.get(0)?, id, body),
+                    _ => page.next = ScanCursor(r.get(0)?),
+                }
+            }
+            Ok(())
+        })();
+        self.give_back(conn);
+        result.map(|()| page)
     }
 }

@@ -180,7 +180,7 @@ impl<'c> WriteTx<'c> {
     }
 }
 
-fn bind_all<'q, 'b: 'q>(
+pub(crate) fn bind_all<'q, 'b: 'q>(
     mut q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
     binds: impl IntoIterator<Item = &'b Bind>,
 ) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
