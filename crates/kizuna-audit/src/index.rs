@@ -142,6 +142,10 @@ fn committer_loop(
     }
 }
 
+fn committer_stopped() -> AuditError {
+    AuditError::Index("索引の書き込みが止まっています / the index committer has stopped".into())
+}
+
 fn commit(db: &Database, batch: &Batch) -> Result<(), AuditError> {
     let mut tx = db.begin_write().map_err(ix)?;
     tx.set_durability(Durability::Immediate);
@@ -253,9 +257,10 @@ impl EntryIndex {
 
     /// Forgets everything (the index belongs to another log, or the log was cut).
     pub fn clear(&mut self) -> Result<(), AuditError> {
-        // Whatever is in flight belongs to what is being forgotten.
+        // Whatever is in flight belongs to what is being forgotten. A failure stays: the batches
+        // the committer skipped after it are still listed, so the index stays behind until the
+        // next open rebuilds it.
         let _ = self.wait_idle();
-        self.in_flight.lock().failed = None;
         self.pending.clear();
         self.pending_coverage = None;
         self.pending_chunks.clear();
@@ -340,9 +345,7 @@ impl EntryIndex {
             coverage: self.pending_coverage.take(),
         });
         let Some((to_committer, _)) = &self.committer else {
-            return Err(AuditError::Index(
-                "索引の書き込みが止まっています / the index committer has stopped".into(),
-            ));
+            return Err(committer_stopped());
         };
         let mut st = self.in_flight.lock();
         while st.failed.is_none() && st.rows > 0 && st.rows + batch.rows.len() > MAX_IN_FLIGHT_ROWS
@@ -359,11 +362,7 @@ impl EntryIndex {
         st.rows += batch.rows.len();
         st.batches.push_back(batch.clone());
         drop(st);
-        to_committer.send(batch).map_err(|_| {
-            AuditError::Index(
-                "索引の書き込みが止まっています / the index committer has stopped".into(),
-            )
-        })
+        to_committer.send(batch).map_err(|_| committer_stopped())
     }
 
     /// Waits until every batch handed over is on disk (or one failed).

@@ -336,7 +336,6 @@ async fn start(
     Ok(r)
 }
 
-/// The export itself: every type, page by page, into NDJSON files of at most `file_limit` lines.
 /// One type's NDJSON files: a new file every `file_limit` resources, none for a type with none.
 /// Runs on a blocking thread with plain file writes (no async file layer copying each buffer).
 struct NdjsonSink {
@@ -412,6 +411,7 @@ impl NdjsonSink {
     }
 }
 
+/// The export itself: every type, page by page, into NDJSON files of at most `file_limit` lines.
 async fn run(
     s: &AppState,
     a: &Auth,
