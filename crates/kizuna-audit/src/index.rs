@@ -146,32 +146,57 @@ fn committer_stopped() -> AuditError {
     AuditError::Index("索引の書き込みが止まっています / the index committer has stopped".into())
 }
 
+/// Rows written per transaction of a batch. A batch's rows are sorted, so each slice covers one
+/// stretch of keys and dirties only the leaves there: a commit holds at most about this many pages
+/// in memory, where one transaction per batch dirtied nearly every leaf of the index (person keys
+/// are random) and its memory grew with the index (277 MB peak during a 1M `$export` with a 92 MB
+/// index, against 242 MB with an empty one). The leaves are still each written about once per batch.
+const SLICE_ROWS: usize = 8 * 1024;
+
+/// Writes a batch in slices of [`SLICE_ROWS`], each durable, with the chunks and the coverage in
+/// the last: a crash between slices leaves the coverage where it was, and the entries after it are
+/// indexed again at the next open (the same keys, so the rows written twice are replaced).
 fn commit(db: &Database, batch: &Batch) -> Result<(), AuditError> {
-    let mut tx = db.begin_write().map_err(ix)?;
-    tx.set_durability(Durability::Immediate);
-    {
-        let mut table = tx.open_table(ROWS).map_err(ix)?;
-        for (k, seq, offset) in &batch.rows {
-            table.insert((*k, *seq), *offset).map_err(ix)?;
-        }
-        let mut chunks = tx.open_table(CHUNKS).map_err(ix)?;
-        for (n, c) in &batch.chunks {
-            let mut v = Vec::with_capacity(48);
-            v.extend_from_slice(&c.start.to_be_bytes());
-            v.extend_from_slice(&c.end.to_be_bytes());
-            v.extend_from_slice(&c.root);
-            chunks.insert(*n, v.as_slice()).map_err(ix)?;
-        }
-        if let Some(covered) = batch.coverage {
-            let mut meta = tx.open_table(META).map_err(ix)?;
-            let mut value = covered.entries.to_be_bytes().to_vec();
-            if let Some(h) = covered.last_leaf {
-                value.extend_from_slice(&h);
+    let mut slices = batch.rows.chunks(SLICE_ROWS).peekable();
+    loop {
+        let rows = slices.next().unwrap_or(&[]);
+        let last = slices.peek().is_none();
+        let mut tx = db.begin_write().map_err(ix)?;
+        tx.set_durability(Durability::Immediate);
+        {
+            let mut table = tx.open_table(ROWS).map_err(ix)?;
+            for (k, seq, offset) in rows {
+                table.insert((*k, *seq), *offset).map_err(ix)?;
             }
-            meta.insert("covered", value.as_slice()).map_err(ix)?;
+            if last {
+                write_progress(&tx, batch)?;
+            }
+        }
+        tx.commit().map_err(ix)?;
+        if last {
+            return Ok(());
         }
     }
-    tx.commit().map_err(ix)?;
+}
+
+/// The chunks a batch completed and the coverage after it.
+fn write_progress(tx: &redb::WriteTransaction, batch: &Batch) -> Result<(), AuditError> {
+    let mut chunks = tx.open_table(CHUNKS).map_err(ix)?;
+    for (n, c) in &batch.chunks {
+        let mut v = Vec::with_capacity(48);
+        v.extend_from_slice(&c.start.to_be_bytes());
+        v.extend_from_slice(&c.end.to_be_bytes());
+        v.extend_from_slice(&c.root);
+        chunks.insert(*n, v.as_slice()).map_err(ix)?;
+    }
+    if let Some(covered) = batch.coverage {
+        let mut meta = tx.open_table(META).map_err(ix)?;
+        let mut value = covered.entries.to_be_bytes().to_vec();
+        if let Some(h) = covered.last_leaf {
+            value.extend_from_slice(&h);
+        }
+        meta.insert("covered", value.as_slice()).map_err(ix)?;
+    }
     Ok(())
 }
 
