@@ -18,7 +18,7 @@ use kizuna_auth::Role;
 use serde_json::{json, Value};
 
 use crate::bench_server::{call, percentiles, rss_mib, BenchServer};
-use crate::share_load::{eligibility_bundles, resources_in, submissions, Submission};
+use crate::share_load::{eligibility_bundles, submissions, Submission};
 
 /// Options of `kizuna bench share`.
 #[derive(Args)]
@@ -114,9 +114,7 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
             sc.spawn(move || loop {
                 let next = queue.lock().ok().and_then(|mut q| q.pop());
                 let Some(job) = next else { break };
-                let resources = serde_json::from_str::<Value>(&job.body)
-                    .map(|b| resources_in(&b))
-                    .unwrap_or(0);
+                let resources = job.resources;
                 let url = match &job.destination {
                     Some(d) => format!("{base}/Bundle/$submit?destination={d}"),
                     None => format!("{base}/Bundle/$submit"),

@@ -176,6 +176,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
                 from,
                 body,
                 destination: dest,
+                ..
             }) = job
             else {
                 break;

@@ -16,6 +16,9 @@ pub struct Submission {
     pub body: String,
     /// The destination of a discharge summary sent on its own.
     pub destination: Option<String>,
+    /// Resources it carries, counted when it is made (a benchmark's clients do not parse what
+    /// they send while the clock runs).
+    pub resources: u64,
 }
 
 /// The sending institution of a generated submission: the first part of the bundle identifier
@@ -78,6 +81,7 @@ pub fn submissions(people: &[PersonOutput]) -> Vec<Submission> {
                 from,
                 body: text.clone(),
                 destination,
+                resources: resources_in(&b),
             });
         }
     }
