@@ -21,7 +21,7 @@ use axum::Extension;
 use kizuna_audit::{AuditWriter, NewEntry, Outcome, Purpose, Target};
 use kizuna_auth::http::{check_scope, FhirRequest};
 use kizuna_auth::scope::Interaction;
-use kizuna_store::{CompartmentScope, NdjsonPage, ScanCursor, ScanFilter};
+use kizuna_store::{CompartmentScope, MixedNdjsonPage, NdjsonPage, ScanCursor, ScanFilter};
 use serde_json::{json, Value};
 
 use crate::fhir::{actor, Auth, St};
@@ -411,7 +411,9 @@ impl NdjsonSink {
     }
 }
 
-/// The export itself: every type, page by page, into NDJSON files of at most `file_limit` lines.
+/// The export itself: every type into NDJSON files of at most `file_limit` lines. A whole
+/// server's export of several types reads the table in one walk ([`run_one_walk`]); an export
+/// of compartments walks each type through its compartment links.
 async fn run(
     s: &AppState,
     a: &Auth,
@@ -419,6 +421,9 @@ async fn run(
     types: &[String],
     filter: &ScanFilter,
 ) -> Result<Vec<Value>, String> {
+    if filter.compartment.is_none() && types.len() > 1 {
+        return run_one_walk(s, a, job, types, filter.since_ms).await;
+    }
     let mut outputs = Vec::new();
     let actor = actor(a);
     for rt in types {
@@ -433,7 +438,6 @@ async fn run(
             }
             sink.finish()
         });
-        let mut type_total = 0u64;
         loop {
             if job.cancelled.load(Ordering::Relaxed) {
                 return Err("cancelled".into());
@@ -450,66 +454,173 @@ async fn run(
             after = page.next;
             let people = std::mem::take(&mut page.ids);
             let n = page.rows as u64;
-            if pages.send(page).await.is_err() {
-                // The writer stopped on an error, which its result below carries.
+            if !pass_on(s, &actor, job, &pages, page, n, people).await {
                 break;
-            }
-            type_total += n;
-            job.written.fetch_add(n, Ordering::Relaxed);
-            // Each patient whose record left the server is told so in their access history.
-            if let Some(w) = &s.audit {
-                let time = chrono::Utc::now().to_rfc3339();
-                w.record_batch(
-                    people
-                        .into_iter()
-                        .map(|p| NewEntry {
-                            time: time.clone(),
-                            actor: actor.clone(),
-                            action: "export".into(),
-                            target: Target {
-                                resource_type: Some("Patient".into()),
-                                resource_id: Some(p.clone()),
-                                person: Some(p),
-                                ..Target::default()
-                            },
-                            purpose: Purpose::Operations,
-                            outcome: Outcome::allow("scope"),
-                            source: None,
-                            request: Some(format!("export-{}", job.id)),
-                        })
-                        .collect(),
-                );
-                // One entry per patient: wait for the writer rather than queue a whole export's worth.
-                while w.queued() > AuditWriter::QUEUE_HIGH {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
             }
         }
         drop(pages);
-        let files = writing
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        for (name, count) in files {
-            outputs.push(json!({"type": rt, "url": format!("{}/$export-file/{}/{name}", s.base_url, job.id), "count": count}));
+        let files = joined(writing).await?;
+        outputs.extend(type_outputs(s, &actor, job, rt, files));
+    }
+    Ok(outputs)
+}
+
+/// A whole server's export (`$export`, several types, no compartment) in one walk over the
+/// resources table in storage order, each line routed to its type's files. Each type's files
+/// hold what a walk per type would write, in the same order.
+///
+/// With the database not in the OS cache, a walk per type read most of the table's pages once per
+/// type (rows of all types are interleaved): 19.9 s for 1M resources, against 14.7–17.0 s in one
+/// walk on the machine of the first measurement.
+async fn run_one_walk(
+    s: &AppState,
+    a: &Auth,
+    job: &Job,
+    types: &[String],
+    since_ms: Option<i64>,
+) -> Result<Vec<Value>, String> {
+    let actor = actor(a);
+    let (pages, mut to_write) = tokio::sync::mpsc::channel::<MixedNdjsonPage>(2);
+    let (dir, file_limit) = (job.dir.clone(), s.exports.file_limit);
+    let writing = tokio::task::spawn_blocking(move || {
+        let mut sinks: HashMap<String, NdjsonSink> = HashMap::new();
+        while let Some(page) = to_write.blocking_recv() {
+            for (rt, part) in &page.parts {
+                sinks
+                    .entry(rt.clone())
+                    .or_insert_with(|| NdjsonSink::new(dir.clone(), rt.clone(), file_limit))
+                    .write_page(part)?;
+            }
         }
-        if let Some(w) = &s.audit {
-            w.record(NewEntry {
-                time: chrono::Utc::now().to_rfc3339(),
+        sinks
+            .into_iter()
+            .map(|(rt, sink)| Ok((rt, sink.finish()?)))
+            .collect::<std::io::Result<HashMap<String, Vec<(String, u64)>>>>()
+    });
+    let mut after = ScanCursor::default();
+    loop {
+        if job.cancelled.load(Ordering::Relaxed) {
+            return Err("cancelled".into());
+        }
+        let mut page = s
+            .store
+            .scan_ndjson_types(types, since_ms, after, s.exports.page_size, "Patient")
+            .await
+            .map_err(|e| e.to_string())?;
+        if page.next == after {
+            break;
+        }
+        after = page.next;
+        let people: Vec<String> = page
+            .parts
+            .iter_mut()
+            .filter(|(rt, _)| rt == "Patient")
+            .flat_map(|(_, p)| std::mem::take(&mut p.ids))
+            .collect();
+        let n = page.rows as u64;
+        if !pass_on(s, &actor, job, &pages, page, n, people).await {
+            break;
+        }
+    }
+    drop(pages);
+    let mut files = joined(writing).await?;
+    let mut outputs = Vec::new();
+    for rt in types {
+        let list = files.remove(rt).unwrap_or_default();
+        outputs.extend(type_outputs(s, &actor, job, rt, list));
+    }
+    Ok(outputs)
+}
+
+/// Hands a page of `rows` lines to the file writer, counts it and records the patients in it;
+/// `false` when the writer has stopped (on an error, which its result carries).
+async fn pass_on<P>(
+    s: &AppState,
+    actor: &kizuna_audit::Actor,
+    job: &Job,
+    pages: &tokio::sync::mpsc::Sender<P>,
+    page: P,
+    rows: u64,
+    people: Vec<String>,
+) -> bool {
+    if pages.send(page).await.is_err() {
+        return false;
+    }
+    job.written.fetch_add(rows, Ordering::Relaxed);
+    record_people(s, actor, job, people).await;
+    true
+}
+
+/// The file writer's result once it has written every page it was handed.
+async fn joined<T>(writing: tokio::task::JoinHandle<std::io::Result<T>>) -> Result<T, String> {
+    writing
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Each patient whose record left the server is told so in their access history.
+async fn record_people(s: &AppState, actor: &kizuna_audit::Actor, job: &Job, people: Vec<String>) {
+    let Some(w) = &s.audit else { return };
+    if people.is_empty() {
+        return;
+    }
+    let time = chrono::Utc::now().to_rfc3339();
+    w.record_batch(
+        people
+            .into_iter()
+            .map(|p| NewEntry {
+                time: time.clone(),
                 actor: actor.clone(),
                 action: "export".into(),
                 target: Target {
-                    resource_type: Some(rt.clone()),
+                    resource_type: Some("Patient".into()),
+                    resource_id: Some(p.clone()),
+                    person: Some(p),
                     ..Target::default()
                 },
                 purpose: Purpose::Operations,
-                outcome: Outcome::allow(format!("scope; {type_total} resources")),
+                outcome: Outcome::allow("scope"),
                 source: None,
                 request: Some(format!("export-{}", job.id)),
-            });
-        }
+            })
+            .collect(),
+    );
+    // One entry per patient: wait for the writer rather than queue a whole export's worth.
+    while w.queued() > AuditWriter::QUEUE_HIGH {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    Ok(outputs)
+}
+
+/// A type's files in the manifest, and the audit entry of the type's export.
+fn type_outputs(
+    s: &AppState,
+    actor: &kizuna_audit::Actor,
+    job: &Job,
+    rt: &str,
+    files: Vec<(String, u64)>,
+) -> Vec<Value> {
+    let type_total: u64 = files.iter().map(|(_, n)| n).sum();
+    let outputs = files
+        .into_iter()
+        .map(|(name, count)| json!({"type": rt, "url": format!("{}/$export-file/{}/{name}", s.base_url, job.id), "count": count}))
+        .collect();
+    if let Some(w) = &s.audit {
+        w.record(NewEntry {
+            time: chrono::Utc::now().to_rfc3339(),
+            actor: actor.clone(),
+            action: "export".into(),
+            target: Target {
+                resource_type: Some(rt.to_string()),
+                ..Target::default()
+            },
+            purpose: Purpose::Operations,
+            outcome: Outcome::allow(format!("scope; {type_total} resources")),
+            source: None,
+            request: Some(format!("export-{}", job.id)),
+        });
+    }
+    outputs
 }
 
 /// The kick-off request as a URL, for the manifest.

@@ -30,7 +30,7 @@ use sqlx::{AnyPool, Row};
 pub use compartment::PatientCompartment;
 pub use include::Include;
 pub use index::{IndexValue, Indexer, ParamType};
-pub use scan::{CompartmentScope, NdjsonPage, ScanCursor, ScanFilter, ScannedRow};
+pub use scan::{CompartmentScope, MixedNdjsonPage, NdjsonPage, ScanCursor, ScanFilter, ScannedRow};
 pub use schema::SCHEMA_VERSION;
 pub use search::{SearchParamValue, SearchQuery, SearchResult, SortSpec, Total};
 

@@ -1063,6 +1063,88 @@ async fn scans(s: &Store) {
         .unwrap_or_else(|e| panic!("{e}"))
         .unwrap_or_default();
     assert_eq!((none.rows, none.ndjson.len()), (0, 0));
+    one_walk_over_types(s).await;
+}
+
+/// One walk over several types (the whole server's export) gives each type the NDJSON, ids and
+/// order a walk of that type alone gives, whatever the page size.
+async fn one_walk_over_types(s: &Store) {
+    // Rows of three types interleaved in the table.
+    for i in 0..4 {
+        for r in [
+            json!({"resourceType": "Basic", "code": {"text": format!("walk {i}")}}),
+            json!({"resourceType": "Device", "deviceName": [{"name": "walk", "type": "other"}]}),
+            json!({"resourceType": "Substance", "code": {"text": "walk"}}),
+        ] {
+            s.create(r).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let types = s.stored_types().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        types.len() >= 3,
+        "the suite stored several types: {types:?}"
+    );
+    let mut alone: Vec<(String, String, Vec<String>)> = Vec::new();
+    for rt in &types {
+        let page = s
+            .scan_ndjson(
+                rt,
+                &ScanFilter::default(),
+                ScanCursor::default(),
+                100_000,
+                rt == "Patient",
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_default();
+        alone.push((
+            rt.clone(),
+            String::from_utf8_lossy(&page.ndjson).into_owned(),
+            page.ids,
+        ));
+    }
+    for size in [1, 3, 7, 100_000] {
+        let mut walked: std::collections::BTreeMap<String, (String, Vec<String>)> =
+            std::collections::BTreeMap::new();
+        let mut after = ScanCursor::default();
+        loop {
+            let page = s
+                .scan_ndjson_types(&types, None, after, size, "Patient")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(page.rows as i64 <= size, "page of {size}");
+            let rows: usize = page.parts.iter().map(|(_, p)| p.rows).sum();
+            assert_eq!(rows, page.rows);
+            if page.next == after {
+                assert_eq!(page.rows, 0, "the end gives the cursor back");
+                break;
+            }
+            after = page.next;
+            for (rt, part) in page.parts {
+                let e = walked.entry(rt).or_default();
+                e.0.push_str(&String::from_utf8_lossy(&part.ndjson));
+                e.1.extend(part.ids);
+            }
+        }
+        for (rt, ndjson, ids) in &alone {
+            let (w, wids) = walked.remove(rt).unwrap_or_default();
+            assert_eq!(&w, ndjson, "{rt}, pages of {size}");
+            assert_eq!(&wids, ids, "{rt} ids, pages of {size}");
+        }
+        assert!(walked.is_empty(), "only the types asked for: {walked:?}");
+    }
+    // Only the types asked for, and nothing changed after an hour from now.
+    let one = s
+        .scan_ndjson_types(&types[..1], None, ScanCursor::default(), 100_000, "Patient")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(one.parts.len(), usize::from(!alone[0].1.is_empty()));
+    let late = chrono::Utc::now().timestamp_millis() + 3_600_000;
+    let none = s
+        .scan_ndjson_types(&types, Some(late), ScanCursor::default(), 100, "Patient")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((none.rows, none.parts.len()), (0, 0));
 }
 
 async fn suite(s: Store, url: &str) {
