@@ -149,8 +149,8 @@ fn committer_stopped() -> AuditError {
 /// Rows written per transaction of a batch. A batch's rows are sorted, so each slice covers one
 /// stretch of keys and dirties only the leaves there: a commit holds at most about this many pages
 /// in memory, where one transaction per batch dirtied nearly every leaf of the index (person keys
-/// are random) and its memory grew with the index (277 MB peak during a 1M `$export` with a 92 MB
-/// index, against 242 MB with an empty one). The leaves are still each written about once per batch.
+/// are random), a cost that grew with the index. The leaves are still each written about once per
+/// batch.
 const SLICE_ROWS: usize = 8 * 1024;
 
 /// Writes a batch in slices of [`SLICE_ROWS`], each durable, with the chunks and the coverage in

@@ -223,14 +223,10 @@ impl Store {
             ScanQuery::Sql(sql, binds) => (sql, binds),
         };
         binds.push(Bind::I(limit));
-        if let Some(direct) = &self.direct_reads {
-            let direct = direct.clone();
-            return tokio::task::spawn_blocking(move || {
-                direct.ndjson_page(&sql, &binds, with_ids, after)
-            })
-            .await
-            .map_err(|e| StoreError::Interrupted(e.to_string()))?
-            .map(Some);
+        if let Some(direct) = self.direct_reads.clone() {
+            return blocking(move || direct.ndjson_page(&sql, &binds, with_ids, after))
+                .await
+                .map(Some);
         }
         let sql = self.sql(&sql);
         let rows = bind_all(sqlx::query(&sql), &binds)
@@ -286,14 +282,9 @@ impl Store {
         }
         sql.push_str(" ORDER BY r.rid LIMIT ?");
         binds.push(Bind::I(limit));
-        if let Some(direct) = &self.direct_reads {
-            let direct = direct.clone();
+        if let Some(direct) = self.direct_reads.clone() {
             let ids_of = ids_of.to_string();
-            return tokio::task::spawn_blocking(move || {
-                direct.mixed_page(&sql, &binds, &ids_of, after)
-            })
-            .await
-            .map_err(|e| StoreError::Interrupted(e.to_string()))?;
+            return blocking(move || direct.mixed_page(&sql, &binds, &ids_of, after)).await;
         }
         let sql = self.sql(&sql);
         let rows = bind_all(sqlx::query(&sql), &binds)
@@ -331,6 +322,15 @@ impl Store {
         out.sort();
         Ok(out)
     }
+}
+
+/// Runs a direct read on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| StoreError::Interrupted(e.to_string()))?
 }
 
 /// SQLite read connections called directly, for bulk reads. Idle ones are kept a while (a
@@ -379,6 +379,26 @@ impl DirectReads {
         }
     }
 
+    /// Runs `sql` on a connection of its own, handing each row to `each`. Blocking.
+    fn each_row(
+        &self,
+        sql: &str,
+        binds: &[Bind],
+        mut each: impl FnMut(&rusqlite::Row<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let conn = self.take()?;
+        let result = (|| -> Result<(), StoreError> {
+            let mut st = conn.1.prepare_cached(sql)?;
+            let mut rows = st.query(rusqlite::params_from_iter(binds))?;
+            while let Some(r) = rows.next()? {
+                each(r)?;
+            }
+            Ok(())
+        })();
+        self.give_back(conn);
+        result
+    }
+
     /// Runs a walk over several types (see [`Store::scan_ndjson_types`]) into a page. Blocking.
     fn mixed_page(
         &self,
@@ -387,33 +407,27 @@ impl DirectReads {
         ids_of: &str,
         after: ScanCursor,
     ) -> Result<MixedNdjsonPage, StoreError> {
-        let conn = self.take()?;
         let mut page = MixedNdjsonPage {
             next: after,
             ..MixedNdjsonPage::default()
         };
-        let result = (|| -> Result<(), StoreError> {
-            let mut st = conn.1.prepare_cached(sql)?;
-            let mut rows = st.query(rusqlite::params_from_iter(binds))?;
-            while let Some(r) = rows.next()? {
-                let rt = match r.get_ref(1)? {
-                    rusqlite::types::ValueRef::Text(t) => std::str::from_utf8(t).unwrap_or(""),
-                    _ => "",
-                };
-                let id = if rt == ids_of {
-                    Some(r.get::<_, String>(2)?)
-                } else {
-                    None
-                };
-                match r.get_ref(3)? {
-                    rusqlite::types::ValueRef::Text(body) => page.push(r.get(0)?, rt, id, body),
-                    _ => page.next = ScanCursor(r.get(0)?),
-                }
+        self.each_row(sql, binds, |r| {
+            let rt = match r.get_ref(1)? {
+                rusqlite::types::ValueRef::Text(t) => std::str::from_utf8(t).unwrap_or(""),
+                _ => "",
+            };
+            let id = if rt == ids_of {
+                Some(r.get::<_, String>(2)?)
+            } else {
+                None
+            };
+            match r.get_ref(3)? {
+                rusqlite::types::ValueRef::Text(body) => page.push(r.get(0)?, rt, id, body),
+                _ => page.next = ScanCursor(r.get(0)?),
             }
             Ok(())
-        })();
-        self.give_back(conn);
-        result.map(|()| page)
+        })?;
+        Ok(page)
     }
 
     /// Runs a scan query (see `ScanQuery::Sql`) into a page. Blocking.
@@ -424,28 +438,22 @@ impl DirectReads {
         with_ids: bool,
         after: ScanCursor,
     ) -> Result<NdjsonPage, StoreError> {
-        let conn = self.take()?;
         let mut page = NdjsonPage {
             next: after,
             ..NdjsonPage::default()
         };
-        let result = (|| -> Result<(), StoreError> {
-            let mut st = conn.1.prepare_cached(sql)?;
-            let mut rows = st.query(rusqlite::params_from_iter(binds))?;
-            while let Some(r) = rows.next()? {
-                let id = if with_ids {
-                    Some(r.get::<_, String>(1)?)
-                } else {
-                    None
-                };
-                match r.get_ref(2)? {
-                    rusqlite::types::ValueRef::Text(body) => page.push(r.get(0)?, id, body),
-                    _ => page.next = ScanCursor(r.get(0)?),
-                }
+        self.each_row(sql, binds, |r| {
+            let id = if with_ids {
+                Some(r.get::<_, String>(1)?)
+            } else {
+                None
+            };
+            match r.get_ref(2)? {
+                rusqlite::types::ValueRef::Text(body) => page.push(r.get(0)?, id, body),
+                _ => page.next = ScanCursor(r.get(0)?),
             }
             Ok(())
-        })();
-        self.give_back(conn);
-        result.map(|()| page)
+        })?;
+        Ok(page)
     }
 }
