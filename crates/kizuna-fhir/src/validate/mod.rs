@@ -81,12 +81,35 @@ impl Validator {
             .filter(|sd| {
                 sd.get("resourceType").and_then(Value::as_str) == Some("StructureDefinition")
             })
-            .and_then(|sd| compile(sd))
+            .and_then(|sd| {
+                let mut p = compile(sd)?;
+                p.ancestors = self.base_chain(sd);
+                Some(p)
+            })
             .map(Arc::new);
         if let Ok(mut m) = self.profiles.write() {
             m.insert(url.to_string(), compiled.clone());
         }
         compiled
+    }
+
+    /// The canonical URLs a definition derives from, nearest first (cycles and runaway chains stop).
+    fn base_chain(&self, sd: &Value) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut next = sd.get("baseDefinition").and_then(Value::as_str);
+        while let Some(b) = next {
+            let canonical = b.split('|').next().unwrap_or(b).to_string();
+            if out.contains(&canonical) || out.len() >= 32 {
+                break;
+            }
+            out.push(canonical);
+            next = self
+                .registry
+                .structure_definition(b)
+                .and_then(|d| d.get("baseDefinition"))
+                .and_then(Value::as_str);
+        }
+        out
     }
 
     /// Validates a resource against the profiles it claims in `meta.profile`, or its base definition.
@@ -245,10 +268,19 @@ impl<'v> Run<'v> {
         }
         let mut validated_any = false;
         let mut done: Vec<String> = Vec::new();
+        // A profile that another one here derives from is checked by checking that one: a contained
+        // Encounter claiming JP_Encounter_eCS in a slice typed JP_Encounter was validated twice.
+        let resolved: Vec<Arc<Profile>> = urls.iter().filter_map(|u| self.v.profile(u)).collect();
         for url in &urls {
             match self.v.profile(url) {
                 Some(p) => {
                     if done.contains(&p.url) {
+                        continue;
+                    }
+                    let covered = resolved
+                        .iter()
+                        .any(|q| q.url != p.url && q.covers(&p.url) && !p.covers(&q.url));
+                    if covered {
                         continue;
                     }
                     done.push(p.url.clone());
@@ -977,12 +1009,16 @@ impl<'v> Run<'v> {
                             return false;
                         }
                         profiles.iter().any(|p| {
+                            // A claimed profile is checked where the item is validated; one
+                            // derived from `p` answers for `p` too.
                             let claimed = t
                                 .pointer("/meta/profile")
                                 .and_then(Value::as_array)
                                 .map(|a| {
                                     a.iter().filter_map(Value::as_str).any(|c| {
-                                        c == p.as_str() || c.split('|').next() == Some(p.as_str())
+                                        c == p.as_str()
+                                            || c.split('|').next() == Some(p.as_str())
+                                            || self.v.profile(c).is_some_and(|cp| cp.covers(p))
                                     })
                                 })
                                 .unwrap_or(false);

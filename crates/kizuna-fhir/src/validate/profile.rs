@@ -129,6 +129,18 @@ pub struct Profile {
     pub root: ElDef,
     /// Elements by path, for `contentReference`.
     pub by_path: crate::DefMap<String, ElDef>,
+    /// The canonical URLs of its `baseDefinition` chain, nearest first. A profile can only
+    /// constrain its base, so what conforms to this profile conforms to each of these: the
+    /// validator need not check an instance against both.
+    pub ancestors: Vec<String>,
+}
+
+impl Profile {
+    /// True when this profile is `url` (version ignored) or derives from it.
+    pub fn covers(&self, url: &str) -> bool {
+        let url = url.split('|').next().unwrap_or(url);
+        self.url == url || self.ancestors.iter().any(|a| a == url)
+    }
 }
 
 fn value_with_prefix(el: &Value, prefix: &str) -> Option<Value> {
@@ -394,6 +406,7 @@ pub fn compile(sd: &Value) -> Option<Profile> {
         kind: s("kind").unwrap_or_default(),
         root,
         by_path: full,
+        ancestors: Vec::new(),
     })
 }
 
