@@ -378,6 +378,21 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 };
                 Ok(res.map(Item::Bool).into_iter().collect())
             }
+            // `x = 'text'`, the commonest comparison in profile invariants: the literal is compared
+            // where it lies instead of being copied into an item first.
+            BinOp::Eq | BinOp::Ne if matches!(r, Expr::Literal(Literal::Str(_))) => {
+                let a = self.eval(l, s)?;
+                let eq = match (a.as_slice(), r) {
+                    ([], _) => return Ok(Vec::new()),
+                    ([x], Expr::Literal(Literal::Str(lit))) => match str_view(x, model) {
+                        Some(v) => Some(v == lit.as_str()),
+                        None => item_eq(x, &Item::Str(lit.clone()), model),
+                    },
+                    _ => Some(false),
+                };
+                let res = if op == BinOp::Eq { eq } else { eq.map(|x| !x) };
+                Ok(res.map(Item::Bool).into_iter().collect())
+            }
             BinOp::Union => {
                 let mut a = self.eval(l, s)?;
                 a.extend(self.eval(r, s)?);
@@ -697,8 +712,41 @@ fn quantity_cmp(av: Decimal, au: &str, bv: Decimal, bu: &str) -> Option<Ordering
     av.partial_cmp(&b2)
 }
 
+/// The text of an item whose system value is a `System.String` (a string literal, or a FHIR
+/// primitive `to_system` turns into one), borrowed: comparing profile URLs and codes this way
+/// allocates nothing, where `to_system` copies both sides.
+fn str_view<'x>(i: &'x Item<'_>, model: &TypeModel) -> Option<&'x str> {
+    match i {
+        Item::Str(s) => Some(s),
+        Item::Node(n) => {
+            let Some(Value::String(s)) = n.value else {
+                return None;
+            };
+            let ty = model.type_name(n.ty);
+            let other_system_type = matches!(
+                ty,
+                "boolean"
+                    | "integer"
+                    | "positiveInt"
+                    | "unsignedInt"
+                    | "integer64"
+                    | "decimal"
+                    | "date"
+                    | "dateTime"
+                    | "instant"
+                    | "time"
+            );
+            (!other_system_type && model.is_primitive(ty)).then_some(s.as_str())
+        }
+        _ => None,
+    }
+}
+
 /// Equality of two items: `None` when unknown (partial dates).
 pub fn item_eq(a: &Item<'_>, b: &Item<'_>, model: &TypeModel) -> Option<bool> {
+    if let (Some(x), Some(y)) = (str_view(a, model), str_view(b, model)) {
+        return Some(x == y);
+    }
     let (Some(a), Some(b)) = (to_system(a, model), to_system(b, model)) else {
         return None;
     };
