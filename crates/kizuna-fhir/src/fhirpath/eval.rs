@@ -14,7 +14,10 @@ use crate::model::TypeModel;
 
 /// A primitive's `_name` sibling (its id and extensions), looked up without building the key on
 /// the heap: navigation asks for one at every primitive child, during validation and indexing.
-fn underscored<'m>(map: &'m serde_json::Map<String, Value>, name: &str) -> Option<&'m Value> {
+pub(crate) fn underscored<'m>(
+    map: &'m serde_json::Map<String, Value>,
+    name: &str,
+) -> Option<&'m Value> {
     let mut buf = [0u8; 64];
     let n = name.len();
     if n < buf.len() {

@@ -270,15 +270,17 @@ impl<'v> Run<'v> {
         let mut done: Vec<String> = Vec::new();
         // A profile that another one here derives from is checked by checking that one: a contained
         // Encounter claiming JP_Encounter_eCS in a slice typed JP_Encounter was validated twice.
-        let resolved: Vec<Arc<Profile>> = urls.iter().filter_map(|u| self.v.profile(u)).collect();
-        for url in &urls {
-            match self.v.profile(url) {
+        let resolved: Vec<(&String, Option<Arc<Profile>>)> =
+            urls.iter().map(|u| (u, self.v.profile(u))).collect();
+        for (url, found) in &resolved {
+            match found {
                 Some(p) => {
                     if done.contains(&p.url) {
                         continue;
                     }
                     let covered = resolved
                         .iter()
+                        .filter_map(|(_, q)| q.as_ref())
                         .any(|q| q.url != p.url && q.covers(&p.url) && !p.covers(&q.url));
                     if covered {
                         continue;
@@ -297,10 +299,10 @@ impl<'v> Run<'v> {
                         continue;
                     }
                     let before = self.issues.len();
-                    self.against_profile(res, &p, path, res);
+                    self.against_profile(res, p, path, res);
                     for i in &mut self.issues[before..] {
                         if i.rule.is_none() {
-                            i.rule = Some(url.clone());
+                            i.rule = Some(url.to_string());
                         }
                     }
                     validated_any = true;
@@ -1606,7 +1608,7 @@ fn has(v: &Value, name: &str, primitive: bool) -> bool {
         return false;
     };
     let ext = if primitive {
-        map.get(&format!("_{name}"))
+        crate::fhirpath::underscored(map, name)
     } else {
         None
     };
