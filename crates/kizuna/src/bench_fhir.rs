@@ -16,7 +16,9 @@ use clap::Args;
 use kizuna_synth::clinical::BundleKind;
 use serde_json::{json, Value};
 
-use crate::bench_server::{bytes_written, get_json, percentiles, rss_mib, status_of, BenchServer};
+use crate::bench_server::{
+    bytes_written, cpu_seconds, cpu_us_per, get_json, percentiles, rss_mib, status_of, BenchServer,
+};
 
 /// Options of `kizuna bench fhir`.
 #[derive(Args)]
@@ -173,6 +175,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     let times = Arc::new(Mutex::new(Vec::new()));
     let bar = indicatif::ProgressBar::new(produced);
     let written_before = bytes_written(srv.child.id());
+    let cpu_before = cpu_seconds(srv.child.id());
     let started = Instant::now();
     std::thread::scope(|sc| {
         for _ in 0..a.clients.max(1) {
@@ -213,6 +216,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         }
     });
     let ingest_s = started.elapsed().as_secs_f64();
+    let cpu_after = cpu_seconds(srv.child.id());
     // The server's writes during the load (database, WAL, audit log, answers): what a stored
     // resource costs in bytes, the figure SQLite's page-sized WAL frames make large.
     let written = bytes_written(srv.child.id())
@@ -443,6 +447,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
             "bundles_per_s": n_bundles as f64 / ingest_s.max(1e-9),
             "server_bytes_written": written,
             "server_bytes_written_per_resource": written.map(|w| w as f64 / loaded.max(1) as f64),
+            "server_cpu_us_per_resource": cpu_us_per(cpu_before, cpu_after, loaded),
             "bundle_latency": percentiles(tx_times),
         })},
         "read": percentiles(reads),

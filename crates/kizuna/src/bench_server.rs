@@ -178,6 +178,30 @@ pub fn bytes_written(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// CPU time a process has used so far (user and system, `/proc/PID/stat`), in seconds. Its
+/// difference over a run, per resource, is a steadier figure than throughput when two builds are
+/// compared on a machine whose speed varies from run to run; `None` where there is no `/proc`.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // In USER_HZ, which Linux fixes at 100 on the architectures it reports to user space.
+    Some(cpu_ticks(&s)? as f64 / 100.0)
+}
+
+/// utime + stime of a `/proc/PID/stat` line.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name may hold spaces and parentheses; the fields after its last `)` are plain.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// The server's CPU time per resource over a run, in microseconds.
+pub fn cpu_us_per(before: Option<f64>, after: Option<f64>, resources: u64) -> Option<f64> {
+    let (b, a) = (before?, after?);
+    (resources > 0).then(|| (a - b).max(0.0) * 1e6 / resources as f64)
+}
+
 /// p50, p99 and max of a set of durations, in milliseconds.
 pub fn percentiles(mut d: Vec<Duration>) -> Value {
     d.sort_unstable();
@@ -291,4 +315,38 @@ pub fn run_in_temp(
     std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_after_a_name_with_spaces_and_parentheses() {
+        let line =
+            "4242 (kizuna (w) 1) S 1 4242 4242 0 -1 4194304 900 0 0 0 731 129 0 0 20 0 9 0 100 0 0";
+        assert_eq!(cpu_ticks(line), Some(731 + 129));
+        assert_eq!(cpu_ticks("4242 (short) S 1 2"), None);
+        assert_eq!(cpu_ticks("no name at all"), None);
+    }
+
+    #[test]
+    fn this_process_accumulates_cpu_time_while_it_works() {
+        let pid = std::process::id();
+        let before = cpu_seconds(pid).expect("/proc/self/stat");
+        // Work until the clock ticks (10 ms each) show it, however busy the machine is.
+        let t = Instant::now();
+        let mut x = 0u64;
+        let mut after = before;
+        while after <= before && t.elapsed() < Duration::from_secs(30) {
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            after = cpu_seconds(pid).expect("/proc/self/stat");
+        }
+        assert!(after > before, "{before} -> {after}");
+        assert_eq!(cpu_us_per(Some(1.0), Some(1.5), 1000), Some(500.0));
+        assert_eq!(cpu_us_per(Some(1.0), Some(1.5), 0), None);
+        assert_eq!(cpu_us_per(None, Some(1.5), 10), None);
+    }
 }

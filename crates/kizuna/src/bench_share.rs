@@ -17,7 +17,7 @@ use kizuna_auth::dev::TokenRequest;
 use kizuna_auth::Role;
 use serde_json::{json, Value};
 
-use crate::bench_server::{call, percentiles, rss_mib, BenchServer};
+use crate::bench_server::{call, cpu_seconds, cpu_us_per, percentiles, rss_mib, BenchServer};
 use crate::share_load::{eligibility_bundles, submissions, Submission};
 
 /// Options of `kizuna bench share`.
@@ -100,6 +100,7 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     let queue: Arc<Mutex<Vec<Submission>>> = Arc::new(Mutex::new(jobs));
     let done = Arc::new(Mutex::new(Submitted::default()));
     let bar = indicatif::ProgressBar::new(n_bundles as u64);
+    let cpu_before = cpu_seconds(srv.child.id());
     let started = Instant::now();
     std::thread::scope(|sc| {
         for _ in 0..a.clients.max(1) {
@@ -158,6 +159,7 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         }
     });
     let submit_s = started.elapsed().as_secs_f64();
+    let cpu_after = cpu_seconds(srv.child.id());
     bar.finish_and_clear();
     let done = Arc::try_unwrap(done)
         .ok()
@@ -264,6 +266,7 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
             "seconds": submit_s,
             "bundles_per_s": (n_bundles as u64 - failed) as f64 / submit_s.max(1e-9),
             "resources_per_s": done.resources as f64 / submit_s.max(1e-9),
+            "server_cpu_us_per_resource": cpu_us_per(cpu_before, cpu_after, done.resources),
             "latency": percentiles(done.latencies),
             "goal_resources_per_s": 5000,
         },

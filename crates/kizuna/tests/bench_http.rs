@@ -43,6 +43,9 @@ fn bench_share_registers_everything_and_times_the_views() {
     assert_eq!(s["latency"]["n"].as_u64(), Some(bundles));
     assert!(s["items_stored"].as_u64().unwrap_or(0) > 0);
     assert!(s["resources"].as_u64() > s["items_stored"].as_u64());
+    // The server's CPU time over the submissions, per resource: validation alone costs some.
+    let cpu = s["server_cpu_us_per_resource"].as_f64().unwrap_or(0.0);
+    assert!(cpu > 0.0, "{s}");
     for k in ["summary_after_consent", "summary_emergency", "my_record"] {
         assert_eq!(r[k]["n"], 6, "{k}");
         assert!(
