@@ -118,11 +118,17 @@ fn self_contained(
     person: &str,
 ) -> Value {
     let mut out = r.clone();
-    let mut contained: Vec<Value> = out
-        .get("contained")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    // The item's own contained resources are moved out while references are rewritten (walk
+    // skips `contained`) and put back in their place after, not copied a second time.
+    // Validation has refused a `contained` that is not an array; such a value is not taken.
+    let had_array = matches!(out.get("contained"), Some(Value::Array(_)));
+    let mut contained: Vec<Value> = match out.get_mut("contained").filter(|_| had_array) {
+        Some(c) => match c.take() {
+            Value::Array(a) => a,
+            _ => Vec::new(),
+        },
+        None => Vec::new(),
+    };
     let mut copied: HashMap<String, String> = HashMap::new();
     fn walk(
         v: &mut Value,
@@ -147,7 +153,18 @@ fn self_contained(
                         let local = match copied.get(rf.as_str()) {
                             Some(l) => l.clone(),
                             None => {
-                                let l = format!("c{}", copied.len() + 1);
+                                // The item's own contained resources may already use `cN`.
+                                let mut n = copied.len() + 1;
+                                let l = loop {
+                                    let l = format!("c{n}");
+                                    let taken = contained
+                                        .iter()
+                                        .any(|c| c.get("id").and_then(Value::as_str) == Some(&l));
+                                    if !taken {
+                                        break l;
+                                    }
+                                    n += 1;
+                                };
                                 let mut t = (*target).clone();
                                 t["id"] = json!(l);
                                 if let Some(m) = t.as_object_mut() {
@@ -195,7 +212,7 @@ fn self_contained(
             &mut none,
         );
     }
-    if !contained.is_empty() {
+    if had_array || !contained.is_empty() {
         out["contained"] = Value::Array(contained);
     }
     out
@@ -929,5 +946,50 @@ mod tests {
         assert_eq!(c["contained"].as_array().map(Vec::len), Some(1));
         assert_eq!(c["contained"][0]["subject"]["reference"], "Patient/P1");
         assert!(c["contained"][0].get("meta").is_none());
+    }
+
+    #[test]
+    fn an_items_own_contained_resources_stay_in_place_and_keep_their_ids() {
+        let b = json!({"entry": [
+            {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient"}},
+            {"fullUrl": "urn:uuid:e", "resource": {"resourceType": "Encounter", "subject": {"reference": "urn:uuid:p"}}},
+            {"fullUrl": "urn:uuid:o", "resource": {
+                "resourceType": "Observation",
+                "contained": [{"resourceType": "Specimen", "id": "c1", "subject": {"reference": "urn:uuid:p"}}],
+                "status": "final",
+                "subject": {"reference": "urn:uuid:p"},
+                "encounter": {"reference": "urn:uuid:e"},
+                "specimen": {"reference": "#c1"}
+            }}
+        ]});
+        let urls = by_full_url(&b);
+        let c = self_contained(
+            &b["entry"][2]["resource"],
+            &urls,
+            &["urn:uuid:p".into()],
+            "P1",
+        );
+        let keys: Vec<&String> = c
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        assert_eq!(
+            keys,
+            [
+                "resourceType",
+                "contained",
+                "status",
+                "subject",
+                "encounter",
+                "specimen"
+            ]
+        );
+        assert_eq!(c["specimen"]["reference"], "#c1");
+        assert_eq!(c["contained"][0]["resourceType"], "Specimen");
+        assert_eq!(c["contained"][0]["subject"]["reference"], "Patient/P1");
+        // The copy of the Encounter does not take the Specimen's id.
+        assert_eq!(c["encounter"]["reference"], "#c2");
+        assert_eq!(c["contained"][1]["id"], "c2");
+        assert_eq!(c["contained"].as_array().map(Vec::len), Some(2));
     }
 }
