@@ -110,7 +110,10 @@ fn by_full_url(bundle: &Value) -> HashMap<&str, &Value> {
 }
 
 /// Makes an entry's resource self-contained: references to other entries of the Bundle become
-/// `contained` copies (`#c1` …), references to the Patient point at the person.
+/// `contained` copies (`#c1` …), references to the Patient point at the person. What the copies
+/// (and the item's own contained resources) refer to is copied too, each entry once, so no stored
+/// item keeps a `urn:uuid:` reference that only meant something inside the Bundle; a reference
+/// back to the item itself becomes `#`, as FHIR writes a contained resource's link to its container.
 fn self_contained(
     r: &Value,
     by_url: &HashMap<&str, &Value>,
@@ -118,26 +121,62 @@ fn self_contained(
     person: &str,
 ) -> Value {
     let mut out = r.clone();
-    // The item's own contained resources are moved out while references are rewritten (walk
+    // The item's own contained resources are moved out while references are rewritten (the walk
     // skips `contained`) and put back in their place after, not copied a second time.
     // Validation has refused a `contained` that is not an array; such a value is not taken.
     let had_array = matches!(out.get("contained"), Some(Value::Array(_)));
-    let mut contained: Vec<Value> = match out.get_mut("contained").filter(|_| had_array) {
+    let own: Vec<Value> = match out.get_mut("contained").filter(|_| had_array) {
         Some(c) => match c.take() {
             Value::Array(a) => a,
             _ => Vec::new(),
         },
         None => Vec::new(),
     };
-    let mut copied: HashMap<String, String> = HashMap::new();
-    fn walk(
-        v: &mut Value,
-        by_url: &HashMap<&str, &Value>,
-        patient_urls: &[String],
-        person: &str,
-        contained: &mut Vec<Value>,
-        copied: &mut HashMap<String, String>,
-    ) {
+    let mut copier = Copier {
+        by_url,
+        container: r,
+        patient_urls,
+        person,
+        used: own
+            .iter()
+            .filter_map(|c| c.get("id").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect(),
+        contained: own,
+        copied: HashMap::new(),
+    };
+    copier.walk(&mut out);
+    // Copies added while walking are walked in turn; `copied` keeps a cycle to one copy each.
+    let mut i = 0;
+    while i < copier.contained.len() {
+        let mut c = std::mem::take(&mut copier.contained[i]);
+        copier.walk(&mut c);
+        copier.contained[i] = c;
+        i += 1;
+    }
+    if had_array || !copier.contained.is_empty() {
+        out["contained"] = Value::Array(copier.contained);
+    }
+    out
+}
+
+/// The state of one [`self_contained`] run.
+struct Copier<'b, 'p> {
+    by_url: &'b HashMap<&'b str, &'b Value>,
+    /// The entry's resource, to tell a reference back to it.
+    container: &'b Value,
+    patient_urls: &'p [String],
+    person: &'p str,
+    /// The item's contained resources: its own, then the copies.
+    contained: Vec<Value>,
+    /// Local id of each entry copied, by `fullUrl`.
+    copied: HashMap<String, String>,
+    /// Ids taken in `contained` (the item's own may already use `cN`).
+    used: std::collections::HashSet<String>,
+}
+
+impl Copier<'_, '_> {
+    fn walk(&mut self, v: &mut Value) {
         match v {
             Value::Object(o) => {
                 // A scan of the few keys, not a SipHash lookup in every object of every resource;
@@ -147,75 +186,51 @@ fn self_contained(
                     .find(|(k, _)| *k == "reference")
                     .map(|(_, r)| r);
                 if let Some(Value::String(rf)) = own {
-                    if patient_urls.iter().any(|u| u == rf) {
-                        *rf = format!("Patient/{person}");
-                    } else if let Some(target) = by_url.get(rf.as_str()) {
-                        let local = match copied.get(rf.as_str()) {
-                            Some(l) => l.clone(),
-                            None => {
-                                // The item's own contained resources may already use `cN`.
-                                let mut n = copied.len() + 1;
-                                let l = loop {
-                                    let l = format!("c{n}");
-                                    let taken = contained
-                                        .iter()
-                                        .any(|c| c.get("id").and_then(Value::as_str) == Some(&l));
-                                    if !taken {
-                                        break l;
-                                    }
-                                    n += 1;
-                                };
-                                let mut t = (*target).clone();
-                                t["id"] = json!(l);
-                                if let Some(m) = t.as_object_mut() {
-                                    // A contained resource carries no meta of its own here.
-                                    m.remove("meta");
-                                }
-                                contained.push(t);
-                                copied.insert(rf.clone(), l.clone());
-                                l
-                            }
+                    if self.patient_urls.iter().any(|u| u == rf) {
+                        *rf = format!("Patient/{}", self.person);
+                    } else if let Some(target) = self.by_url.get(rf.as_str()).copied() {
+                        *rf = if std::ptr::eq(target, self.container) {
+                            "#".to_string()
+                        } else {
+                            format!("#{}", self.local_copy(rf, target))
                         };
-                        *rf = format!("#{local}");
                     }
                 }
                 for (k, x) in o.iter_mut() {
                     if k != "contained" {
-                        walk(x, by_url, patient_urls, person, contained, copied);
+                        self.walk(x);
                     }
                 }
             }
-            Value::Array(a) => a
-                .iter_mut()
-                .for_each(|x| walk(x, by_url, patient_urls, person, contained, copied)),
+            Value::Array(a) => a.iter_mut().for_each(|x| self.walk(x)),
             _ => {}
         }
     }
-    walk(
-        &mut out,
-        by_url,
-        patient_urls,
-        person,
-        &mut contained,
-        &mut copied,
-    );
-    // References inside the copies point at the person too (a copied Encounter's subject).
-    for c in contained.iter_mut() {
-        let mut none = HashMap::new();
-        let mut extra = Vec::new();
-        walk(
-            c,
-            &HashMap::new(),
-            patient_urls,
-            person,
-            &mut extra,
-            &mut none,
-        );
+
+    /// The local id of an entry's copy, made on first use.
+    fn local_copy(&mut self, url: &str, target: &Value) -> String {
+        if let Some(l) = self.copied.get(url) {
+            return l.clone();
+        }
+        let mut n = self.copied.len() + 1;
+        let l = loop {
+            let l = format!("c{n}");
+            if !self.used.contains(&l) {
+                break l;
+            }
+            n += 1;
+        };
+        let mut t = target.clone();
+        t["id"] = json!(l);
+        if let Some(m) = t.as_object_mut() {
+            // A contained resource carries no meta of its own here.
+            m.remove("meta");
+        }
+        self.contained.push(t);
+        self.used.insert(l.clone());
+        self.copied.insert(url.to_string(), l.clone());
+        l
     }
-    if had_array || !contained.is_empty() {
-        out["contained"] = Value::Array(contained);
-    }
-    out
 }
 
 /// Tags an item with its facts and provenance.
@@ -991,5 +1006,44 @@ mod tests {
         assert_eq!(c["encounter"]["reference"], "#c2");
         assert_eq!(c["contained"][1]["id"], "c2");
         assert_eq!(c["contained"].as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn what_copies_refer_to_is_copied_once_and_a_link_back_is_hash() {
+        let b = json!({"entry": [
+            {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient"}},
+            {"fullUrl": "urn:uuid:org", "resource": {"resourceType": "Organization", "extension": [
+                {"url": "x", "valueReference": {"reference": "urn:uuid:e"}}
+            ]}},
+            {"fullUrl": "urn:uuid:e", "resource": {"resourceType": "Encounter",
+                "subject": {"reference": "urn:uuid:p"},
+                "serviceProvider": {"reference": "urn:uuid:org"},
+                "extension": [{"url": "y", "valueReference": {"reference": "urn:uuid:o"}}]}},
+            {"fullUrl": "urn:uuid:o", "resource": {"resourceType": "Observation",
+                "subject": {"reference": "urn:uuid:p"},
+                "encounter": {"reference": "urn:uuid:e"},
+                "performer": [{"reference": "urn:uuid:org"}]}}
+        ]});
+        let c = self_contained(
+            &b["entry"][3]["resource"],
+            &by_full_url(&b),
+            &["urn:uuid:p".into()],
+            "P1",
+        );
+        let text = c.to_string();
+        assert!(!text.contains("urn:uuid:"), "{text}");
+        assert_eq!(c["encounter"]["reference"], "#c1");
+        assert_eq!(c["performer"][0]["reference"], "#c2");
+        let contained = c["contained"].as_array().cloned().unwrap_or_default();
+        assert_eq!(contained.len(), 2, "each entry copied once: {text}");
+        let enc = &contained[0];
+        assert_eq!(enc["resourceType"], "Encounter");
+        assert_eq!(enc["subject"]["reference"], "Patient/P1");
+        assert_eq!(enc["serviceProvider"]["reference"], "#c2");
+        // The Encounter's link back to the Observation is a link to the container.
+        assert_eq!(enc["extension"][0]["valueReference"]["reference"], "#");
+        let org = &contained[1];
+        assert_eq!(org["resourceType"], "Organization");
+        assert_eq!(org["extension"][0]["valueReference"]["reference"], "#c1");
     }
 }
