@@ -1008,6 +1008,80 @@ mod tests {
         assert_eq!(c["contained"].as_array().map(Vec::len), Some(2));
     }
 
+    /// Every `reference` string in a value, skipping nothing.
+    fn references(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(o) => {
+                for (k, x) in o {
+                    match (k.as_str(), x) {
+                        ("reference", Value::String(r)) => out.push(r.clone()),
+                        _ => references(x, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| references(x, out)),
+            _ => {}
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the graph of references between a Bundle's entries (chains, cycles, links
+        /// back, an item's own contained resources named like copies), a self-contained item
+        /// keeps no Bundle-local reference, its contained ids are unique, every local reference
+        /// finds exactly one of them, and each entry is copied at most once.
+        #[test]
+        fn self_contained_items_resolve_every_reference_locally(
+            links in proptest::collection::vec(proptest::collection::vec(0usize..6, 0..4), 5),
+            own_ids in proptest::collection::btree_set(1usize..5, 0..3),
+            item in 1usize..5,
+        ) {
+            // Entry 0 is the Patient; entries 1..5 refer to the entries `links` names
+            // (index 5 is a reference that is not in the Bundle).
+            let mut entries = vec![json!({"fullUrl": "urn:uuid:e0", "resource": {"resourceType": "Patient"}})];
+            for (i, to) in links.iter().enumerate().skip(1) {
+                let refs: Vec<Value> = to
+                    .iter()
+                    .map(|t| json!({"valueReference": {"reference": format!("urn:uuid:e{t}")}}))
+                    .collect();
+                let mut r = json!({"resourceType": "Basic", "extension": refs});
+                if i == item && !own_ids.is_empty() {
+                    r["contained"] = Value::Array(
+                        own_ids
+                            .iter()
+                            .map(|n| json!({"resourceType": "Basic", "id": format!("c{n}"), "subject": {"reference": "urn:uuid:e0"}}))
+                            .collect(),
+                    );
+                }
+                entries.push(json!({"fullUrl": format!("urn:uuid:e{i}"), "resource": r}));
+            }
+            let b = json!({"entry": entries});
+            let c = self_contained(&b["entry"][item]["resource"], &by_full_url(&b), &["urn:uuid:e0".into()], "P1");
+            let mut refs = Vec::new();
+            references(&c, &mut refs);
+            let contained = c["contained"].as_array().cloned().unwrap_or_default();
+            let ids: Vec<&str> = contained.iter().filter_map(|x| x["id"].as_str()).collect();
+            let mut unique = ids.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            proptest::prop_assert_eq!(unique.len(), ids.len(), "{}", c);
+            let own = own_ids.len();
+            // At most the three other entries besides the Patient, once each.
+            proptest::prop_assert!(contained.len() <= own + 3, "{}", c);
+            for r in &refs {
+                // Only the reference that was never in the Bundle stays as it was.
+                proptest::prop_assert!(!r.starts_with("urn:uuid:") || r == "urn:uuid:e5", "{} in {}", r, c);
+                if let Some(local) = r.strip_prefix('#') {
+                    if !local.is_empty() {
+                        proptest::prop_assert_eq!(ids.iter().filter(|i| **i == local).count(), 1, "{} in {}", r, c);
+                    }
+                }
+            }
+            // The Patient is never copied: references to it point at the person.
+            let types: Vec<&str> = contained.iter().filter_map(|x| x["resourceType"].as_str()).collect();
+            proptest::prop_assert!(types.iter().all(|t| *t == "Basic"), "{}", c);
+        }
+    }
+
     #[test]
     fn what_copies_refer_to_is_copied_once_and_a_link_back_is_hash() {
         let b = json!({"entry": [
