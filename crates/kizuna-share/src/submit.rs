@@ -207,29 +207,79 @@ impl Copier<'_, '_> {
         }
     }
 
-    /// The local id of an entry's copy, made on first use.
+    /// The local id of an entry's copy, made on first use. A contained resource may not contain
+    /// others (dom-2), so what the entry itself contains joins the item's `contained` under new
+    /// ids, and the copy's `#` references follow them.
     fn local_copy(&mut self, url: &str, target: &Value) -> String {
         if let Some(l) = self.copied.get(url) {
             return l.clone();
         }
-        let mut n = self.copied.len() + 1;
-        let l = loop {
-            let l = format!("c{n}");
-            if !self.used.contains(&l) {
-                break l;
-            }
-            n += 1;
-        };
+        let l = self.fresh_id();
+        self.copied.insert(url.to_string(), l.clone());
         let mut t = target.clone();
-        t["id"] = json!(l);
+        let mut nested = Vec::new();
         if let Some(m) = t.as_object_mut() {
             // A contained resource carries no meta of its own here.
-            m.remove("meta");
+            m.shift_remove("meta");
+            if let Some(Value::Array(a)) = m.shift_remove("contained") {
+                nested = a;
+            }
+        }
+        t["id"] = json!(l);
+        let mut renamed = HashMap::new();
+        for n in nested.iter_mut() {
+            let id = self.fresh_id();
+            if let Some(old) = n.get("id").and_then(Value::as_str) {
+                renamed.insert(format!("#{old}"), format!("#{id}"));
+            }
+            n["id"] = json!(id);
+        }
+        // `#` meant the entry itself; inside the item that is the copy.
+        renamed.insert("#".to_string(), format!("#{l}"));
+        if nested.is_empty() {
+            renamed.clear();
+        }
+        for v in std::iter::once(&mut t).chain(nested.iter_mut()) {
+            rename_local(v, &renamed);
         }
         self.contained.push(t);
-        self.used.insert(l.clone());
-        self.copied.insert(url.to_string(), l.clone());
+        self.contained.append(&mut nested);
         l
+    }
+
+    /// The next `cN` not used in the item.
+    fn fresh_id(&mut self) -> String {
+        let mut n = self.copied.len() + 1;
+        loop {
+            let l = format!("c{n}");
+            if self.used.insert(l.clone()) {
+                return l;
+            }
+            n += 1;
+        }
+    }
+}
+
+/// Rewrites local references (`#id`) by a table of old to new.
+fn rename_local(v: &mut Value, renamed: &HashMap<String, String>) {
+    if renamed.is_empty() {
+        return;
+    }
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                match x {
+                    Value::String(r) if k == "reference" => {
+                        if let Some(n) = renamed.get(r.as_str()) {
+                            *r = n.clone();
+                        }
+                    }
+                    _ => rename_local(x, renamed),
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rename_local(x, renamed)),
+        _ => {}
     }
 }
 
@@ -1008,6 +1058,62 @@ mod tests {
         assert_eq!(c["contained"].as_array().map(Vec::len), Some(2));
     }
 
+    #[test]
+    fn what_a_copied_entry_contains_joins_the_item_under_new_ids() {
+        let b = json!({"entry": [
+            {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient"}},
+            {"fullUrl": "urn:uuid:e", "resource": {"resourceType": "Encounter",
+                "meta": {"profile": ["x"]},
+                "contained": [
+                    {"resourceType": "Location", "id": "c1", "managingOrganization": {"reference": "#"}},
+                    {"resourceType": "Practitioner", "id": "dr"}
+                ],
+                "status": "finished",
+                "location": [{"location": {"reference": "#c1"}}],
+                "participant": [{"individual": {"reference": "#dr"}}],
+                "subject": {"reference": "urn:uuid:p"}}},
+            {"fullUrl": "urn:uuid:o", "resource": {"resourceType": "Observation",
+                "contained": [{"resourceType": "Specimen", "id": "c2"}],
+                "encounter": {"reference": "urn:uuid:e"},
+                "specimen": {"reference": "#c2"}}}
+        ]});
+        let c = self_contained(
+            &b["entry"][2]["resource"],
+            &by_full_url(&b),
+            &["urn:uuid:p".into()],
+            "P1",
+        );
+        let contained = c["contained"].as_array().cloned().unwrap_or_default();
+        let ids: Vec<&str> = contained.iter().filter_map(|x| x["id"].as_str()).collect();
+        assert_eq!(ids, ["c2", "c1", "c3", "c4"], "{c}");
+        assert_eq!(c["specimen"]["reference"], "#c2");
+        assert_eq!(c["encounter"]["reference"], "#c1");
+        let enc = &contained[1];
+        assert!(enc.get("contained").is_none(), "no nested contained: {enc}");
+        let keys: Vec<&String> = enc
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        assert_eq!(
+            keys,
+            [
+                "resourceType",
+                "status",
+                "location",
+                "participant",
+                "subject",
+                "id"
+            ]
+        );
+        assert_eq!(enc["location"][0]["location"]["reference"], "#c3");
+        assert_eq!(enc["participant"][0]["individual"]["reference"], "#c4");
+        assert_eq!(enc["subject"]["reference"], "Patient/P1");
+        assert_eq!(contained[2]["resourceType"], "Location");
+        // The Location's link to its container (the Encounter) still finds the Encounter.
+        assert_eq!(contained[2]["managingOrganization"]["reference"], "#c1");
+        assert_eq!(contained[3]["resourceType"], "Practitioner");
+    }
+
     /// Every `reference` string in a value, skipping nothing.
     fn references(v: &Value, out: &mut Vec<String>) {
         match v {
@@ -1044,6 +1150,12 @@ mod tests {
                     .map(|t| json!({"valueReference": {"reference": format!("urn:uuid:e{t}")}}))
                     .collect();
                 let mut r = json!({"resourceType": "Basic", "extension": refs});
+                if i != item && i % 2 == 0 {
+                    // An entry with a contained resource of its own, named like a copy.
+                    r["contained"] = json!([{"resourceType": "Basic", "id": "c1", "code": {"text": format!("inner{i}")}, "subject": {"reference": "#"}}]);
+                    r["subject"] = json!({"reference": "#c1"});
+                    r["code"] = json!({"text": format!("outer{i}")});
+                }
                 if i == item && !own_ids.is_empty() {
                     r["contained"] = Value::Array(
                         own_ids
@@ -1065,8 +1177,10 @@ mod tests {
             unique.dedup();
             proptest::prop_assert_eq!(unique.len(), ids.len(), "{}", c);
             let own = own_ids.len();
-            // At most the three other entries besides the Patient, once each.
-            proptest::prop_assert!(contained.len() <= own + 3, "{}", c);
+            // At most the three other entries besides the Patient, once each, and what entries
+            // 2 and 4 contain.
+            proptest::prop_assert!(contained.len() <= own + 5, "{}", c);
+            proptest::prop_assert!(contained.iter().all(|x| x.get("contained").is_none()), "nested: {}", c);
             for r in &refs {
                 // Only the reference that was never in the Bundle stays as it was.
                 proptest::prop_assert!(!r.starts_with("urn:uuid:") || r == "urn:uuid:e5", "{} in {}", r, c);
@@ -1075,6 +1189,20 @@ mod tests {
                         proptest::prop_assert_eq!(ids.iter().filter(|i| **i == local).count(), 1, "{} in {}", r, c);
                     }
                 }
+            }
+            // A copied entry's link to what it contained, and that resource's link back to its
+            // container, still find each other.
+            let by_id = |id: &str| contained.iter().find(|x| x["id"].as_str() == Some(id));
+            for x in &contained {
+                let (Some(text), Some(link)) = (x["code"]["text"].as_str(), x["subject"]["reference"].as_str()) else {
+                    continue;
+                };
+                let other = link.strip_prefix('#').and_then(by_id);
+                let want = match text.strip_prefix("outer") {
+                    Some(i) => format!("inner{i}"),
+                    None => format!("outer{}", text.trim_start_matches("inner")),
+                };
+                proptest::prop_assert_eq!(other.and_then(|o| o["code"]["text"].as_str()), Some(want.as_str()), "{} in {}", link, c);
             }
             // The Patient is never copied: references to it point at the person.
             let types: Vec<&str> = contained.iter().filter_map(|x| x["resourceType"].as_str()).collect();
