@@ -265,22 +265,11 @@ fn rename_local(v: &mut Value, renamed: &HashMap<String, String>) {
     if renamed.is_empty() {
         return;
     }
-    match v {
-        Value::Object(o) => {
-            for (k, x) in o.iter_mut() {
-                match x {
-                    Value::String(r) if k == "reference" => {
-                        if let Some(n) = renamed.get(r.as_str()) {
-                            *r = n.clone();
-                        }
-                    }
-                    _ => rename_local(x, renamed),
-                }
-            }
+    kizuna_fhir::for_each_reference(v, &mut |r| {
+        if let Some(n) = renamed.get(r.as_str()) {
+            *r = n.clone();
         }
-        Value::Array(a) => a.iter_mut().for_each(|x| rename_local(x, renamed)),
-        _ => {}
-    }
+    });
 }
 
 /// Tags an item with its facts and provenance.
@@ -1034,10 +1023,7 @@ mod tests {
             &["urn:uuid:p".into()],
             "P1",
         );
-        let keys: Vec<&String> = c
-            .as_object()
-            .map(|o| o.keys().collect())
-            .unwrap_or_default();
+        let keys = keys_of(&c);
         assert_eq!(
             keys,
             [
@@ -1090,10 +1076,7 @@ mod tests {
         assert_eq!(c["encounter"]["reference"], "#c1");
         let enc = &contained[1];
         assert!(enc.get("contained").is_none(), "no nested contained: {enc}");
-        let keys: Vec<&String> = enc
-            .as_object()
-            .map(|o| o.keys().collect())
-            .unwrap_or_default();
+        let keys = keys_of(enc);
         assert_eq!(
             keys,
             [
@@ -1112,6 +1095,13 @@ mod tests {
         // The Location's link to its container (the Encounter) still finds the Encounter.
         assert_eq!(contained[2]["managingOrganization"]["reference"], "#c1");
         assert_eq!(contained[3]["resourceType"], "Practitioner");
+    }
+
+    /// A JSON object's keys in order.
+    fn keys_of(v: &Value) -> Vec<&String> {
+        v.as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default()
     }
 
     /// Every `reference` string in a value, skipping nothing.

@@ -1045,24 +1045,11 @@ fn rewrite_refs(v: &mut Value, map: &[(String, String)]) {
     if map.is_empty() {
         return;
     }
-    match v {
-        // The walk meets every key anyway: a `reference` is recognised on the way, not looked up
-        // (SipHash) in every object of every resource.
-        Value::Object(o) => {
-            for (k, x) in o.iter_mut() {
-                match x {
-                    Value::String(r) if k == "reference" => {
-                        if let Some((_, to)) = map.iter().find(|(from, _)| from == r) {
-                            *r = to.clone();
-                        }
-                    }
-                    x => rewrite_refs(x, map),
-                }
-            }
+    kizuna_fhir::for_each_reference(v, &mut |r| {
+        if let Some((_, to)) = map.iter().find(|(from, _)| from == r) {
+            *r = to.clone();
         }
-        Value::Array(a) => a.iter_mut().for_each(|x| rewrite_refs(x, map)),
-        _ => {}
-    }
+    });
 }
 
 /// Upkeep on the writer holds every waiting write: a slow one is logged with its duration, so a
