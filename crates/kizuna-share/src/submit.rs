@@ -124,14 +124,12 @@ fn self_contained(
     // The item's own contained resources are moved out while references are rewritten (the walk
     // skips `contained`) and put back in their place after, not copied a second time.
     // Validation has refused a `contained` that is not an array; such a value is not taken.
-    let had_array = matches!(out.get("contained"), Some(Value::Array(_)));
-    let own: Vec<Value> = match out.get_mut("contained").filter(|_| had_array) {
-        Some(c) => match c.take() {
-            Value::Array(a) => a,
-            _ => Vec::new(),
-        },
-        None => Vec::new(),
+    let own = match out.get_mut("contained") {
+        Some(Value::Array(a)) => Some(std::mem::take(a)),
+        _ => None,
     };
+    let had_array = own.is_some();
+    let own = own.unwrap_or_default();
     let mut copier = Copier {
         by_url,
         container: r,
@@ -226,21 +224,19 @@ impl Copier<'_, '_> {
             }
         }
         t["id"] = json!(l);
-        let mut renamed = HashMap::new();
-        for n in nested.iter_mut() {
-            let id = self.fresh_id();
-            if let Some(old) = n.get("id").and_then(Value::as_str) {
-                renamed.insert(format!("#{old}"), format!("#{id}"));
+        if !nested.is_empty() {
+            // `#` meant the entry itself; inside the item that is the copy.
+            let mut renamed = HashMap::from([("#".to_string(), format!("#{l}"))]);
+            for n in nested.iter_mut() {
+                let id = self.fresh_id();
+                if let Some(old) = n.get("id").and_then(Value::as_str) {
+                    renamed.insert(format!("#{old}"), format!("#{id}"));
+                }
+                n["id"] = json!(id);
             }
-            n["id"] = json!(id);
-        }
-        // `#` meant the entry itself; inside the item that is the copy.
-        renamed.insert("#".to_string(), format!("#{l}"));
-        if nested.is_empty() {
-            renamed.clear();
-        }
-        for v in std::iter::once(&mut t).chain(nested.iter_mut()) {
-            rename_local(v, &renamed);
+            for v in std::iter::once(&mut t).chain(nested.iter_mut()) {
+                rename_local(v, &renamed);
+            }
         }
         self.contained.push(t);
         self.contained.append(&mut nested);
@@ -262,9 +258,6 @@ impl Copier<'_, '_> {
 
 /// Rewrites local references (`#id`) by a table of old to new.
 fn rename_local(v: &mut Value, renamed: &HashMap<String, String>) {
-    if renamed.is_empty() {
-        return;
-    }
     kizuna_fhir::for_each_reference(v, &mut |r| {
         if let Some(n) = renamed.get(r.as_str()) {
             *r = n.clone();

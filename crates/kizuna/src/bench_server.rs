@@ -179,8 +179,8 @@ pub fn bytes_written(pid: u32) -> Option<u64> {
 }
 
 /// CPU time a process has used so far (user and system, `/proc/PID/stat`), in seconds. Its
-/// difference over a run, per resource, is a steadier figure than throughput when two builds are
-/// compared on a machine whose speed varies from run to run; `None` where there is no `/proc`.
+/// difference over a run, per resource, tells the server's work from its waiting when two builds
+/// are compared (it still moves with the host's load); `None` where there is no `/proc`.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // In USER_HZ, which Linux fixes at 100 on the architectures it reports to user space.
