@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 /// How serious an issue is (FHIR `IssueSeverity`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// Processing could not continue.

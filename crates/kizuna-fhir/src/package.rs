@@ -315,8 +315,18 @@ pub mod builtin {
     pub const PROFILES_RESOURCES: &[u8] = include_bytes!("../data/profiles-resources.json.gz");
     /// Base R4 data-type StructureDefinitions.
     pub const PROFILES_TYPES: &[u8] = include_bytes!("../data/profiles-types.json.gz");
+    /// The extensions the R4 specification defines (`iso21090-EN-representation`,
+    /// `patient-birthPlace` …): JP Core and JP-CLINS use them without defining them, so without
+    /// these every such extension went unvalidated.
+    pub const EXTENSION_DEFINITIONS: &[u8] =
+        include_bytes!("../data/extension-definitions.json.gz");
     /// Base R4 ValueSets and CodeSystems.
     pub const VALUESETS: &[u8] = include_bytes!("../data/valuesets.json.gz");
+    /// The HL7 v3 CodeSystems and ValueSets R4 binds to (`v3-ActCode`, `v3-NullFlavor` …),
+    /// published beside `valuesets.json`: without them those bindings could not be checked.
+    pub const V3_CODESYSTEMS: &[u8] = include_bytes!("../data/v3-codesystems.json.gz");
+    /// The HL7 v2 tables R4 binds to (`v2-0203` identifier types …), likewise.
+    pub const V2_TABLES: &[u8] = include_bytes!("../data/v2-tables.json.gz");
     /// Base R4 SearchParameters.
     pub const SEARCH_PARAMETERS: &[u8] = include_bytes!("../data/search-parameters.json.gz");
     /// The Patient compartment definition.
@@ -399,7 +409,10 @@ impl Registry {
         for (bytes, name, types) in [
             (PROFILES_TYPES, "profiles-types.json", true),
             (PROFILES_RESOURCES, "profiles-resources.json", true),
+            (EXTENSION_DEFINITIONS, "extension-definitions.json", false),
             (VALUESETS, "valuesets.json", false),
+            (V3_CODESYSTEMS, "v3-codesystems.json", false),
+            (V2_TABLES, "v2-tables.json", false),
             (SEARCH_PARAMETERS, "search-parameters.json", false),
             (
                 COMPARTMENT_PATIENT,
@@ -487,6 +500,12 @@ impl Registry {
                 ))
                 .map(|d| d.value())
         }
+    }
+
+    /// True when a definition is registered under `url` (exactly, version included if given),
+    /// without parsing it: for names that come from input, which must not fill any cache.
+    pub fn contains(&self, url: &str) -> bool {
+        self.by_url.contains_key(url)
     }
 
     /// All definitions of one resource type (each once).

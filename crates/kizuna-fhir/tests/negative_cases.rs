@@ -17,6 +17,8 @@ fn load(rel: &str) -> Value {
 const COND: &str = "clinical-core/Condition-Example-JP-Condition-eCS-01.json";
 const OBS: &str = "clinical-core/Observation-Example-JP-Obs-LabResult-eCS-K.json";
 const PAT: &str = "clinical-core/Patient-Example-JP-Patient-eCS-MAKINO.json";
+/// A core R4 extension (value `dateTime`) that JP_Condition_eCS does not slice.
+const ASSERTED_DATE: &str = "http://hl7.org/fhir/StructureDefinition/condition-assertedDate";
 const BUNDLE: &str = "hapisample-2025-02/Bundle-Bundle-CLINS-Observations-Example-01.json";
 
 /// One mutation of a JSON document.
@@ -445,6 +447,80 @@ fn cases() -> Vec<Case> {
             "not-found",
             "Condition.encounter.reference",
         ),
+        // Core extensions no profile slices, checked against their R4 definitions by URL
+        case(
+            "core extension with a value of the wrong type",
+            COND,
+            vec![Op::Push(
+                "/extension",
+                json!({"url": ASSERTED_DATE, "valueString": "昨日"}),
+            )],
+            "structure",
+            "Condition.extension[2].valueString",
+        ),
+        case(
+            "core extension with a bad value",
+            COND,
+            vec![Op::Push(
+                "/extension",
+                json!({"url": ASSERTED_DATE, "valueDateTime": "2024-13-01"}),
+            )],
+            "value",
+            "Condition.extension[2].valueDateTime",
+        ),
+        case(
+            "core extension code outside its required binding",
+            COND,
+            vec![Op::Push(
+                "/extension",
+                json!({"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+                       "valueCode": "forgotten"}),
+            )],
+            "code-invalid",
+            "Condition.extension[2].valueCode",
+        ),
+        case(
+            "core extension code outside an HL7 v3 value set",
+            COND,
+            vec![Op::Push(
+                "/extension",
+                json!({"url": "http://hl7.org/fhir/StructureDefinition/iso21090-nullFlavor",
+                       "valueCode": "NOPE"}),
+            )],
+            "code-invalid",
+            "Condition.extension[2].valueCode",
+        ),
+        // Core extensions outside the context their definitions allow
+        case(
+            "name extension on a resource",
+            COND,
+            vec![Op::Push(
+                "/extension",
+                json!({"url": "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation", "valueCode": "IDE"}),
+            )],
+            "structure",
+            "Condition.extension[2]",
+        ),
+        case(
+            "Coding extension on a CodeableConcept",
+            COND,
+            vec![Op::Set(
+                "/code/extension",
+                json!([{"url": "http://hl7.org/fhir/StructureDefinition/coding-sctdescid", "valueId": "123"}]),
+            )],
+            "structure",
+            "Condition.code.extension[0]",
+        ),
+        case(
+            "Observation extension on a primitive",
+            OBS,
+            vec![Op::Set(
+                "/_status",
+                json!({"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/observation-delta", "valueCodeableConcept": {"text": "x"}}]}),
+            )],
+            "structure",
+            "Observation.status.extension[0]",
+        ),
         Case {
             name: "resource against a profile of another type",
             base: COND,
@@ -557,4 +633,116 @@ fn structure_only_skips_invariants_and_bindings_but_not_structure() {
         );
         assert!(e.iter().any(|p| p.contains(key)), "{ptr}: {e:?}");
     }
+}
+
+/// Extensions by URL: a valid core extension and an unknown one outside the core namespace pass
+/// without a word; an unknown URL in the core namespace (where all of R4's are loaded) is a
+/// warning, not an error, since later FHIR versions add extensions there.
+#[test]
+fn extensions_are_looked_up_by_url() {
+    let v = Validator::builtin();
+    let with = |ext: Value| {
+        let mut doc = load(COND);
+        apply(&mut doc, &Op::Push("/extension", ext));
+        v.validate(&doc)
+    };
+    let about_extension = |oo: &kizuna_fhir::outcome::OperationOutcome| -> Vec<String> {
+        oo.issues
+            .iter()
+            .filter(|i| i.expression.starts_with("Condition.extension[2]"))
+            .map(|i| format!("{:?} {} @ {}: {}", i.severity, i.code, i.expression, i.en))
+            .collect()
+    };
+    let valid = with(json!({"url": ASSERTED_DATE, "valueDateTime": "2024-04-01"}));
+    assert!(!valid.has_errors(), "{:#?}", valid.issues);
+    assert_eq!(about_extension(&valid), Vec::<String>::new());
+
+    let local = with(
+        json!({"url": "http://example.jp/fhir/StructureDefinition/local", "valueString": "x"}),
+    );
+    assert!(!local.has_errors(), "{:#?}", local.issues);
+    assert_eq!(about_extension(&local), Vec::<String>::new());
+
+    let misspelt = with(
+        json!({"url": "http://hl7.org/fhir/StructureDefinition/condition-assertedDat", "valueDateTime": "2024-04-01"}),
+    );
+    assert!(!misspelt.has_errors(), "{:#?}", misspelt.issues);
+    let found = about_extension(&misspelt);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with("Warning not-found @ Condition.extension[2]:"),
+        "{found:#?}"
+    );
+
+    // Placements their definitions allow: on the resource, in a data type inside a data type,
+    // on a Quantity through `valueQuantity`, on a primitive, and `Element` (anywhere).
+    let placements: [(&str, Op); 5] = [
+        (
+            OBS,
+            Op::Push(
+                "/extension",
+                json!({"url": "http://hl7.org/fhir/StructureDefinition/observation-delta", "valueCodeableConcept": {"text": "x"}}),
+            ),
+        ),
+        (
+            COND,
+            Op::Set(
+                "/code/coding/0/extension",
+                json!([{"url": "http://hl7.org/fhir/StructureDefinition/coding-sctdescid", "valueId": "123"}]),
+            ),
+        ),
+        (
+            OBS,
+            Op::Set(
+                "/valueQuantity/extension",
+                json!([{"url": "http://hl7.org/fhir/StructureDefinition/iso21090-uncertaintyType", "valueCode": "N"}]),
+            ),
+        ),
+        (
+            OBS,
+            Op::Set(
+                "/_status",
+                json!({"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}]}),
+            ),
+        ),
+        (
+            OBS,
+            Op::Set(
+                "/subject/extension",
+                json!([{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}]),
+            ),
+        ),
+    ];
+    for (base, op) in &placements {
+        let mut doc = load(base);
+        apply(&mut doc, op);
+        let oo = v.validate(&doc);
+        assert!(!oo.has_errors(), "{base}: {:#?}", oo.issues);
+    }
+
+    // A URL naming a definition that is not an extension is not used as one.
+    let not_an_extension =
+        with(json!({"url": "http://hl7.org/fhir/StructureDefinition/Patient", "valueString": "x"}));
+    assert!(
+        !not_an_extension.has_errors(),
+        "{:#?}",
+        not_an_extension.issues
+    );
+}
+
+/// A fault two claimed profiles both see (JP_Encounter and the base Encounter bind `class`) is
+/// reported once.
+#[test]
+fn a_fault_seen_by_two_profiles_is_reported_once() {
+    let v = Validator::builtin();
+    let oo = v.validate(&load(
+        "eDischargeSummary/Encounter-purposeReferralExample01.json",
+    ));
+    let at_class: Vec<_> = oo
+        .issues
+        .iter()
+        .filter(|i| i.expression == "Encounter.class.code")
+        .collect();
+    assert_eq!(at_class.len(), 1, "{at_class:#?}");
+    assert_eq!(at_class[0].code, "code-invalid");
 }

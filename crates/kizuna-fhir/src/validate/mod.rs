@@ -26,6 +26,11 @@ use profile::{compile, ElDef, Profile};
 /// Limits how deep resources may nest (contained, Bundle in Bundle), so hostile input cannot exhaust the stack.
 const MAX_DEPTH: usize = 48;
 
+/// Where the R4 specification's own extensions live.
+const CORE_EXTENSIONS: &str = "http://hl7.org/fhir/StructureDefinition/";
+/// The base Extension type's definition, which an extension's `url` must not name.
+const EXTENSION_BASE: &str = "http://hl7.org/fhir/StructureDefinition/Extension";
+
 /// Validates resources; holds compiled profiles, shared across threads.
 pub struct Validator {
     registry: &'static Registry,
@@ -52,9 +57,10 @@ impl Validator {
     }
 
     /// A validator that checks structure only: elements, cardinality, JSON shape, types and primitive
-    /// formats, fixed and pattern values and slices, but no terminology bindings and no FHIRPath
-    /// invariants. It exists to compare like with like against validators that do no more (such as
-    /// pydantic models); a store should use the full validator.
+    /// formats, fixed and pattern values and slices, but no terminology bindings, no FHIRPath
+    /// invariants and no extension definitions looked up by URL (only those a profile names). It
+    /// exists to compare like with like against validators that do no more (such as pydantic
+    /// models); a store should use the full validator.
     pub fn structure_only(
         registry: &'static Registry,
         terminology: &'static Terminology,
@@ -127,6 +133,7 @@ impl Validator {
             path_bufs: Vec::new(),
             path_depth: 0,
             depth: 0,
+            resource_start: 0,
         };
         let rt = resource
             .get("resourceType")
@@ -149,8 +156,30 @@ impl Validator {
         } else {
             run.resource(resource, rt, profiles, rt, resource);
         }
-        OperationOutcome { issues: run.issues }
+        OperationOutcome {
+            issues: without_repeats(run.issues),
+        }
     }
+}
+
+/// The issues with each one kept once, in first-reported order. A resource is checked against
+/// every profile it claims, and where two profiles bind the same element (JP_Encounter and the
+/// base Encounter on `class`) both report the same fault at the same path.
+fn without_repeats(issues: Vec<Issue>) -> Vec<Issue> {
+    if issues.len() < 2 {
+        return issues;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(issues.len());
+    let first: Vec<bool> = issues
+        .iter()
+        .map(|i| seen.insert((i.severity, i.code, i.expression.as_str(), i.en.as_str())))
+        .collect();
+    drop(seen);
+    issues
+        .into_iter()
+        .zip(first)
+        .filter_map(|(i, first)| first.then_some(i))
+        .collect()
 }
 
 impl ConformsTo for Validator {
@@ -171,6 +200,7 @@ impl ConformsTo for Validator {
             path_bufs: Vec::new(),
             path_depth: 0,
             depth: 0,
+            resource_start: 0,
         };
         run.against_profile(resource, &p, rt, resource);
         Some(!run.issues.iter().any(|i| i.severity <= Severity::Error))
@@ -187,6 +217,19 @@ struct Run<'v> {
     path_bufs: Vec<String>,
     path_depth: usize,
     depth: usize,
+    /// Where the current resource's own path ends in an element's path (`Bundle.entry[1].resource`
+    /// is 24 bytes): what follows is the element's path within that resource.
+    resource_start: usize,
+}
+
+/// What [`Run::holder_names`] gathers on its way to the element holding an extension.
+struct HolderWalk {
+    /// The path from the resource type, in definition names (`Observation.value[x]`).
+    full_path: String,
+    /// The ids of the holder in the definition it belongs to.
+    names: Vec<String>,
+    /// The holder's type.
+    ty: String,
 }
 
 fn is_resource_type(v: &Validator, ty: &str) -> bool {
@@ -258,6 +301,7 @@ impl<'v> Run<'v> {
             self.depth -= 1;
             return;
         }
+        let outer_start = std::mem::replace(&mut self.resource_start, path.len());
         let mut urls: Vec<String> = explicit.to_vec();
         if let Some(Value::Array(ps)) = res.pointer("/meta/profile") {
             for p in ps.iter().filter_map(Value::as_str) {
@@ -326,6 +370,7 @@ impl<'v> Run<'v> {
                 ),
             }
         }
+        self.resource_start = outer_start;
         self.depth -= 1;
     }
 
@@ -433,6 +478,27 @@ impl<'v> Run<'v> {
                             c.fixed.is_some() || c.pattern.is_some() || !c.slices.is_empty()
                         })
                 });
+        // An extension that no profile slices is checked against the definition its `url` names,
+        // when that definition is loaded (as the HL7 validator does): the core extensions
+        // (`iso21090-EN-representation` …) are otherwise used in JP data unchecked.
+        let by_url = match type_profile {
+            // Not at the root of an extension's own definition: that is where this leads.
+            None if ty == "Extension"
+                && !self.v.structure_only
+                && !std::ptr::eq(def, &profile.root) =>
+            {
+                self.extension_by_url(obj, path)
+            }
+            _ => None,
+        };
+        if let Some(p) = by_url {
+            self.extension_context(&p, path, resource);
+            self.element(value, None, &p.root, ty, path, resource, &p);
+            self.fixed_pattern(value, def, path);
+            self.binding(value, def, ty, path);
+            self.constraints(value, None, def, ty, path, resource);
+            return;
+        }
         if let Some(tp) = type_profile {
             if let Some(p) = self.v.profile(tp) {
                 let p2 = p.clone();
@@ -536,6 +602,156 @@ impl<'v> Run<'v> {
         self.fixed_pattern(value, def, path);
         self.binding(value, def, ty, path);
         self.constraints(value, None, def, ty, path, resource);
+    }
+
+    /// The definition of an unsliced extension, by its `url`. Only a loaded Extension definition
+    /// is used; the lookup does not parse or cache a URL the registry lacks, since URLs come from
+    /// input. An unknown URL in the core namespace (`http://hl7.org/fhir/StructureDefinition/`),
+    /// where every R4 extension is loaded, is reported as a warning: it is misspelt or from a
+    /// later FHIR version. Elsewhere an unknown extension is allowed silently, as extensions are
+    /// meant to be.
+    fn extension_by_url(
+        &mut self,
+        obj: &serde_json::Map<String, Value>,
+        path: &str,
+    ) -> Option<Arc<Profile>> {
+        let url = obj.get("url").and_then(Value::as_str)?;
+        if !self.v.registry.contains(url) {
+            if url.starts_with(CORE_EXTENSIONS) && url.len() > CORE_EXTENSIONS.len() {
+                self.warn(
+                    "not-found",
+                    path,
+                    &format!("拡張の定義が見つかりません: {url}"),
+                    &format!("extension definition not found: {url}"),
+                );
+            }
+            return None;
+        }
+        self.v
+            .profile(url)
+            .filter(|p| p.type_name == "Extension" && p.url != EXTENSION_BASE)
+    }
+
+    /// Reports an extension used where its definition's `context` does not allow it (a name
+    /// representation, defined for `HumanName`, placed on a Condition). The element holding it is
+    /// known by its path in the base definitions (`Patient.name`, `HumanName`,
+    /// `Observation.component`), its type and the types that type derives from; a context of
+    /// type `element` must name one of these, or `Element`. Contexts of other kinds, and paths
+    /// this walk cannot follow, are given the benefit of the doubt: a false refusal would turn away
+    /// a valid submission.
+    fn extension_context(&mut self, ext: &Profile, path: &str, resource: &'v Value) {
+        let Some(sd) = self.v.registry.structure_definition(&ext.url) else {
+            return;
+        };
+        let Some(contexts) = sd.get("context").and_then(Value::as_array) else {
+            return;
+        };
+        let mut allowed: Vec<&str> = Vec::new();
+        for c in contexts {
+            let kind = c.get("type").and_then(Value::as_str).unwrap_or("");
+            let Some(expr) = c.get("expression").and_then(Value::as_str) else {
+                return;
+            };
+            if kind != "element" || expr == "Element" {
+                return;
+            }
+            allowed.push(expr);
+        }
+        let Some(rt) = resource.get("resourceType").and_then(Value::as_str) else {
+            return;
+        };
+        let Some(names) = self.holder_names(rt, path.get(self.resource_start..).unwrap_or(""))
+        else {
+            return;
+        };
+        if allowed.iter().any(|a| names.iter().any(|n| n == a)) {
+            return;
+        }
+        let (allowed, here) = (allowed.join(", "), names.join(", "));
+        self.error(
+            "structure",
+            path,
+            &format!(
+                "拡張 {} はここでは使えません (使える場所: {allowed}; この要素: {here})",
+                ext.url
+            ),
+            &format!(
+                "extension {} is not allowed here (allowed: {allowed}; this element is {here})",
+                ext.url
+            ),
+        );
+    }
+
+    /// The names the element holding an extension goes by: its path in the base definitions
+    /// (`Patient.name.family`), its path in the definition it belongs to (`HumanName.family`),
+    /// its type and that type's ancestors. `rel` is the extension's path within its resource
+    /// (`.name[0].extension[1]`). `None` when the path cannot be followed.
+    fn holder_names(&self, rt: &str, rel: &str) -> Option<Vec<String>> {
+        let mut steps: Vec<&str> = rel
+            .split('.')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.split('[').next().unwrap_or(s))
+            .collect();
+        match steps.pop() {
+            Some("extension" | "modifierExtension") => {}
+            _ => return None,
+        }
+        let base = self.v.profile(rt)?;
+        let mut walk = HolderWalk {
+            full_path: rt.to_string(),
+            names: Vec::new(),
+            ty: rt.to_string(),
+        };
+        self.walk_to_holder(&base, &base.root, &steps, &mut walk)?;
+        let HolderWalk {
+            full_path,
+            mut names,
+            ty,
+        } = walk;
+        names.insert(0, full_path);
+        let ancestors = self.v.profile(&ty).map(|p| p.ancestors.clone());
+        names.push(ty);
+        for a in ancestors.iter().flatten() {
+            names.extend(a.rsplit('/').next().map(str::to_string));
+        }
+        let mut seen = std::collections::HashSet::new();
+        names.retain(|n| seen.insert(n.clone()));
+        Some(names)
+    }
+
+    /// One step of [`Run::holder_names`]: follows `steps` from `def` in `profile`, into the
+    /// definition of each data type on the way.
+    fn walk_to_holder(
+        &self,
+        profile: &Profile,
+        def: &ElDef,
+        steps: &[&str],
+        walk: &mut HolderWalk,
+    ) -> Option<()> {
+        let Some((step, rest)) = steps.split_first() else {
+            if !std::ptr::eq(def, &profile.root) {
+                walk.names.push(def.id.clone());
+            }
+            return Some(());
+        };
+        let child = def.children.get(*def.key_index.get(*step)?)?;
+        let (_, _, child_ty) = child.json_keys.iter().find(|k| k.0 == *step)?;
+        walk.full_path.push('.');
+        walk.full_path.push_str(&child.name_in_path());
+        walk.ty = child_ty.clone();
+        if let Some(target) = &child.content_ref {
+            let target = profile.by_path.get(target.trim_start_matches('#'))?;
+            return self.walk_to_holder(profile, target, rest, walk);
+        }
+        if !child.children.is_empty() {
+            return self.walk_to_holder(profile, child, rest, walk);
+        }
+        if rest.is_empty() {
+            walk.names.push(child.id.clone());
+            return Some(());
+        }
+        let inner = self.v.profile(child_ty)?;
+        self.walk_to_holder(&inner, &inner.root, rest, walk)
     }
 
     fn primitive_extensions(&mut self, ext: &'v Value, path: &str, resource: &'v Value) {

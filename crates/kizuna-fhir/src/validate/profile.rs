@@ -108,6 +108,15 @@ impl ElDef {
         self.children.iter().find(|c| c.name == name)
     }
 
+    /// The element's name as its path spells it: `value[x]` for a choice.
+    pub fn name_in_path(&self) -> String {
+        if self.choice {
+            format!("{}[x]", self.name)
+        } else {
+            self.name.clone()
+        }
+    }
+
     /// True when the value may hold `code` (after choice resolution).
     pub fn allows_type(&self, code: &str) -> bool {
         self.types.iter().any(|t| t.code == code)
