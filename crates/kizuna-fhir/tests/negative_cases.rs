@@ -521,6 +521,46 @@ fn cases() -> Vec<Case> {
             "structure",
             "Observation.status.extension[0]",
         ),
+        case(
+            "literal reference to a resource of the wrong type",
+            COND,
+            vec![Op::Set(
+                "/subject",
+                json!({"reference": "Organization/123"}),
+            )],
+            "structure",
+            "Condition.subject.reference",
+        ),
+        case(
+            "absolute reference to a resource of the wrong type",
+            COND,
+            vec![Op::Set(
+                "/subject",
+                json!({"reference": "https://example.jp/fhir/Practitioner/9/_history/2"}),
+            )],
+            "structure",
+            "Condition.subject.reference",
+        ),
+        case(
+            "unknown modifier extension",
+            COND,
+            vec![Op::Set(
+                "/modifierExtension",
+                json!([{"url": "http://example.jp/fhir/StructureDefinition/negated", "valueBoolean": true}]),
+            )],
+            "extension",
+            "Condition.modifierExtension[0]",
+        ),
+        case(
+            "ordinary extension sent as a modifier",
+            COND,
+            vec![Op::Set(
+                "/modifierExtension",
+                json!([{"url": ASSERTED_DATE, "valueDateTime": "2024-04-01"}]),
+            )],
+            "structure",
+            "Condition.modifierExtension[0]",
+        ),
         Case {
             name: "resource against a profile of another type",
             base: COND,
@@ -718,6 +758,40 @@ fn extensions_are_looked_up_by_url() {
         apply(&mut doc, op);
         let oo = v.validate(&doc);
         assert!(!oo.has_errors(), "{base}: {:#?}", oo.issues);
+    }
+
+    // A modifier extension sent as an ordinary one (request-doNotPerform is one, for NutritionOrder).
+    let hidden = with(
+        json!({"url": "http://hl7.org/fhir/StructureDefinition/request-doNotPerform", "valueBoolean": true}),
+    );
+    assert!(
+        hidden
+            .issues
+            .iter()
+            .any(|i| i.expression == "Condition.extension[2]"
+                && i.severity == Severity::Error
+                && i.en.contains("must be sent as modifierExtension")),
+        "{:#?}",
+        hidden.issues
+    );
+
+    // References whose target type is right, or cannot be known, pass.
+    for subject in [
+        json!({"reference": "Patient/123"}),
+        json!({"reference": "https://example.jp/fhir/Patient/9/_history/2"}),
+        json!({"identifier": {"system": "urn:oid:1.2.392.100495.20.3.51.11318814790", "value": "1"}}),
+    ] {
+        let mut doc = load(COND);
+        apply(&mut doc, &Op::Set("/subject", subject.clone()));
+        let oo = v.validate(&doc);
+        assert!(
+            !oo.issues
+                .iter()
+                .any(|i| i.expression.starts_with("Condition.subject")
+                    && i.severity <= Severity::Error),
+            "{subject}: {:#?}",
+            oo.issues
+        );
     }
 
     // A URL naming a definition that is not an extension is not used as one.

@@ -162,6 +162,29 @@ impl Validator {
     }
 }
 
+/// True when the extension at `path` was sent as a `modifierExtension`.
+fn sent_as_modifier(path: &str) -> bool {
+    path.rsplit('.')
+        .next()
+        .is_some_and(|last| last.starts_with("modifierExtension"))
+}
+
+/// The resource type a literal reference names: `Type/id` or `…/Type/id`, with or without
+/// `/_history/n`. `None` for a contained (`#`), `urn:` or otherwise unshaped reference.
+fn literal_type(r: &str) -> Option<&str> {
+    if r.starts_with('#') || r.starts_with("urn:") {
+        return None;
+    }
+    let r = r.split("/_history/").next().unwrap_or(r);
+    let r = r.split(['?', '#']).next().unwrap_or(r);
+    let mut parts = r.rsplit('/');
+    let (id, ty) = (parts.next()?, parts.next()?);
+    let shaped = !id.is_empty()
+        && ty.starts_with(|c: char| c.is_ascii_uppercase())
+        && ty.chars().all(|c| c.is_ascii_alphanumeric());
+    shaped.then_some(ty)
+}
+
 /// The issues with each one kept once, in first-reported order. A resource is checked against
 /// every profile it claims, and where two profiles bind the same element (JP_Encounter and the
 /// base Encounter on `class`) both report the same fault at the same path.
@@ -492,7 +515,7 @@ impl<'v> Run<'v> {
             _ => None,
         };
         if let Some(p) = by_url {
-            self.extension_context(&p, path, resource);
+            self.extension_placement(&p, path, resource);
             self.element(value, None, &p.root, ty, path, resource, &p);
             self.fixed_pattern(value, def, path);
             self.binding(value, def, ty, path);
@@ -503,6 +526,9 @@ impl<'v> Run<'v> {
             if let Some(p) = self.v.profile(tp) {
                 let p2 = p.clone();
                 self.element(value, None, &p2.root, ty, path, resource, &p2);
+                if ty == "Reference" {
+                    self.reference_type_after_recursion(value, def, path, resource);
+                }
                 self.fixed_pattern(value, def, path);
                 self.binding(value, def, ty, path);
                 self.constraints(value, None, def, ty, path, resource);
@@ -527,6 +553,9 @@ impl<'v> Run<'v> {
                 Some(base) => {
                     let b = base.clone();
                     self.element(value, None, &b.root, ty, path, resource, &b);
+                    if ty == "Reference" {
+                        self.reference_type_after_recursion(value, def, path, resource);
+                    }
                     self.fixed_pattern(value, def, path);
                     self.binding(value, def, ty, path);
                     self.constraints(value, None, def, ty, path, resource);
@@ -617,7 +646,16 @@ impl<'v> Run<'v> {
     ) -> Option<Arc<Profile>> {
         let url = obj.get("url").and_then(Value::as_str)?;
         if !self.v.registry.contains(url) {
-            if url.starts_with(CORE_EXTENSIONS) && url.len() > CORE_EXTENSIONS.len() {
+            if sent_as_modifier(path) {
+                // A modifier changes what its element means; one nobody can read cannot be
+                // ignored (FHIR R4 §2.4: such data is refused or not processed).
+                self.error(
+                    "extension",
+                    path,
+                    &format!("定義のない修飾拡張は受け付けられません: {url}"),
+                    &format!("unknown modifier extension, which cannot be ignored: {url}"),
+                );
+            } else if url.starts_with(CORE_EXTENSIONS) && url.len() > CORE_EXTENSIONS.len() {
                 self.warn(
                     "not-found",
                     path,
@@ -639,10 +677,36 @@ impl<'v> Run<'v> {
     /// type `element` must name one of these, or `Element`. Contexts of other kinds, and paths
     /// this walk cannot follow, are given the benefit of the doubt: a false refusal would turn away
     /// a valid submission.
-    fn extension_context(&mut self, ext: &Profile, path: &str, resource: &'v Value) {
+    ///
+    /// An extension whose definition makes it a modifier must be sent as `modifierExtension`, and
+    /// only such an extension may be: the element says whether a reader may ignore it.
+    fn extension_placement(&mut self, ext: &Profile, path: &str, resource: &'v Value) {
         let Some(sd) = self.v.registry.structure_definition(&ext.url) else {
             return;
         };
+        let is_modifier = sd
+            .pointer("/snapshot/element/0/isModifier")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if is_modifier != sent_as_modifier(path) {
+            let (ja, en) = if is_modifier {
+                (
+                    "修飾拡張なので modifierExtension に置く必要があります",
+                    "is a modifier extension: it must be sent as modifierExtension",
+                )
+            } else {
+                (
+                    "修飾拡張ではないので modifierExtension には置けません",
+                    "is not a modifier extension: it must not be sent as modifierExtension",
+                )
+            };
+            self.error(
+                "structure",
+                path,
+                &format!("拡張 {} は{ja}", ext.url),
+                &format!("extension {} {en}", ext.url),
+            );
+        }
         let Some(contexts) = sd.get("context").and_then(Value::as_array) else {
             return;
         };
@@ -1385,18 +1449,12 @@ impl<'v> Run<'v> {
         let Some(r) = obj.get("reference").and_then(Value::as_str) else {
             return;
         };
-        let target = if let Some(id) = r.strip_prefix('#') {
-            if id.is_empty() {
-                return;
-            }
-            let found = resource
-                .get("contained")
-                .and_then(Value::as_array)
-                .and_then(|c| {
-                    c.iter()
-                        .find(|x| x.get("id").and_then(Value::as_str) == Some(id))
-                });
-            if found.is_none() {
+        if r == "#" {
+            return;
+        }
+        let target = self.local_target(r, resource);
+        if target.is_none() {
+            if r.starts_with('#') {
                 self.error(
                     "not-found",
                     &format!("{path}.reference"),
@@ -1405,10 +1463,7 @@ impl<'v> Run<'v> {
                 );
                 return;
             }
-            found
-        } else if self.root.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
-            let found = resolve_in(self.root, resource, r);
-            if found.is_none() && r.starts_with("urn:") {
+            if r.starts_with("urn:") && self.in_bundle() {
                 self.error(
                     "not-found",
                     &format!("{path}.reference"),
@@ -1417,12 +1472,21 @@ impl<'v> Run<'v> {
                 );
                 return;
             }
-            found
-        } else {
-            None
+        }
+        self.reference_type(r, target, def, path);
+    }
+
+    /// Checks that what a reference points to is of a type its element allows (`def`'s target
+    /// profiles). A reference that does not resolve here still names its target's type when it is
+    /// literal (`Organization/123`, `https://…/fhir/Patient/9`); otherwise nothing is known.
+    fn reference_type(&mut self, r: &str, target: Option<&Value>, def: &ElDef, path: &str) {
+        let rt = match target {
+            Some(t) => t.get("resourceType").and_then(Value::as_str).unwrap_or(""),
+            None => match literal_type(r) {
+                Some(t) if self.v.registry.model().is_resource(t) => t,
+                _ => return,
+            },
         };
-        let Some(t) = target else { return };
-        let rt = t.get("resourceType").and_then(Value::as_str).unwrap_or("");
         let targets: Vec<&String> = def
             .types
             .iter()
@@ -1449,6 +1513,49 @@ impl<'v> Run<'v> {
                 &format!("reference target type {rt} is not allowed here"),
             );
         }
+    }
+
+    /// A Reference element validated through its type's own definition (which knows no targets):
+    /// its target type is checked against the element's definition here, without reporting again
+    /// what the recursion already said about resolving it.
+    fn reference_type_after_recursion(
+        &mut self,
+        value: &'v Value,
+        def: &ElDef,
+        path: &str,
+        resource: &'v Value,
+    ) {
+        let Some(r) = value.get("reference").and_then(Value::as_str) else {
+            return;
+        };
+        if def.types.iter().all(|t| t.target_profiles.is_empty()) {
+            return;
+        }
+        let target = self.local_target(r, resource);
+        if target.is_none() && (r.starts_with('#') || r.starts_with("urn:")) {
+            return;
+        }
+        self.reference_type(r, target, def, path);
+    }
+
+    /// What a reference points to inside the message: a contained resource (`#id`), or an entry
+    /// of the Bundle being validated.
+    fn local_target(&self, r: &str, resource: &'v Value) -> Option<&'v Value> {
+        if let Some(id) = r.strip_prefix('#') {
+            resource
+                .get("contained")
+                .and_then(Value::as_array)?
+                .iter()
+                .find(|x| x.get("id").and_then(Value::as_str) == Some(id))
+        } else if self.in_bundle() {
+            resolve_in(self.root, resource, r)
+        } else {
+            None
+        }
+    }
+
+    fn in_bundle(&self) -> bool {
+        self.root.get("resourceType").and_then(Value::as_str) == Some("Bundle")
     }
 
     /// dom-3: every contained resource is referenced from the rest of the resource (or refers to it with `#`).
@@ -1936,5 +2043,45 @@ fn compact(v: &Value) -> String {
         format!("{}…", s.chars().take(120).collect::<String>())
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{literal_type, sent_as_modifier};
+
+    #[test]
+    fn literal_references_name_their_type() {
+        let cases = [
+            ("Patient/123", Some("Patient")),
+            ("Patient/123/_history/2", Some("Patient")),
+            (
+                "https://example.jp/fhir/Organization/9",
+                Some("Organization"),
+            ),
+            (
+                "https://example.jp/fhir/Organization/9/_history/1",
+                Some("Organization"),
+            ),
+            ("#c1", None),
+            ("urn:uuid:0b6d4b5e-6f11-4d8a-9c1e-1f0f6a6d0c11", None),
+            ("123", None),
+            ("Patient/", None),
+            ("patient/123", None),
+            ("", None),
+        ];
+        for (r, want) in cases {
+            assert_eq!(literal_type(r), want, "{r}");
+        }
+    }
+
+    #[test]
+    fn modifier_extensions_are_told_by_their_path() {
+        assert!(sent_as_modifier("Condition.modifierExtension[0]"));
+        assert!(sent_as_modifier(
+            "Bundle.entry[1].resource.modifierExtension[2]"
+        ));
+        assert!(!sent_as_modifier("Condition.extension[0]"));
+        assert!(!sent_as_modifier("Condition.code.extension[0]"));
     }
 }
