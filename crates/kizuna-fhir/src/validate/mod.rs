@@ -35,9 +35,14 @@ const EXTENSION_BASE: &str = "http://hl7.org/fhir/StructureDefinition/Extension"
 pub struct Validator {
     registry: &'static Registry,
     terminology: &'static Terminology,
-    profiles: RwLock<crate::DefMap<String, Option<Arc<Profile>>>>,
+    /// Compiled profiles by the name they were asked for. Each has a cell of its own, so threads
+    /// asking for the same profile at once wait for one compilation instead of each doing it.
+    profiles: RwLock<crate::DefMap<String, Arc<ProfileCell>>>,
     structure_only: bool,
 }
+
+/// A profile compiled on first use (`None`: the definition does not compile).
+type ProfileCell = OnceLock<Option<Arc<Profile>>>;
 
 impl Validator {
     /// The validator over the builtin registry and terminology.
@@ -77,26 +82,31 @@ impl Validator {
     }
 
     /// A compiled profile by canonical URL (with or without `|version`), or by base type name.
+    ///
+    /// Only names the registry knows are remembered: `meta.profile` comes from input, and
+    /// remembering every unknown URL sent would let senders grow this cache without bound.
     pub fn profile(&self, url: &str) -> Option<Arc<Profile>> {
-        if let Some(p) = self.profiles.read().ok().and_then(|m| m.get(url).cloned()) {
-            return p;
-        }
-        let compiled = self
-            .registry
-            .structure_definition(url)
-            .filter(|sd| {
-                sd.get("resourceType").and_then(Value::as_str) == Some("StructureDefinition")
-            })
-            .and_then(|sd| {
-                let mut p = compile(sd)?;
-                p.ancestors = self.base_chain(sd);
-                Some(p)
-            })
-            .map(Arc::new);
-        if let Ok(mut m) = self.profiles.write() {
-            m.insert(url.to_string(), compiled.clone());
-        }
-        compiled
+        let known = self.profiles.read().ok().and_then(|m| m.get(url).cloned());
+        let cell = match known {
+            Some(cell) => cell,
+            None => {
+                let sd = self.registry.structure_definition(url)?;
+                if sd.get("resourceType").and_then(Value::as_str) != Some("StructureDefinition") {
+                    return None;
+                }
+                match self.profiles.write() {
+                    Ok(mut m) => m.entry(url.to_string()).or_default().clone(),
+                    Err(_) => Arc::new(OnceLock::new()),
+                }
+            }
+        };
+        cell.get_or_init(|| {
+            let sd = self.registry.structure_definition(url)?;
+            let mut p = compile(sd)?;
+            p.ancestors = self.base_chain(sd);
+            Some(Arc::new(p))
+        })
+        .clone()
     }
 
     /// The canonical URLs a definition derives from, nearest first (cycles and runaway chains stop).
@@ -2073,6 +2083,37 @@ mod tests {
         for (r, want) in cases {
             assert_eq!(literal_type(r), want, "{r}");
         }
+    }
+
+    /// Unknown profile URLs (they come from input) are not remembered; a known one is compiled
+    /// once, however many threads ask for it at the same moment.
+    #[test]
+    fn profiles_are_compiled_once_and_unknown_urls_not_kept() {
+        use crate::terminology::Terminology;
+        use crate::Registry;
+        let v = super::Validator::new(Registry::builtin(), Terminology::builtin());
+        for i in 0..100 {
+            assert!(v
+                .profile(&format!(
+                    "http://example.jp/fhir/StructureDefinition/unknown-{i}"
+                ))
+                .is_none());
+        }
+        let cached = || v.profiles.read().map(|m| m.len()).unwrap_or(usize::MAX);
+        assert_eq!(cached(), 0);
+        let url = "http://jpfhir.jp/fhir/eCS/StructureDefinition/JP_Patient_eCS";
+        let got: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| v.profile(url))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().ok().flatten())
+                .collect()
+        });
+        let first = got[0].clone().unwrap_or_else(|| panic!("{url} compiles"));
+        assert!(got.iter().all(|p| p
+            .as_ref()
+            .is_some_and(|p| std::sync::Arc::ptr_eq(p, &first))));
+        assert_eq!(cached(), 1);
     }
 
     #[test]
