@@ -162,8 +162,13 @@ struct Expansion {
 pub struct Terminology {
     registry: &'static Registry,
     tables: RwLock<HashMap<String, Arc<CodeTable>>>,
-    expansions: RwLock<HashMap<String, Arc<Expansion>>>,
+    /// Value sets expanded on first use, each in a cell of its own: threads that need the same
+    /// one at the same moment wait for one expansion instead of each building it.
+    expansions: RwLock<HashMap<String, Arc<ExpansionCell>>>,
 }
+
+/// A value set's expansion, made on first use.
+type ExpansionCell = OnceLock<Arc<Expansion>>;
 
 /// Systems everyone uses but no package here defines: codes in them cannot be checked, only warned about.
 pub const EXTERNAL_SYSTEMS: &[&str] = &[
@@ -257,19 +262,43 @@ impl Terminology {
         self.table(system).and_then(|t| t.codes.get(code).cloned())
     }
 
+    /// A value set's expansion. Only value sets the registry has are remembered, so URLs that
+    /// come from input cannot grow the cache.
     fn expansion(&self, url: &str) -> Option<Arc<Expansion>> {
-        if let Some(e) = self
+        let known = self
             .expansions
             .read()
             .ok()
-            .and_then(|r| r.get(url).cloned())
-        {
-            return Some(e);
-        }
+            .and_then(|r| r.get(url).cloned());
+        let cell = match known {
+            Some(cell) => cell,
+            None => {
+                let vs = self.registry.resolve(url)?;
+                if vs.get("resourceType").and_then(Value::as_str) != Some("ValueSet") {
+                    return None;
+                }
+                match self.expansions.write() {
+                    Ok(mut w) => w.entry(url.to_string()).or_default().clone(),
+                    Err(_) => Arc::new(OnceLock::new()),
+                }
+            }
+        };
+        Some(
+            cell.get_or_init(|| {
+                // Unreadable: every answer from it is "unknown", never "not a member".
+                let unknown = || Expansion {
+                    unknown: true,
+                    ..Expansion::default()
+                };
+                Arc::new(self.expand(url).unwrap_or_else(unknown))
+            })
+            .clone(),
+        )
+    }
+
+    /// Builds a value set's expansion from its definition.
+    fn expand(&self, url: &str) -> Option<Expansion> {
         let vs = self.registry.resolve(url)?;
-        if vs.get("resourceType").and_then(Value::as_str) != Some("ValueSet") {
-            return None;
-        }
         let mut exp = Expansion::default();
         let parse = |inc: &Value, exp: &mut Expansion| -> Option<(String, Selector)> {
             if let Some(Value::Array(vss)) = inc.get("valueSet") {
@@ -344,10 +373,6 @@ impl Terminology {
                 .collect();
         } else {
             exp.unknown = true;
-        }
-        let exp = Arc::new(exp);
-        if let Ok(mut w) = self.expansions.write() {
-            w.insert(url.to_string(), exp.clone());
         }
         Some(exp)
     }
@@ -735,5 +760,53 @@ pub mod jlac {
                 t
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Membership, Terminology};
+    use crate::Registry;
+
+    /// A value set is expanded once however many threads need it at the same moment, and value-set
+    /// URLs the registry lacks are not remembered.
+    #[test]
+    fn expansions_are_built_once_and_unknown_urls_not_kept() {
+        let t = Terminology::new(Registry::builtin());
+        let cached = || t.expansions.read().map(|m| m.len()).unwrap_or(usize::MAX);
+        for i in 0..100 {
+            let url = format!("http://example.jp/fhir/ValueSet/unknown-{i}");
+            assert_eq!(t.validate_code(&url, None, "x"), Membership::Unknown);
+        }
+        assert_eq!(cached(), 0);
+        let url = "http://hl7.org/fhir/ValueSet/administrative-gender";
+        let got: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| t.expansion(url))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().ok().flatten())
+                .collect()
+        });
+        let first = got[0].clone().unwrap_or_else(|| panic!("{url} expands"));
+        assert!(got.iter().all(|e| e
+            .as_ref()
+            .is_some_and(|e| std::sync::Arc::ptr_eq(e, &first))));
+        assert_eq!(cached(), 1);
+        assert_eq!(
+            t.validate_code(
+                url,
+                Some("http://hl7.org/fhir/administrative-gender"),
+                "female"
+            ),
+            Membership::Member
+        );
+        assert_eq!(
+            t.validate_code(
+                url,
+                Some("http://hl7.org/fhir/administrative-gender"),
+                "robot"
+            ),
+            Membership::NotMember
+        );
     }
 }
