@@ -526,22 +526,12 @@ impl<'v> Run<'v> {
         };
         if let Some(p) = by_url {
             self.extension_placement(&p, path, resource);
-            self.element(value, None, &p.root, ty, path, resource, &p);
-            self.fixed_pattern(value, def, path);
-            self.binding(value, def, ty, path);
-            self.constraints(value, None, def, ty, path, resource);
+            self.through(value, def, &p, ty, path, resource);
             return;
         }
         if let Some(tp) = type_profile {
             if let Some(p) = self.v.profile(tp) {
-                let p2 = p.clone();
-                self.element(value, None, &p2.root, ty, path, resource, &p2);
-                if ty == "Reference" {
-                    self.reference_type_after_recursion(value, def, path, resource);
-                }
-                self.fixed_pattern(value, def, path);
-                self.binding(value, def, ty, path);
-                self.constraints(value, None, def, ty, path, resource);
+                self.through(value, def, &p, ty, path, resource);
                 return;
             } else if ty == "Extension" {
                 self.warn(
@@ -561,14 +551,7 @@ impl<'v> Run<'v> {
         } else if def.children.is_empty() {
             match self.v.profile(ty) {
                 Some(base) => {
-                    let b = base.clone();
-                    self.element(value, None, &b.root, ty, path, resource, &b);
-                    if ty == "Reference" {
-                        self.reference_type_after_recursion(value, def, path, resource);
-                    }
-                    self.fixed_pattern(value, def, path);
-                    self.binding(value, def, ty, path);
-                    self.constraints(value, None, def, ty, path, resource);
+                    self.through(value, def, &base, ty, path, resource);
                     return;
                 }
                 None => def,
@@ -637,6 +620,27 @@ impl<'v> Run<'v> {
         }
         if ty == "Reference" {
             self.reference(obj, def, path, resource);
+        }
+        self.fixed_pattern(value, def, path);
+        self.binding(value, def, ty, path);
+        self.constraints(value, None, def, ty, path, resource);
+    }
+
+    /// Validates `value` through another definition of its type (a type profile, an extension's
+    /// own definition, the base type), then checks what `def` adds there: a Reference's target
+    /// types, fixed and pattern values, the binding and the invariants.
+    fn through(
+        &mut self,
+        value: &'v Value,
+        def: &ElDef,
+        other: &Arc<Profile>,
+        ty: &str,
+        path: &str,
+        resource: &'v Value,
+    ) {
+        self.element(value, None, &other.root, ty, path, resource, other);
+        if ty == "Reference" {
+            self.reference_type_after_recursion(value, def, path, resource);
         }
         self.fixed_pattern(value, def, path);
         self.binding(value, def, ty, path);
@@ -968,14 +972,7 @@ impl<'v> Run<'v> {
         static NULL: Value = Value::Null;
         if present.is_empty() {
             if def.min > 0 {
-                let name_path = format!(
-                    "{path}.{}",
-                    if def.choice {
-                        format!("{}[x]", def.name)
-                    } else {
-                        def.name.clone()
-                    }
-                );
+                let name_path = format!("{path}.{}", def.name_in_path());
                 self.error(
                     "required",
                     &name_path,
@@ -1058,16 +1055,7 @@ impl<'v> Run<'v> {
             }
         }
         // Only error messages use it: built when one is reported, not for every child.
-        let name_path = || {
-            format!(
-                "{path}.{}",
-                if def.choice {
-                    format!("{}[x]", def.name)
-                } else {
-                    def.name.clone()
-                }
-            )
-        };
+        let name_path = || format!("{path}.{}", def.name_in_path());
         let n = items.len() as u32;
         if n < def.min {
             self.error(
