@@ -57,6 +57,41 @@ pub struct ExportJobs {
     pub page_size: i64,
     /// Resources per NDJSON file before a new file starts.
     pub file_limit: u64,
+    /// Told `true` when the first export starts streaming and `false` when the last one ends.
+    /// `kizuna serve` uses it to have freed memory handed back to the OS quickly only while an
+    /// export churns through it (see `kizuna`'s `allocator.rs`).
+    pub on_streaming: Option<fn(bool)>,
+    /// Exports streaming now; the hook is called under this lock so its calls keep their order.
+    streaming: Mutex<usize>,
+}
+
+/// One export streaming; the last one dropped tells the hook it has ended.
+struct Streaming<'a>(&'a ExportJobs);
+
+impl ExportJobs {
+    /// Counts an export as streaming until the guard is dropped.
+    fn streaming(&self) -> Streaming<'_> {
+        let mut n = self.streaming.lock().unwrap_or_else(|e| e.into_inner());
+        *n += 1;
+        if *n == 1 {
+            if let Some(hook) = self.on_streaming {
+                hook(true);
+            }
+        }
+        Streaming(self)
+    }
+}
+
+impl Drop for Streaming<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.streaming.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            if let Some(hook) = self.0.on_streaming {
+                hook(false);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for ExportJobs {
@@ -77,6 +112,8 @@ impl ExportJobs {
             retention: Duration::from_secs(24 * 3600),
             page_size: 1000,
             file_limit: 100_000,
+            on_streaming: None,
+            streaming: Mutex::new(0),
         };
         for e in std::fs::read_dir(dir)?.flatten() {
             let jd = e.path();
@@ -301,7 +338,9 @@ async fn start(
     tracing::info!(job = %id, types = types.len(), "export started");
     let task_state = s.clone();
     tokio::spawn(async move {
+        let streaming = task_state.exports.streaming();
         let result = run(&task_state, &a, &job, &types, &filter).await;
+        drop(streaming);
         let state = match result {
             Ok(outputs) => {
                 let manifest = json!({
@@ -871,6 +910,35 @@ pub(crate) async fn file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hook's calls, for the one test that installs it.
+    static CALLS: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+
+    fn record(active: bool) {
+        CALLS.lock().unwrap_or_else(|e| e.into_inner()).push(active);
+    }
+
+    /// Overlapping exports tell the hook once when the first starts and once when the last ends,
+    /// in that order; without a hook nothing is called and nothing fails.
+    #[test]
+    fn the_hook_hears_of_the_first_export_and_the_last() {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut jobs = ExportJobs::open(d.path()).unwrap_or_else(|e| panic!("{e}"));
+        drop(jobs.streaming());
+        jobs.on_streaming = Some(record);
+        let calls = || CALLS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let a = jobs.streaming();
+        assert_eq!(calls(), [true]);
+        let b = jobs.streaming();
+        drop(a);
+        let c = jobs.streaming();
+        drop(c);
+        assert_eq!(calls(), [true], "one export still streams");
+        drop(b);
+        assert_eq!(calls(), [true, false]);
+        drop(jobs.streaming());
+        assert_eq!(calls(), [true, false, true, false]);
+    }
 
     fn page(from: usize, n: usize) -> NdjsonPage {
         let mut p = NdjsonPage::default();

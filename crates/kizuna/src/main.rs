@@ -11,21 +11,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc 3's `mimalloc.h` (libmimalloc-sys names no constant for it).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Milliseconds before mimalloc gives freed pages back to the OS. Its default of 1,000 kept a
-/// second's worth of freed pages resident while `$export` streamed: peak RSS 258–305 MB at 1M
-/// resources, 209–222 MB with 10 (the export 4.0 → 4.8–5.0 s, still 200,000 res/s).
-const PURGE_DELAY_MS: std::os::raw::c_long = 10;
-
-/// Sets the allocator's options before the work starts.
-fn tune_allocator() {
-    // SAFETY: `mi_option_set` stores a value in mimalloc's option table (an id out of range is
-    // ignored); it runs first in `main`, before any other thread exists.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) }
-}
-
+mod allocator;
 mod audit_cmd;
 mod bench_cmd;
 mod bench_fhir;
@@ -100,7 +86,7 @@ enum Suite {
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
+    allocator::init();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
@@ -175,23 +161,5 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-#[cfg(test)]
-mod allocator_tests {
-    use super::*;
-
-    /// Option 15 is the purge delay: mimalloc 3's default for it is 1,000 ms (no other option has
-    /// that default), and setting it takes.
-    #[test]
-    fn the_purge_delay_option_is_the_one_set() {
-        // SAFETY: reads and writes mimalloc's option table; nothing else in this test binary
-        // touches option 15.
-        let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        assert_eq!(before, 1000);
-        tune_allocator();
-        let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        assert_eq!(after, PURGE_DELAY_MS);
     }
 }

@@ -168,6 +168,9 @@ pub async fn serve(
         auditor: Arc::new(AuditSink(audit.clone())),
         now: Arc::new(|| chrono::Utc::now().timestamp()),
     });
+    let mut exports = kizuna_server::export::ExportJobs::open(&a.data_dir.join("export"))
+        .with_context(|| a.data_dir.join("export").display().to_string())?;
+    exports.on_streaming = Some(crate::allocator::export_streaming);
     let state = Arc::new(AppState {
         store,
         validator: kizuna_fhir::validate::Validator::builtin(),
@@ -178,8 +181,7 @@ pub async fn serve(
         auth: Some(auth),
         audit: Some(audit.clone()),
         base_url: base_url.clone(),
-        exports: kizuna_server::export::ExportJobs::open(&a.data_dir.join("export"))
-            .with_context(|| a.data_dir.join("export").display().to_string())?,
+        exports,
         max_body_bytes: a.max_body_mb.saturating_mul(1024 * 1024),
         share: Some(share.clone()),
     });
