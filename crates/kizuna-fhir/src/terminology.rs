@@ -241,11 +241,20 @@ impl Terminology {
             t.complete &= o.complete;
         }
         t.system = system.to_string();
-        let t = Arc::new(t);
-        if let Ok(mut w) = self.tables.write() {
-            w.insert(system.to_string(), t.clone());
+        Some(self.remember(Arc::new(t)))
+    }
+
+    /// Keeps a table built from the registry, unless one arrived while it was built (another
+    /// thread's, or an imported master from [`Terminology::add_table`], which must not be
+    /// replaced by the registry's edition); answers the table kept.
+    fn remember(&self, built: Arc<CodeTable>) -> Arc<CodeTable> {
+        match self.tables.write() {
+            Ok(mut w) => w
+                .entry(built.system.clone())
+                .or_insert_with(|| built.clone())
+                .clone(),
+            Err(_) => built,
         }
-        Some(t)
     }
 
     /// Is `code` defined in `system`? `Unknown` when the system is not available or not complete.
@@ -765,8 +774,46 @@ pub mod jlac {
 
 #[cfg(test)]
 mod tests {
-    use super::{Membership, Terminology};
+    use super::{CodeTable, Membership, Terminology};
     use crate::Registry;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    /// A master imported while another thread builds the same system's table from the registry
+    /// stays: the table built is not stored over it, and the builder answers the master too.
+    #[test]
+    fn an_imported_master_is_not_replaced_by_the_registry_edition() {
+        let system = "http://hl7.org/fhir/administrative-gender";
+        let t = Terminology::new(Registry::builtin());
+        let registry_edition = CodeTable {
+            system: system.into(),
+            codes: HashMap::from([("female".into(), "Female".into())]),
+            parents: HashMap::new(),
+            properties: HashMap::new(),
+            complete: true,
+        };
+        // The interleaving: the builder has its table, the import lands, the builder stores.
+        t.add_table(CodeTable {
+            system: system.into(),
+            codes: HashMap::from([("robot".into(), "Robot".into())]),
+            parents: HashMap::new(),
+            properties: HashMap::new(),
+            complete: true,
+        });
+        let kept = t.remember(Arc::new(registry_edition));
+        assert!(
+            kept.codes.contains_key("robot"),
+            "the builder answers the master"
+        );
+        assert_eq!(t.code_in_system(system, "robot"), Membership::Member);
+        assert_eq!(t.code_in_system(system, "female"), Membership::NotMember);
+        // Without an import, the registry's edition is built and kept once.
+        let fresh = Terminology::new(Registry::builtin());
+        let a = fresh.table(system).unwrap_or_else(|| panic!("{system}"));
+        let b = fresh.table(system).unwrap_or_else(|| panic!("{system}"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(fresh.code_in_system(system, "female"), Membership::Member);
+    }
 
     /// A value set is expanded once however many threads need it at the same moment, and value-set
     /// URLs the registry lacks are not remembered.
