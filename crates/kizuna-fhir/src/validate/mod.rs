@@ -695,15 +695,8 @@ impl<'v> Run<'v> {
     /// An extension whose definition makes it a modifier must be sent as `modifierExtension`, and
     /// only such an extension may be: the element says whether a reader may ignore it.
     fn extension_placement(&mut self, ext: &Profile, path: &str, resource: &'v Value) {
-        let Some(sd) = self.v.registry.structure_definition(&ext.url) else {
-            return;
-        };
-        let is_modifier = sd
-            .pointer("/snapshot/element/0/isModifier")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if is_modifier != sent_as_modifier(path) {
-            let (ja, en) = if is_modifier {
+        if ext.is_modifier != sent_as_modifier(path) {
+            let (ja, en) = if ext.is_modifier {
                 (
                     "修飾拡張なので modifierExtension に置く必要があります",
                     "is a modifier extension: it must be sent as modifierExtension",
@@ -721,20 +714,9 @@ impl<'v> Run<'v> {
                 &format!("extension {} {en}", ext.url),
             );
         }
-        let Some(contexts) = sd.get("context").and_then(Value::as_array) else {
+        let Some(allowed) = &ext.contexts else {
             return;
         };
-        let mut allowed: Vec<&str> = Vec::new();
-        for c in contexts {
-            let kind = c.get("type").and_then(Value::as_str).unwrap_or("");
-            let Some(expr) = c.get("expression").and_then(Value::as_str) else {
-                return;
-            };
-            if kind != "element" || expr == "Element" {
-                return;
-            }
-            allowed.push(expr);
-        }
         let Some(rt) = resource.get("resourceType").and_then(Value::as_str) else {
             return;
         };

@@ -142,6 +142,13 @@ pub struct Profile {
     /// constrain its base, so what conforms to this profile conforms to each of these: the
     /// validator need not check an instance against both.
     pub ancestors: Vec<String>,
+    /// For an Extension definition, its root's `isModifier`: it must then be sent as
+    /// `modifierExtension`, and only then.
+    pub is_modifier: bool,
+    /// For an Extension definition, the `element` contexts it may be placed on (paths and type
+    /// names). `None` where it may go anywhere: no `context`, `Element`, or a context of another
+    /// kind (not checked).
+    pub contexts: Option<Vec<String>>,
 }
 
 impl Profile {
@@ -416,7 +423,27 @@ pub fn compile(sd: &Value) -> Option<Profile> {
         root,
         by_path: full,
         ancestors: Vec::new(),
+        is_modifier: sd
+            .pointer("/snapshot/element/0/isModifier")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        contexts: element_contexts(sd),
     })
+}
+
+/// The `element` contexts of an extension definition; `None` when any context lets it go
+/// anywhere (see [`Profile::contexts`]).
+fn element_contexts(sd: &Value) -> Option<Vec<String>> {
+    let mut allowed = Vec::new();
+    for c in sd.get("context")?.as_array()? {
+        let kind = c.get("type").and_then(Value::as_str).unwrap_or("");
+        let expr = c.get("expression").and_then(Value::as_str)?;
+        if kind != "element" || expr == "Element" {
+            return None;
+        }
+        allowed.push(expr.to_string());
+    }
+    Some(allowed)
 }
 
 /// Gives every slice the base element's children and types when it does not restate them, once at
