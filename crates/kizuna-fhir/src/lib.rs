@@ -12,6 +12,7 @@
 
 pub mod conformance;
 pub mod fhirpath;
+pub mod json;
 pub mod model;
 pub mod outcome;
 pub mod package;

@@ -34,11 +34,11 @@ pub struct CodeTable {
     /// Canonical URL of the system.
     pub system: String,
     /// code → display.
-    pub codes: HashMap<String, String>,
+    pub codes: crate::DefMap<String, String>,
     /// code → parent codes.
-    pub parents: HashMap<String, Vec<String>>,
+    pub parents: crate::DefMap<String, Vec<String>>,
     /// (code, property) → values.
-    pub properties: HashMap<(String, String), Vec<String>>,
+    pub properties: crate::DefMap<(String, String), Vec<String>>,
     /// True when every code of the system is listed (`content = complete`).
     pub complete: bool,
 }
@@ -142,11 +142,15 @@ impl CodeTable {
     }
 }
 
+/// Codes listed by a ValueSet include; hashed with foldhash like the code tables (membership is
+/// checked for every coded element of every resource).
+type CodeSet = HashSet<String, foldhash::fast::RandomState>;
+
 /// What an include or exclude of a ValueSet selects from one system.
 #[derive(Debug, Clone)]
 enum Selector {
     All,
-    Codes(HashSet<String>),
+    Codes(CodeSet),
     Filtered(Vec<(String, String, String)>),
 }
 
@@ -161,10 +165,10 @@ struct Expansion {
 /// Code systems and value sets from the registry plus imported masters; the one place codes are checked.
 pub struct Terminology {
     registry: &'static Registry,
-    tables: RwLock<HashMap<String, Arc<CodeTable>>>,
+    tables: RwLock<crate::DefMap<String, Arc<CodeTable>>>,
     /// Value sets expanded on first use, each in a cell of its own: threads that need the same
     /// one at the same moment wait for one expansion instead of each building it.
-    expansions: RwLock<HashMap<String, Arc<ExpansionCell>>>,
+    expansions: RwLock<crate::DefMap<String, Arc<ExpansionCell>>>,
 }
 
 /// A value set's expansion, made on first use.
@@ -204,8 +208,8 @@ impl Terminology {
     pub fn new(registry: &'static Registry) -> Terminology {
         Terminology {
             registry,
-            tables: RwLock::new(HashMap::new()),
-            expansions: RwLock::new(HashMap::new()),
+            tables: RwLock::new(crate::DefMap::default()),
+            expansions: RwLock::new(crate::DefMap::default()),
         }
     }
 
@@ -359,8 +363,8 @@ impl Terminology {
                 }
             }
         } else if let Some(Value::Array(contains)) = vs.pointer("/expansion/contains") {
-            let mut by_system: HashMap<String, HashSet<String>> = HashMap::new();
-            fn walk(cs: &[Value], out: &mut HashMap<String, HashSet<String>>) {
+            let mut by_system: HashMap<String, CodeSet> = HashMap::new();
+            fn walk(cs: &[Value], out: &mut HashMap<String, CodeSet>) {
                 for c in cs {
                     if let (Some(s), Some(code)) = (
                         c.get("system").and_then(Value::as_str),
@@ -776,7 +780,6 @@ pub mod jlac {
 mod tests {
     use super::{CodeTable, Membership, Terminology};
     use crate::Registry;
-    use std::collections::HashMap;
     use std::sync::Arc;
 
     /// A master imported while another thread builds the same system's table from the registry
@@ -787,17 +790,17 @@ mod tests {
         let t = Terminology::new(Registry::builtin());
         let registry_edition = CodeTable {
             system: system.into(),
-            codes: HashMap::from([("female".into(), "Female".into())]),
-            parents: HashMap::new(),
-            properties: HashMap::new(),
+            codes: [("female".into(), "Female".into())].into_iter().collect(),
+            parents: Default::default(),
+            properties: Default::default(),
             complete: true,
         };
         // The interleaving: the builder has its table, the import lands, the builder stores.
         t.add_table(CodeTable {
             system: system.into(),
-            codes: HashMap::from([("robot".into(), "Robot".into())]),
-            parents: HashMap::new(),
-            properties: HashMap::new(),
+            codes: [("robot".into(), "Robot".into())].into_iter().collect(),
+            parents: Default::default(),
+            properties: Default::default(),
             complete: true,
         });
         let kept = t.remember(Arc::new(registry_edition));

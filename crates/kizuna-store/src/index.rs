@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use kizuna_fhir::fhirpath::{DateTime, EvalContext, FhirPath, Item, Precision};
+use kizuna_fhir::json::Member as _;
 use kizuna_fhir::model::TypeModel;
 use kizuna_fhir::Registry;
 use serde_json::Value;
@@ -277,15 +278,15 @@ impl Indexer {
         let parse = |e: &str| FhirPath::parse(&without_resolve(e)).ok().map(Arc::new);
         for sp in reg.definitions_of("SearchParameter") {
             let Some(kind) = sp
-                .get("type")
+                .member("type")
                 .and_then(Value::as_str)
                 .and_then(ParamType::from_fhir)
             else {
                 continue;
             };
             let (Some(code), Some(expr)) = (
-                sp.get("code").and_then(Value::as_str),
-                sp.get("expression").and_then(Value::as_str),
+                sp.member("code").and_then(Value::as_str),
+                sp.member("expression").and_then(Value::as_str),
             ) else {
                 continue;
             };
@@ -304,18 +305,21 @@ impl Indexer {
             let mut components = Vec::new();
             if kind == ParamType::Composite {
                 for c in sp
-                    .get("component")
+                    .member("component")
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
                 {
                     let ckind = c
-                        .get("definition")
+                        .member("definition")
                         .and_then(Value::as_str)
                         .and_then(|d| reg.resolve(d))
-                        .and_then(|d| d.get("type").and_then(Value::as_str))
+                        .and_then(|d| d.member("type").and_then(Value::as_str))
                         .and_then(ParamType::from_fhir);
-                    let cexpr = c.get("expression").and_then(Value::as_str).and_then(parse);
+                    let cexpr = c
+                        .member("expression")
+                        .and_then(Value::as_str)
+                        .and_then(parse);
                     if let (Some(kind), Some(expr)) = (ckind, cexpr) {
                         if kind != ParamType::Composite {
                             components.push(Component { kind, expr });
@@ -323,7 +327,10 @@ impl Indexer {
                     }
                 }
                 // A composite whose parts cannot all be compiled would match wrongly: leave it out.
-                let declared = sp.get("component").and_then(Value::as_array).map(Vec::len);
+                let declared = sp
+                    .member("component")
+                    .and_then(Value::as_array)
+                    .map(Vec::len);
                 if components.is_empty()
                     || Some(components.len()) != declared
                     || components.len() > crate::COMPOSITE_PARTS
@@ -382,7 +389,7 @@ impl Indexer {
     /// their identifier under `code:identifier`, so those modifiers are plain index lookups.
     pub fn extract(&self, reg: &Registry, resource: &Value) -> Vec<(String, IndexValue)> {
         let rt = resource
-            .get("resourceType")
+            .member("resourceType")
             .and_then(Value::as_str)
             .unwrap_or("");
         let ctx = EvalContext::new(reg.model()).with_resource(resource);
@@ -588,7 +595,7 @@ fn extras(
     match (p.kind, ty) {
         (ParamType::Token, "CodeableConcept") => {
             let texts = s(v, "text").into_iter().chain(
-                v.get("coding")
+                v.member("coding")
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
@@ -631,7 +638,7 @@ fn extras(
             }
         }
         (ParamType::Reference, "Reference") => {
-            if let Some(i) = v.get("identifier") {
+            if let Some(i) = v.member("identifier") {
                 out.push((
                     format!("{}{IDENTIFIER_SUFFIX}", p.code),
                     IndexValue::Token(
@@ -859,7 +866,7 @@ pub(crate) fn values(kind: ParamType, item: &Item<'_>, model: &TypeModel) -> Vec
             ("Coding", c) => out.push(token(c, "system", "code")),
             ("CodeableConcept", cc) => {
                 for c in cc
-                    .get("coding")
+                    .member("coding")
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
@@ -891,7 +898,7 @@ pub(crate) fn values(kind: ParamType, item: &Item<'_>, model: &TypeModel) -> Vec
             }
             ("Timing", t) => {
                 for e in t
-                    .get("event")
+                    .member("event")
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
@@ -927,7 +934,7 @@ pub(crate) fn values(kind: ParamType, item: &Item<'_>, model: &TypeModel) -> Vec
         }
         ParamType::Quantity => match (node_ty, v) {
             ("Money", m) => {
-                if let Some(value) = number_of(m.get("value")) {
+                if let Some(value) = number_of(m.member("value")) {
                     let cur = s(m, "currency").unwrap_or("").to_string();
                     out.push(IndexValue::Quantity {
                         value,
@@ -938,7 +945,7 @@ pub(crate) fn values(kind: ParamType, item: &Item<'_>, model: &TypeModel) -> Vec
                 }
             }
             (_, Value::Object(q)) => {
-                if let Some(value) = number_of(q.get("value")) {
+                if let Some(value) = number_of(q.member("value")) {
                     out.push(IndexValue::Quantity {
                         value,
                         system: s(v, "system").unwrap_or("").into(),

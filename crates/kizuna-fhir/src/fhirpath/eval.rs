@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::parse::{BinOp, Expr, Literal};
 use super::temporal::{CalendarUnit, DateTime};
 use super::{ucum, EvalContext, FhirPathError, Item, Node};
+use crate::json::Member as _;
 use crate::model::TypeModel;
 
 /// A primitive's `_name` sibling (its id and extensions), looked up without building the key on
@@ -18,16 +19,7 @@ pub(crate) fn underscored<'m>(
     map: &'m serde_json::Map<String, Value>,
     name: &str,
 ) -> Option<&'m Value> {
-    let mut buf = [0u8; 64];
-    let n = name.len();
-    if n < buf.len() {
-        buf[0] = b'_';
-        buf[1..=n].copy_from_slice(name.as_bytes());
-        if let Ok(key) = std::str::from_utf8(&buf[..=n]) {
-            return map.get(key);
-        }
-    }
-    map.get(&format!("_{name}"))
+    crate::json::underscored(map, name)
 }
 
 pub(super) type Coll<'a> = Vec<Item<'a>>;
@@ -255,7 +247,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         };
         if info.is_none() && !is_prim {
             // Unknown type: navigate the JSON as it is.
-            if let Some(v) = map.get(name) {
+            if let Some(v) = crate::json::field(map, name) {
                 push_dynamic(v, underscored(map, name), out);
             }
             return Ok(());
@@ -281,7 +273,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                     continue;
                 };
                 if is_ext {
-                    if !map.contains_key(bare) {
+                    if !crate::json::has_field(map, bare) {
                         push_values(model, None, Some(v), &el.types[i], out);
                     }
                 } else {
@@ -296,7 +288,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             } else {
                 None
             };
-            push_values(model, map.get(name), ext, t, out);
+            push_values(model, crate::json::field(map, name), ext, t, out);
         }
         Ok(())
     }
@@ -320,7 +312,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             }
             if let Some(base) = k.strip_prefix('_') {
                 // Only extension-only primitives; the others are visited with their value.
-                if map.contains_key(base) {
+                if crate::json::has_field(map, base) {
                     continue;
                 }
                 if let Some((_, t)) = model.element_for_json_key(node.ty, base) {
@@ -465,7 +457,9 @@ fn push_values<'a>(
         v.is_some() && (ty == "Resource" || ty == "DomainResource" || model.is_resource(ty));
     let resource_ty = |x: &'a Value| -> &'a str {
         if is_resource {
-            x.get("resourceType").and_then(Value::as_str).unwrap_or(ty)
+            x.member("resourceType")
+                .and_then(Value::as_str)
+                .unwrap_or(ty)
         } else {
             ty
         }
@@ -516,7 +510,7 @@ fn push_dynamic<'a>(v: &'a Value, ext: Option<&'a Value>, out: &mut Coll<'a>) {
             Value::Number(_) => "decimal",
             Value::String(_) => "string",
             Value::Object(o) => o
-                .get("resourceType")
+                .member("resourceType")
                 .and_then(Value::as_str)
                 .unwrap_or("Element"),
             _ => "Element",
@@ -610,10 +604,10 @@ pub fn to_system<'a>(i: &Item<'a>, model: &TypeModel) -> Option<Item<'a>> {
     }
     if model.is_subtype(ty, "Quantity") {
         let v = n.value?;
-        let value = json_decimal(v.get("value")?)?;
+        let value = json_decimal(v.member("value")?)?;
         let unit = v
-            .get("code")
-            .or_else(|| v.get("unit"))
+            .member("code")
+            .or_else(|| v.member("unit"))
             .and_then(Value::as_str)
             .unwrap_or("1")
             .to_string();

@@ -10,6 +10,8 @@ use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
 use rust_decimal::{Decimal, MathematicalOps};
 use serde_json::Value;
 
+use crate::json::Member as _;
+
 use super::eval::{
     contains_item, distinct, exec, item_cmp, single, single_int, single_str, to_bool3, to_system,
     Coll, Evaluator, Scope, R,
@@ -1043,7 +1045,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                         } else {
                             n.value
                         };
-                        if let Some(Value::Array(a)) = obj.and_then(|o| o.get("extension")) {
+                        if let Some(Value::Array(a)) = obj.and_then(|o| o.member("extension")) {
                             for e in a {
                                 exts.push(Item::Node(Node {
                                     value: Some(e),
@@ -1053,12 +1055,16 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                             }
                         }
                     }
-                    out.extend(exts.into_iter().filter(|e| match e {
-                        Item::Node(n) => {
-                            n.value.and_then(|v| v.get("url")).and_then(Value::as_str)
-                                == Some(url.as_str())
+                    out.extend(exts.into_iter().filter(|e| {
+                        match e {
+                            Item::Node(n) => {
+                                n.value
+                                    .and_then(|v| v.member("url"))
+                                    .and_then(Value::as_str)
+                                    == Some(url.as_str())
+                            }
+                            _ => false,
                         }
-                        _ => false,
                     }));
                 }
                 Ok(out)
@@ -1092,7 +1098,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                         Some(Item::Str(s)) => Some(s),
                         Some(Item::Node(n)) => n
                             .value
-                            .and_then(|v| v.get("reference"))
+                            .and_then(|v| v.member("reference"))
                             .and_then(Value::as_str)
                             .map(str::to_string),
                         _ => None,
@@ -1121,22 +1127,26 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                         .value
                         .and_then(|v| {
                             Some((
-                                v.get("system").and_then(Value::as_str).map(str::to_string),
-                                v.get("code")?.as_str()?.to_string(),
+                                v.member("system")
+                                    .and_then(Value::as_str)
+                                    .map(str::to_string),
+                                v.member("code")?.as_str()?.to_string(),
                             ))
                         })
                         .into_iter()
                         .collect(),
                     Item::Node(n) if matches!(model.type_name(n.ty), "CodeableConcept") => n
                         .value
-                        .and_then(|v| v.get("coding"))
+                        .and_then(|v| v.member("coding"))
                         .and_then(Value::as_array)
                         .map(|a| {
                             a.iter()
                                 .filter_map(|c| {
                                     Some((
-                                        c.get("system").and_then(Value::as_str).map(str::to_string),
-                                        c.get("code")?.as_str()?.to_string(),
+                                        c.member("system")
+                                            .and_then(Value::as_str)
+                                            .map(str::to_string),
+                                        c.member("code")?.as_str()?.to_string(),
                                     ))
                                 })
                                 .collect()
@@ -1227,25 +1237,25 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         if let Some(id) = r.strip_prefix('#') {
             let res = self.ctx.root_resource.or(self.ctx.resource)?;
             return res
-                .get("contained")?
+                .member("contained")?
                 .as_array()?
                 .iter()
-                .find(|c| c.get("id").and_then(Value::as_str) == Some(id));
+                .find(|c| c.member("id").and_then(Value::as_str) == Some(id));
         }
         let root = self.ctx.bundle.or(self.ctx.root_resource)?;
-        let entries = root.get("entry")?.as_array()?;
+        let entries = root.member("entry")?.as_array()?;
         for e in entries {
-            let Some(res) = e.get("resource") else {
+            let Some(res) = e.member("resource") else {
                 continue;
             };
-            if e.get("fullUrl").and_then(Value::as_str) == Some(r) {
+            if e.member("fullUrl").and_then(Value::as_str) == Some(r) {
                 return Some(res);
             }
             let rt = res
-                .get("resourceType")
+                .member("resourceType")
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            let id = res.get("id").and_then(Value::as_str).unwrap_or("");
+            let id = res.member("id").and_then(Value::as_str).unwrap_or("");
             if !id.is_empty() && (r == format!("{rt}/{id}") || r.ends_with(&format!("/{rt}/{id}")))
             {
                 return Some(res);

@@ -25,6 +25,8 @@ pub mod ucum;
 
 use std::collections::HashMap;
 
+use crate::json::Member as _;
+
 use rust_decimal::Decimal;
 use serde_json::Value;
 
@@ -92,7 +94,7 @@ impl<'a> Item<'a> {
             value: Some(v),
             ext: None,
             ty: v
-                .get("resourceType")
+                .member("resourceType")
                 .and_then(Value::as_str)
                 .unwrap_or("Resource"),
         })

@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 use smallvec::SmallVec;
 
 use crate::fhirpath::{ConformsTo, EvalContext, Item, Node};
+use crate::json::{self, Member as _};
 use crate::model::choice_suffix;
 use crate::outcome::{Issue, OperationOutcome, Severity};
 use crate::package::Registry;
@@ -91,7 +92,8 @@ impl Validator {
             Some(cell) => cell,
             None => {
                 let sd = self.registry.structure_definition(url)?;
-                if sd.get("resourceType").and_then(Value::as_str) != Some("StructureDefinition") {
+                if sd.member("resourceType").and_then(Value::as_str) != Some("StructureDefinition")
+                {
                     return None;
                 }
                 match self.profiles.write() {
@@ -112,7 +114,7 @@ impl Validator {
     /// The canonical URLs a definition derives from, nearest first (cycles and runaway chains stop).
     fn base_chain(&self, sd: &Value) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        let mut next = sd.get("baseDefinition").and_then(Value::as_str);
+        let mut next = sd.member("baseDefinition").and_then(Value::as_str);
         while let Some(b) = next {
             let canonical = b.split('|').next().unwrap_or(b).to_string();
             if out.contains(&canonical) || out.len() >= 32 {
@@ -122,7 +124,7 @@ impl Validator {
             next = self
                 .registry
                 .structure_definition(b)
-                .and_then(|d| d.get("baseDefinition"))
+                .and_then(|d| d.member("baseDefinition"))
                 .and_then(Value::as_str);
         }
         out
@@ -146,7 +148,7 @@ impl Validator {
             resource_start: 0,
         };
         let rt = resource
-            .get("resourceType")
+            .member("resourceType")
             .and_then(Value::as_str)
             .unwrap_or("");
         if !resource.is_object() {
@@ -219,7 +221,7 @@ impl ConformsTo for Validator {
     fn conforms_to(&self, resource: &Value, profile: &str) -> Option<bool> {
         let p = self.profile(profile)?;
         let rt = resource
-            .get("resourceType")
+            .member("resourceType")
             .and_then(Value::as_str)
             .unwrap_or("");
         if !self.registry.model().is_subtype(rt, &p.type_name) {
@@ -278,9 +280,11 @@ fn is_resource_kind(ty: &str, kind: Option<crate::model::TypeKind>) -> bool {
 /// True when `value` contains everything in `pattern` (FHIR pattern matching).
 pub fn matches_pattern(value: &Value, pattern: &Value) -> bool {
     match (value, pattern) {
-        (Value::Object(v), Value::Object(p)) => p
-            .iter()
-            .all(|(k, pv)| v.get(k).map(|vv| matches_pattern(vv, pv)).unwrap_or(false)),
+        (Value::Object(v), Value::Object(p)) => p.iter().all(|(k, pv)| {
+            json::field(v, k)
+                .map(|vv| matches_pattern(vv, pv))
+                .unwrap_or(false)
+        }),
         (Value::Array(v), Value::Array(p)) => p
             .iter()
             .all(|pi| v.iter().any(|vi| matches_pattern(vi, pi))),
@@ -605,7 +609,7 @@ impl<'v> Run<'v> {
         if ty == "Extension" {
             let has_value = obj.keys().any(|k| k.starts_with("value"));
             let has_ext = obj
-                .get("extension")
+                .member("extension")
                 .and_then(Value::as_array)
                 .map(|a| !a.is_empty())
                 .unwrap_or(false);
@@ -658,7 +662,7 @@ impl<'v> Run<'v> {
         obj: &serde_json::Map<String, Value>,
         path: &str,
     ) -> Option<Arc<Profile>> {
-        let url = obj.get("url").and_then(Value::as_str)?;
+        let url = obj.member("url").and_then(Value::as_str)?;
         if !self.v.registry.contains(url) {
             if sent_as_modifier(path) {
                 // A modifier changes what its element means; one nobody can read cannot be
@@ -717,7 +721,7 @@ impl<'v> Run<'v> {
         let Some(allowed) = &ext.contexts else {
             return;
         };
-        let Some(rt) = resource.get("resourceType").and_then(Value::as_str) else {
+        let Some(rt) = resource.member("resourceType").and_then(Value::as_str) else {
             return;
         };
         let Some(names) = self.holder_names(rt, path.get(self.resource_start..).unwrap_or(""))
@@ -909,7 +913,7 @@ impl<'v> Run<'v> {
             obj: &'v Map<String, Value>,
             jk: &'a (String, String, String),
         ) -> (usize, Present<'a, 'v>) {
-            (0, (jk, obj.get(&jk.0), obj.get(&jk.1)))
+            (0, (jk, json::field(obj, &jk.0), json::field(obj, &jk.1)))
         }
         let lookup = |jk| look_up(obj, jk);
         let present: Vec<(usize, Present<'_, 'v>)> = if def.choice {
@@ -1231,8 +1235,10 @@ impl<'v> Run<'v> {
                     // A required binding can discriminate too.
                     match &sdef.binding {
                         Some(b) if b.strength == "required" => targets.iter().any(|t| {
-                            let code = t.as_str().or_else(|| t.get("code").and_then(Value::as_str));
-                            let sys = t.get("system").and_then(Value::as_str);
+                            let code = t
+                                .as_str()
+                                .or_else(|| t.member("code").and_then(Value::as_str));
+                            let sys = t.member("system").and_then(Value::as_str);
                             code.map(|c| {
                                 self.v.terminology.validate_code(&b.value_set, sys, c)
                                     == Membership::Member
@@ -1245,7 +1251,7 @@ impl<'v> Run<'v> {
                 "type" => {
                     let Some(sdef) = sdef else { return false };
                     targets.iter().any(|t| {
-                        let rt = t.get("resourceType").and_then(Value::as_str);
+                        let rt = t.member("resourceType").and_then(Value::as_str);
                         sdef.types.iter().any(|ty| Some(ty.code.as_str()) == rt)
                     })
                 }
@@ -1264,7 +1270,10 @@ impl<'v> Run<'v> {
                         })
                         .collect();
                     targets.iter().any(|t| {
-                        let rt = t.get("resourceType").and_then(Value::as_str).unwrap_or("");
+                        let rt = t
+                            .member("resourceType")
+                            .and_then(Value::as_str)
+                            .unwrap_or("");
                         if !sdef.types.iter().any(|ty| {
                             ty.code == rt || ty.code == "Resource" || ty.code == "Reference"
                         }) {
@@ -1321,7 +1330,7 @@ impl<'v> Run<'v> {
             if seg == "resolve()" {
                 vals = vals
                     .into_iter()
-                    .filter_map(|v| v.get("reference").and_then(Value::as_str))
+                    .filter_map(|v| v.member("reference").and_then(Value::as_str))
                     .filter_map(|r| resolve_in(self.root, self.root, r))
                     .collect();
                 continue;
@@ -1332,9 +1341,9 @@ impl<'v> Run<'v> {
             {
                 vals = vals
                     .into_iter()
-                    .filter_map(|v| v.get("extension").and_then(Value::as_array))
+                    .filter_map(|v| v.member("extension").and_then(Value::as_array))
                     .flatten()
-                    .filter(|e| e.get("url").and_then(Value::as_str) == Some(url))
+                    .filter(|e| e.member("url").and_then(Value::as_str) == Some(url))
                     .collect();
                 def = def.and_then(|d| d.child("extension")).and_then(|e| {
                     e.slices
@@ -1345,7 +1354,7 @@ impl<'v> Run<'v> {
             }
             let mut next = Vec::new();
             for v in vals {
-                match v.get(seg) {
+                match v.member(seg) {
                     Some(Value::Array(a)) => next.extend(a.iter()),
                     Some(x) => next.push(x),
                     None => {
@@ -1370,7 +1379,7 @@ impl<'v> Run<'v> {
     }
 
     fn nested_resource(&mut self, value: &'v Value, def: &ElDef, path: &str, container: &'v Value) {
-        let Some(rt) = value.get("resourceType").and_then(Value::as_str) else {
+        let Some(rt) = value.member("resourceType").and_then(Value::as_str) else {
             self.error(
                 "structure",
                 path,
@@ -1426,7 +1435,7 @@ impl<'v> Run<'v> {
         path: &str,
         resource: &'v Value,
     ) {
-        let Some(r) = obj.get("reference").and_then(Value::as_str) else {
+        let Some(r) = obj.member("reference").and_then(Value::as_str) else {
             return;
         };
         if r == "#" {
@@ -1461,7 +1470,10 @@ impl<'v> Run<'v> {
     /// literal (`Organization/123`, `https://…/fhir/Patient/9`); otherwise nothing is known.
     fn reference_type(&mut self, r: &str, target: Option<&Value>, def: &ElDef, path: &str) {
         let rt = match target {
-            Some(t) => t.get("resourceType").and_then(Value::as_str).unwrap_or(""),
+            Some(t) => t
+                .member("resourceType")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
             None => match literal_type(r) {
                 Some(t) if self.v.registry.model().is_resource(t) => t,
                 _ => return,
@@ -1505,7 +1517,7 @@ impl<'v> Run<'v> {
         path: &str,
         resource: &'v Value,
     ) {
-        let Some(r) = value.get("reference").and_then(Value::as_str) else {
+        let Some(r) = value.member("reference").and_then(Value::as_str) else {
             return;
         };
         if def.types.iter().all(|t| t.target_profiles.is_empty()) {
@@ -1523,10 +1535,10 @@ impl<'v> Run<'v> {
     fn local_target(&self, r: &str, resource: &'v Value) -> Option<&'v Value> {
         if let Some(id) = r.strip_prefix('#') {
             resource
-                .get("contained")
+                .member("contained")
                 .and_then(Value::as_array)?
                 .iter()
-                .find(|x| x.get("id").and_then(Value::as_str) == Some(id))
+                .find(|x| x.member("id").and_then(Value::as_str) == Some(id))
         } else if self.in_bundle() {
             resolve_in(self.root, resource, r)
         } else {
@@ -1535,7 +1547,7 @@ impl<'v> Run<'v> {
     }
 
     fn in_bundle(&self) -> bool {
-        self.root.get("resourceType").and_then(Value::as_str) == Some("Bundle")
+        self.root.member("resourceType").and_then(Value::as_str) == Some("Bundle")
     }
 
     /// dom-3: every contained resource is referenced from the rest of the resource (or refers to it with `#`).
@@ -1543,7 +1555,7 @@ impl<'v> Run<'v> {
         if self.v.structure_only {
             return;
         }
-        let Some(Value::Array(contained)) = resource.get("contained") else {
+        let Some(Value::Array(contained)) = resource.member("contained") else {
             return;
         };
         let mut refs = Vec::new();
@@ -1554,7 +1566,7 @@ impl<'v> Run<'v> {
         }
         let points_home = refs.contains(&"#") || in_contained.contains(&"#");
         for (i, c) in contained.iter().enumerate() {
-            let id = c.get("id").and_then(Value::as_str).unwrap_or("");
+            let id = c.member("id").and_then(Value::as_str).unwrap_or("");
             let wanted = format!("#{id}");
             if !points_home && !refs.iter().chain(in_contained.iter()).any(|r| *r == wanted) {
                 self.issues.push(
@@ -1614,7 +1626,7 @@ impl<'v> Run<'v> {
                 .unwrap_or_default(),
             "Coding" => coding_of(value, CodePath::Code).into_iter().collect(),
             "CodeableConcept" => value
-                .get("coding")
+                .member("coding")
                 .and_then(Value::as_array)
                 .map(|a| {
                     a.iter()
@@ -1625,11 +1637,11 @@ impl<'v> Run<'v> {
                 .unwrap_or_default(),
             "Quantity" | "Age" | "Duration" | "Distance" | "Count" | "SimpleQuantity"
             | "MoneyQuantity" => value
-                .get("code")
+                .member("code")
                 .and_then(Value::as_str)
                 .map(|c| {
                     vec![(
-                        value.get("system").and_then(Value::as_str),
+                        value.member("system").and_then(Value::as_str),
                         c,
                         CodePath::Code,
                     )]
@@ -1670,8 +1682,8 @@ impl<'v> Run<'v> {
         if codings.is_empty() {
             if ty == "CodeableConcept"
                 && b.strength == "required"
-                && value.get("text").is_some()
-                && value.get("coding").is_none()
+                && value.member("text").is_some()
+                && value.member("coding").is_none()
             {
                 self.error(
                     "code-invalid",
@@ -1800,7 +1812,7 @@ impl<'v> Run<'v> {
             ext,
             ty: if is_res {
                 value
-                    .get("resourceType")
+                    .member("resourceType")
                     .and_then(Value::as_str)
                     .unwrap_or(ty_owned)
             } else {
@@ -1843,7 +1855,7 @@ impl<'v> Run<'v> {
                 let mut ctx = EvalContext::new(model)
                     .with_resource(resource)
                     .with_root(container.unwrap_or(resource));
-                if root.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+                if root.member("resourceType").and_then(Value::as_str) == Some("Bundle") {
                     ctx = ctx.with_bundle(root);
                 }
                 ctx.terminology = Some(v.terminology);
@@ -1875,8 +1887,8 @@ impl<'v> Run<'v> {
 /// contained resources of known types (tested against the engine over the examples and
 /// mutations of them); an unknown type is an error of its own.
 pub fn dom_invariant(key: &str, source: &str, resource: &Value) -> Option<bool> {
-    let contained = || nodes(resource.get("contained"));
-    let contained_meta = move || contained().flat_map(|c| nodes(c.get("meta")));
+    let contained = || nodes(resource.member("contained"));
+    let contained_meta = move || contained().flat_map(|c| nodes(c.member("meta")));
     Some(match (key, source) {
         ("dom-2", "contained.contained.empty()") => {
             !contained().any(|c| has(c, "contained", false))
@@ -1888,7 +1900,7 @@ pub fn dom_invariant(key: &str, source: &str, resource: &Value) -> Option<bool> 
             !contained_meta().any(|m| has(m, "security", false))
         }
         ("dom-6", "text.`div`.exists()") => {
-            nodes(resource.get("text")).any(|t| has(t, "div", true))
+            nodes(resource.member("text")).any(|t| has(t, "div", true))
         }
         _ => return None,
     })
@@ -1915,7 +1927,7 @@ fn has(v: &Value, name: &str, primitive: bool) -> bool {
     } else {
         None
     };
-    match (map.get(name), ext) {
+    match (json::field(map, name), ext) {
         (Some(Value::Array(vs)), ext) => {
             let exts = ext.and_then(Value::as_array);
             vs.iter().enumerate().any(|(i, x)| {
@@ -1932,18 +1944,17 @@ fn has(v: &Value, name: &str, primitive: bool) -> bool {
 /// contained resource of `resource`.
 pub fn resolve_in<'a>(root: &'a Value, resource: &'a Value, r: &str) -> Option<&'a Value> {
     if let Some(id) = r.strip_prefix('#') {
-        return resource
-            .get("contained")?
+        return json::member(resource, "contained")?
             .as_array()?
             .iter()
-            .find(|c| c.get("id").and_then(Value::as_str) == Some(id));
+            .find(|c| json::member(c, "id").and_then(Value::as_str) == Some(id));
     }
-    let entries = root.get("entry")?.as_array()?;
+    let entries = json::member(root, "entry")?.as_array()?;
     if let Some(e) = entries
         .iter()
-        .find(|e| e.get("fullUrl").and_then(Value::as_str) == Some(r))
+        .find(|e| json::member(e, "fullUrl").and_then(Value::as_str) == Some(r))
     {
-        return e.get("resource");
+        return json::member(e, "resource");
     }
     let (rt, id) = {
         let mut parts = r.rsplit('/');
@@ -1953,10 +1964,10 @@ pub fn resolve_in<'a>(root: &'a Value, resource: &'a Value, r: &str) -> Option<&
     };
     entries
         .iter()
-        .filter_map(|e| e.get("resource"))
+        .filter_map(|e| json::member(e, "resource"))
         .find(|res| {
-            res.get("resourceType").and_then(Value::as_str) == Some(rt)
-                && res.get("id").and_then(Value::as_str) == Some(id)
+            json::member(res, "resourceType").and_then(Value::as_str) == Some(rt)
+                && json::member(res, "id").and_then(Value::as_str) == Some(id)
         })
 }
 
@@ -2013,8 +2024,8 @@ impl CodePath {
 }
 
 fn coding_of(c: &Value, at: CodePath) -> Option<(Option<&str>, &str, CodePath)> {
-    let code = c.get("code").and_then(Value::as_str)?;
-    Some((c.get("system").and_then(Value::as_str), code, at))
+    let code = c.member("code").and_then(Value::as_str)?;
+    Some((c.member("system").and_then(Value::as_str), code, at))
 }
 
 fn compact(v: &Value) -> String {
