@@ -168,8 +168,9 @@ pub async fn serve(
         auditor: Arc::new(AuditSink(audit.clone())),
         now: Arc::new(|| chrono::Utc::now().timestamp()),
     });
-    let mut exports = kizuna_server::export::ExportJobs::open(&a.data_dir.join("export"))
-        .with_context(|| a.data_dir.join("export").display().to_string())?;
+    let export_dir = a.data_dir.join("export");
+    let mut exports = kizuna_server::export::ExportJobs::open(&export_dir)
+        .with_context(|| export_dir.display().to_string())?;
     exports.on_streaming = Some(crate::allocator::export_streaming);
     let state = Arc::new(AppState {
         store,

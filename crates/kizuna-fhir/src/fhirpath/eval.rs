@@ -13,15 +13,6 @@ use super::{ucum, EvalContext, FhirPathError, Item, Node};
 use crate::json::Member as _;
 use crate::model::TypeModel;
 
-/// A primitive's `_name` sibling (its id and extensions), looked up without building the key on
-/// the heap: navigation asks for one at every primitive child, during validation and indexing.
-pub(crate) fn underscored<'m>(
-    map: &'m serde_json::Map<String, Value>,
-    name: &str,
-) -> Option<&'m Value> {
-    crate::json::underscored(map, name)
-}
-
 pub(super) type Coll<'a> = Vec<Item<'a>>;
 pub(super) type R<T> = Result<T, FhirPathError>;
 
@@ -248,7 +239,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         if info.is_none() && !is_prim {
             // Unknown type: navigate the JSON as it is.
             if let Some(v) = crate::json::field(map, name) {
-                push_dynamic(v, underscored(map, name), out);
+                push_dynamic(v, crate::json::underscored(map, name), out);
             }
             return Ok(());
         }
@@ -277,14 +268,14 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                         push_values(model, None, Some(v), &el.types[i], out);
                     }
                 } else {
-                    let ext = underscored(map, bare);
+                    let ext = crate::json::underscored(map, bare);
                     push_values(model, Some(v), ext, &el.types[i], out);
                 }
             }
         } else {
             let t = el.types.first().map(String::as_str).unwrap_or("Element");
             let ext = if model.is_primitive(t) {
-                underscored(map, name)
+                crate::json::underscored(map, name)
             } else {
                 None
             };
@@ -325,14 +316,14 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 if let Some((_, t)) = model.element_for_json_key(node.ty, k) {
                     let t = intern_type(model, node.ty, k, &t);
                     let ext = if model.is_primitive(t) {
-                        underscored(map, k)
+                        crate::json::underscored(map, k)
                     } else {
                         None
                     };
                     push_values(model, Some(v), ext, t, out);
                 }
             } else {
-                push_dynamic(v, underscored(map, k), out);
+                push_dynamic(v, crate::json::underscored(map, k), out);
             }
         }
     }

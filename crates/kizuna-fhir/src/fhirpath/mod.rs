@@ -31,7 +31,6 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use crate::model::TypeModel;
-pub(crate) use eval::underscored;
 pub use parse::{parse, Expr};
 pub use temporal::{DateTime, Precision, Time};
 

@@ -1923,7 +1923,7 @@ fn has(v: &Value, name: &str, primitive: bool) -> bool {
         return false;
     };
     let ext = if primitive {
-        crate::fhirpath::underscored(map, name)
+        json::underscored(map, name)
     } else {
         None
     };
