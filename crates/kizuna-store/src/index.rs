@@ -193,6 +193,16 @@ pub fn without_resolve(expr: &str) -> String {
     out
 }
 
+/// The pseudo-parameter of the one row per resource that lists, as `,code,code,`, the reference
+/// parameters holding a reference to the resource's own contained resources (`#id`).
+///
+/// Such a reference names no resource the server can search, chain to or include, so it is not
+/// indexed as a reference: a JP-CLINS Observation points to three contained resources (encounter,
+/// performer, specimen), and their rows were a sixth of its index rows. Only `:missing` needs to
+/// know the element has a value, and reads it from this row. `#` is not valid in a
+/// SearchParameter code, so no real parameter has this name.
+pub const CONTAINED_REFERENCES: &str = "#contained";
+
 /// One extracted index row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum IndexValue {
@@ -224,6 +234,14 @@ pub enum IndexValue {
 }
 
 impl Eq for IndexValue {}
+
+impl IndexValue {
+    /// A reference to one of the resource's own contained resources (`#id`, or `#` for the
+    /// container itself).
+    pub fn is_contained_reference(&self) -> bool {
+        matches!(self, IndexValue::Reference(t, i) if t.is_empty() && i.starts_with('#'))
+    }
+}
 
 impl std::hash::Hash for IndexValue {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
@@ -387,6 +405,8 @@ impl Indexer {
     /// All index rows of a resource: (parameter code, value). Besides one row per value, tokens
     /// add their text under `code:text`, identifiers their type under `code:of-type`, and references
     /// their identifier under `code:identifier`, so those modifiers are plain index lookups.
+    /// References to the resource's own contained resources get no rows; one
+    /// [`CONTAINED_REFERENCES`] row names the parameters that had them.
     pub fn extract(&self, reg: &Registry, resource: &Value) -> Vec<(String, IndexValue)> {
         let rt = resource
             .member("resourceType")
@@ -395,6 +415,7 @@ impl Indexer {
         let ctx = EvalContext::new(reg.model()).with_resource(resource);
         let model = reg.model();
         let mut out = Vec::new();
+        let mut contained: Vec<&str> = Vec::new();
         for p in self.params(rt) {
             if matches!(p.code.as_str(), "_id" | "_lastUpdated")
                 || !p.union_of.is_empty()
@@ -413,10 +434,21 @@ impl Indexer {
                     continue;
                 }
                 for v in values(p.kind, item, model) {
-                    out.push((p.code.clone(), v));
+                    if v.is_contained_reference() {
+                        contained.push(&p.code);
+                    } else {
+                        out.push((p.code.clone(), v));
+                    }
                 }
                 extras(p, item, model, &mut out);
             }
+        }
+        if !contained.is_empty() {
+            contained.dedup();
+            out.push((
+                CONTAINED_REFERENCES.to_string(),
+                IndexValue::Reference(String::new(), format!(",{},", contained.join(","))),
+            ));
         }
         out
     }
@@ -1137,6 +1169,55 @@ mod union_tests {
         );
         assert!(rows.iter().any(|(c, _)| c == "name"));
         assert!(!rows.iter().any(|(c, _)| c == "phonetic"));
+    }
+
+    #[test]
+    fn references_to_contained_resources_are_listed_not_indexed() {
+        let reg = kizuna_fhir::Registry::builtin();
+        let idx = Indexer::new(reg);
+        let obs = serde_json::json!({"resourceType": "Observation", "status": "final",
+            "contained": [{"resourceType": "Encounter", "id": "e1", "status": "finished"},
+                          {"resourceType": "Specimen", "id": "s1"},
+                          {"resourceType": "Practitioner", "id": "p1"},
+                          {"resourceType": "Practitioner", "id": "p2"}],
+            "code": {"text": "x"},
+            "subject": {"reference": "Patient/123"},
+            "encounter": {"reference": "#e1"},
+            "specimen": {"reference": "#s1"},
+            "performer": [{"reference": "#p1"}, {"reference": "#p2"},
+                          {"reference": "Organization/o1"}]});
+        let rows = idx.extract(reg, &obs);
+        assert!(
+            !rows.iter().any(|(_, v)| v.is_contained_reference()),
+            "{rows:?}"
+        );
+        let listed: Vec<_> = rows
+            .iter()
+            .filter(|(c, _)| c == super::CONTAINED_REFERENCES)
+            .collect();
+        assert_eq!(listed.len(), 1, "{rows:?}");
+        let super::IndexValue::Reference(t, codes) = &listed[0].1 else {
+            panic!("{listed:?}");
+        };
+        assert_eq!(t, "");
+        let mut got: Vec<&str> = codes.split(',').filter(|c| !c.is_empty()).collect();
+        got.sort_unstable();
+        assert_eq!(got, ["encounter", "performer", "specimen"]);
+        // Real references keep their rows, beside a contained one of the same parameter.
+        for (code, ty) in [("subject", "Patient"), ("performer", "Organization")] {
+            assert!(
+                rows.iter().any(|(c, v)| c == code
+                    && matches!(v, super::IndexValue::Reference(t, _) if t == ty)),
+                "{code}: {rows:?}"
+            );
+        }
+        // A resource without contained references has no listing row.
+        let plain = serde_json::json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": "x"}, "subject": {"reference": "Patient/123"}});
+        assert!(!idx
+            .extract(reg, &plain)
+            .iter()
+            .any(|(c, _)| c == super::CONTAINED_REFERENCES));
     }
 }
 

@@ -265,22 +265,31 @@ impl Store {
     /// The ids whose rows hold a parameter's values (with `suffix`, one of its pseudo-parameters):
     /// its own, or for a union parameter those of its members.
     pub(crate) fn pids(&self, rt: &str, code: &str, suffix: &str) -> Vec<i64> {
+        self.member_codes(rt, code)
+            .iter()
+            .filter_map(|c| self.pid(rt, &format!("{c}{suffix}")))
+            .collect()
+    }
+
+    /// The codes whose rows hold a parameter's values: its own, or for a union parameter its
+    /// members' (themselves resolved the same way).
+    pub(crate) fn member_codes(&self, rt: &str, code: &str) -> Vec<String> {
         let mut out = Vec::new();
-        self.collect_pids(rt, code, suffix, &mut out, 0);
+        self.collect_codes(rt, code, &mut out, 0);
         out
     }
 
-    fn collect_pids(&self, rt: &str, code: &str, suffix: &str, out: &mut Vec<i64>, depth: u8) {
+    fn collect_codes(&self, rt: &str, code: &str, out: &mut Vec<String>, depth: u8) {
         let members = self
             .indexer()
             .param(rt, code)
             .map(|p| p.union_of.clone())
             .unwrap_or_default();
         if members.is_empty() || depth > 4 {
-            out.extend(self.pid(rt, &format!("{code}{suffix}")));
+            out.push(code.to_string());
         } else {
             for m in members {
-                self.collect_pids(rt, &m, suffix, out, depth + 1);
+                self.collect_codes(rt, &m, out, depth + 1);
             }
         }
     }

@@ -15,7 +15,8 @@ use serde_json::Value;
 use sqlx::Row;
 
 use crate::index::{
-    date_range, normalise, reference_key, ParamType, IDENTIFIER_SUFFIX, OF_TYPE_SUFFIX, TEXT_SUFFIX,
+    date_range, normalise, reference_key, ParamType, CONTAINED_REFERENCES, IDENTIFIER_SUFFIX,
+    OF_TYPE_SUFFIX, TEXT_SUFFIX,
 };
 use crate::{Backend, Store, StoreError, Stored};
 
@@ -525,10 +526,25 @@ impl Compiler<'_> {
                     "false" => false,
                     _ => return Err(bad(key, ":missing takes true or false")),
                 };
-                let (pids, binds) = self.pids(rt, name, suffix);
+                let (pids, mut binds) = self.pids(rt, name, suffix);
+                let mut cond = format!("{a}.pid {pids}");
+                if kind == ParamType::Reference {
+                    // References to contained resources have no rows of their own; the
+                    // resource's one `#contained` row lists the parameters that had them.
+                    let (listed, b) = self.pids(rt, CONTAINED_REFERENCES, "");
+                    binds.extend(b);
+                    let find = match self.store.backend() {
+                        Backend::Sqlite => format!("instr({a}.tid, ?) > 0"),
+                        Backend::Postgres => format!("strpos({a}.tid, ?) > 0"),
+                    };
+                    let codes = self.store.member_codes(rt, name);
+                    let any = vec![find.as_str(); codes.len()].join(" OR ");
+                    binds.extend(codes.iter().map(|c| B::S(format!(",{c},"))));
+                    cond = format!("({cond} OR ({a}.pid {listed} AND ({any})))");
+                }
                 return Ok(Some((
                     Crit::Set {
-                        from_where: format!("{table} {a} WHERE {a}.pid {pids}"),
+                        from_where: format!("{table} {a} WHERE {cond}"),
                         idcol: format!("{a}.rid"),
                         kind: IdKind::Rid,
                         binds,

@@ -899,6 +899,11 @@ fn atom_match(
             let Some(r) = reference else {
                 return false;
             };
+            // A reference to a contained resource names no resource a search can find (it
+            // still makes the element present for `:missing`).
+            if r.starts_with('#') {
+                return false;
+            }
             let (rt, rid) = oracle_ref(r);
             let (qt, qid) = oracle_ref(&parts(v, '\u{1}')[0]);
             match modifier {

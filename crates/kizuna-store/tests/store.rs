@@ -1147,8 +1147,97 @@ async fn one_walk_over_types(s: &Store) {
     assert_eq!((none.rows, none.parts.len()), (0, 0));
 }
 
+/// References to contained resources: not found by a reference search, yet present for
+/// `:missing` (also through a parameter that reads another's rows).
+async fn contained_references(s: &Store) {
+    let tag = |id: &str| json!({"system": "urn:kizuna:test", "code": id});
+    let obs = |encounter: Option<&str>| {
+        let mut o = json!({"resourceType": "Observation", "status": "final",
+            "meta": {"tag": [tag("contained-refs")]},
+            "contained": [{"resourceType": "Encounter", "id": "e1", "status": "finished"}],
+            "code": {"text": "x"}});
+        if let Some(e) = encounter {
+            o["encounter"] = json!({"reference": e});
+        }
+        if encounter != Some("#e1") {
+            o.as_object_mut().map(|m| m.remove("contained"));
+        }
+        o
+    };
+    let mut ids = Vec::new();
+    for e in [Some("#e1"), Some("Encounter/real-1"), None] {
+        let stored = s.create(obs(e)).await.unwrap_or_else(|e| panic!("{e}"));
+        ids.push(stored.id);
+    }
+    let (local, real, none) = (&ids[0], &ids[1], &ids[2]);
+    let found = |q: &'static str, rt: &'static str| async move {
+        let mut v: Vec<String> = s
+            .search(rt, &pairs(q))
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e}"))
+            .resources
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        v.sort();
+        v
+    };
+    let sorted = |mut v: Vec<&String>| {
+        v.sort();
+        v.into_iter().cloned().collect::<Vec<_>>()
+    };
+    assert_eq!(
+        found(
+            "_tag=urn:kizuna:test|contained-refs&encounter:missing=false",
+            "Observation"
+        )
+        .await,
+        sorted(vec![local, real])
+    );
+    assert_eq!(
+        found(
+            "_tag=urn:kizuna:test|contained-refs&encounter:missing=true",
+            "Observation"
+        )
+        .await,
+        vec![none.clone()]
+    );
+    assert!(found("encounter=#e1", "Observation").await.is_empty());
+    assert_eq!(
+        found("encounter=Encounter/real-1", "Observation").await,
+        vec![real.clone()]
+    );
+    // DeviceUseStatement's `subject` reads the rows of `patient` (defined alike).
+    let dus = |p: &str| {
+        json!({"resourceType": "DeviceUseStatement", "status": "active",
+            "meta": {"tag": [tag("contained-dus")]},
+            "contained": [{"resourceType": "Patient", "id": "p1"}],
+            "subject": {"reference": p}, "device": {"reference": "Device/d1"}})
+    };
+    let with_local = s
+        .create(dus("#p1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .id;
+    assert_eq!(
+        found(
+            "_tag=urn:kizuna:test|contained-dus&subject:missing=false",
+            "DeviceUseStatement"
+        )
+        .await,
+        vec![with_local]
+    );
+    assert!(found(
+        "_tag=urn:kizuna:test|contained-dus&patient:missing=true",
+        "DeviceUseStatement"
+    )
+    .await
+    .is_empty());
+}
+
 async fn suite(s: Store, url: &str) {
     crud(&s, url).await;
+    contained_references(&s).await;
     scans(&s).await;
     concurrent_writers(&s).await;
     transactions(&s).await;
