@@ -101,9 +101,7 @@ impl Tokens {
 
 /// Runs the demo.
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::request_runtime::build()?;
     rt.block_on(demo(a))
 }
 

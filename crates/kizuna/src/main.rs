@@ -21,6 +21,7 @@ mod bench_server;
 mod bench_share;
 mod demo_cmd;
 mod post;
+mod request_runtime;
 mod retention_cmd;
 mod serve_cmd;
 mod share_load;

@@ -81,9 +81,7 @@ impl AccessAuditor for AuditSink {
 
 /// Runs the server until Ctrl-C, then flushes and checkpoints the audit log.
 pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::request_runtime::build()?;
     rt.block_on(serve(a, None))
 }
 
