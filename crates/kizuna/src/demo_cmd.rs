@@ -120,10 +120,43 @@ async fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
         .map(|i| kizuna_synth::person_output(a.seed, i, 2, &inst))
         .collect();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(crate::serve_cmd::serve(
+    // The server runs here, on the thread that built the runtime: the store's writer thread
+    // starts from it and so keeps its priority above the request threads
+    // (`crate::request_runtime`). The loading runs as a task beside it.
+    let server = crate::serve_cmd::serve(
         crate::serve_cmd::ServeArgs::demo(a.addr, a.data_dir.clone()),
         Some(tx),
-    ));
+    );
+    tokio::pin!(server);
+    let load_only = a.load_only;
+    let mut loader = tokio::spawn(load(a, people, started, rx));
+    tokio::select! {
+        served = &mut server => {
+            // The server stopped before the loading finished (a port in use, say).
+            loader.abort();
+            served?;
+            anyhow::bail!("サーバーが停止しました / the server stopped during loading")
+        }
+        loaded = &mut loader => {
+            let code = loaded??;
+            if load_only {
+                return Ok(code);
+            }
+        }
+    }
+    println!("Ctrl-C で終了 / Ctrl-C to stop");
+    server.await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads eligibility and every submission through the API once the server answers at the URL
+/// `rx` brings, and prints the walkthrough. Success when every submission was accepted.
+async fn load(
+    a: DemoArgs,
+    people: Vec<kizuna_synth::PersonOutput>,
+    started: Instant,
+    rx: tokio::sync::oneshot::Receiver<String>,
+) -> anyhow::Result<ExitCode> {
     let base = rx
         .await
         .context("サーバーが起動しません / the server did not start")?;
@@ -253,17 +286,11 @@ async fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
         println!("  失敗 / failed: {k} × {n}");
     }
     print_walkthrough(&base, &tokens, &facts, &a.data_dir)?;
-    if a.load_only {
-        server.abort();
-        return Ok(if facts.failed.is_empty() && facts.ok > 0 {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        });
-    }
-    println!("Ctrl-C で終了 / Ctrl-C to stop");
-    server.await??;
-    Ok(ExitCode::SUCCESS)
+    Ok(if facts.failed.is_empty() && facts.ok > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn dest_of_referral(b: &Value) -> Option<String> {
