@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::bench_server::{
     bytes_written, cpu_seconds, cpu_us_per, get_json, percentiles, rss_mib, status_of, BenchServer,
+    MachineTicks,
 };
 
 /// Options of `kizuna bench fhir`.
@@ -176,6 +177,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     let bar = indicatif::ProgressBar::new(produced);
     let written_before = bytes_written(srv.child.id());
     let cpu_before = cpu_seconds(srv.child.id());
+    let machine_before = MachineTicks::now();
     let started = Instant::now();
     std::thread::scope(|sc| {
         for _ in 0..a.clients.max(1) {
@@ -217,6 +219,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     });
     let ingest_s = started.elapsed().as_secs_f64();
     let cpu_after = cpu_seconds(srv.child.id());
+    let machine_after = MachineTicks::now();
     // The server's writes during the load (database, WAL, audit log, answers): what a stored
     // resource costs in bytes, the figure SQLite's page-sized WAL frames make large.
     let written = bytes_written(srv.child.id())
@@ -448,6 +451,7 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
             "server_bytes_written": written,
             "server_bytes_written_per_resource": written.map(|w| w as f64 / loaded.max(1) as f64),
             "server_cpu_us_per_resource": cpu_us_per(cpu_before, cpu_after, loaded),
+            "machine_cpu": MachineTicks::shares(machine_before, machine_after),
             "bundle_latency": percentiles(tx_times),
         })},
         "read": percentiles(reads),

@@ -196,6 +196,60 @@ fn cpu_ticks(stat: &str) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// The whole machine's CPU time so far by kind (`/proc/stat`, all cores), in USER_HZ ticks.
+/// Over a run it says how much the server and client left idle and how much the host took back
+/// (steal): on a shared host the same build varied by a fifth from run to run with steal at
+/// 3–7 %, and figures from two runs compare only together with these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineTicks {
+    /// user, nice, system, irq, softirq.
+    busy: u64,
+    /// idle and iowait.
+    idle: u64,
+    /// Time the hypervisor ran something else while this machine wanted a core.
+    steal: u64,
+}
+
+impl MachineTicks {
+    /// Now, or `None` where there is no `/proc/stat`.
+    pub fn now() -> Option<MachineTicks> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// The summary `cpu` line of a `/proc/stat` text.
+    fn parse(stat: &str) -> Option<MachineTicks> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        Some(MachineTicks {
+            busy: at(0) + at(1) + at(2) + at(5) + at(6),
+            idle: at(3) + at(4),
+            steal: at(7),
+        })
+    }
+
+    /// Shares of busy, idle and stolen time between two readings, as JSON (null when either is
+    /// missing or no time passed).
+    pub fn shares(before: Option<MachineTicks>, after: Option<MachineTicks>) -> Value {
+        let (Some(b), Some(a)) = (before, after) else {
+            return Value::Null;
+        };
+        let busy = a.busy.saturating_sub(b.busy) as f64;
+        let idle = a.idle.saturating_sub(b.idle) as f64;
+        let steal = a.steal.saturating_sub(b.steal) as f64;
+        let all = busy + idle + steal;
+        if all == 0.0 {
+            return Value::Null;
+        }
+        json!({"busy": busy / all, "idle": idle / all, "steal": steal / all})
+    }
+}
+
 /// The server's CPU time per resource over a run, in microseconds.
 pub fn cpu_us_per(before: Option<f64>, after: Option<f64>, resources: u64) -> Option<f64> {
     let (b, a) = (before?, after?);
@@ -320,6 +374,25 @@ pub fn run_in_temp(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_shares_come_from_the_summary_line_and_add_up_to_one() {
+        let before = "cpu  100 5 20 300 10 1 2 7 0 0\ncpu0 50 2 10 150 5 0 1 3 0 0\n";
+        let after = "cpu  160 5 30 330 20 2 3 17 0 0\ncpu0 80 2 15 165 10 1 1 8 0 0\n";
+        let (b, a) = (MachineTicks::parse(before), MachineTicks::parse(after));
+        // busy 60+0+10+1+1 = 72, idle 30+10 = 40, steal 10: of 122.
+        let s = MachineTicks::shares(b, a);
+        let share = |k: &str| s[k].as_f64().unwrap_or(-1.0);
+        assert!((share("busy") - 72.0 / 122.0).abs() < 1e-12);
+        assert!((share("idle") - 40.0 / 122.0).abs() < 1e-12);
+        assert!((share("steal") - 10.0 / 122.0).abs() < 1e-12);
+        assert!((share("busy") + share("idle") + share("steal") - 1.0).abs() < 1e-12);
+        // No time passed, a reading missing, or no summary line: no shares.
+        assert!(MachineTicks::shares(a, a).is_null());
+        assert!(MachineTicks::shares(None, a).is_null());
+        assert_eq!(MachineTicks::parse("cpu0 1 2 3 4\n"), None);
+        assert_eq!(MachineTicks::parse("cpu  1 x 3 4\n"), None);
+    }
 
     #[test]
     fn cpu_ticks_are_read_after_a_name_with_spaces_and_parentheses() {

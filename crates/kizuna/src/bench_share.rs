@@ -17,7 +17,9 @@ use kizuna_auth::dev::TokenRequest;
 use kizuna_auth::Role;
 use serde_json::{json, Value};
 
-use crate::bench_server::{call, cpu_seconds, cpu_us_per, percentiles, rss_mib, BenchServer};
+use crate::bench_server::{
+    call, cpu_seconds, cpu_us_per, percentiles, rss_mib, BenchServer, MachineTicks,
+};
 use crate::share_load::{eligibility_bundles, submissions, Submission};
 
 /// Options of `kizuna bench share`.
@@ -101,6 +103,7 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     let done = Arc::new(Mutex::new(Submitted::default()));
     let bar = indicatif::ProgressBar::new(n_bundles as u64);
     let cpu_before = cpu_seconds(srv.child.id());
+    let machine_before = MachineTicks::now();
     let started = Instant::now();
     std::thread::scope(|sc| {
         for _ in 0..a.clients.max(1) {
@@ -160,6 +163,7 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
     });
     let submit_s = started.elapsed().as_secs_f64();
     let cpu_after = cpu_seconds(srv.child.id());
+    let machine_after = MachineTicks::now();
     bar.finish_and_clear();
     let done = Arc::try_unwrap(done)
         .ok()
@@ -267,6 +271,7 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
             "bundles_per_s": (n_bundles as u64 - failed) as f64 / submit_s.max(1e-9),
             "resources_per_s": done.resources as f64 / submit_s.max(1e-9),
             "server_cpu_us_per_resource": cpu_us_per(cpu_before, cpu_after, done.resources),
+            "machine_cpu": MachineTicks::shares(machine_before, machine_after),
             "latency": percentiles(done.latencies),
             "goal_resources_per_s": 5000,
         },
