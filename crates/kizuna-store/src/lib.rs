@@ -200,6 +200,9 @@ pub struct Store {
     pg_stats: Arc<write::StatsSchedule>,
     /// SQLite: commits so far, for the [`checkpointer`] (which stops when the store is gone).
     commits: Arc<std::sync::atomic::AtomicU64>,
+    /// SQLite: writes whose index rows are being extracted, on their way to the writer. The
+    /// writer waits a moment for them when its batch is small ([`write::GATHER_WAIT`]).
+    preparing: Arc<std::sync::atomic::AtomicUsize>,
     /// SQLite: read connections called directly, for bulk reads ([`Store::scan_ndjson`]).
     direct_reads: Option<Arc<scan::DirectReads>>,
 }
@@ -348,6 +351,7 @@ impl Store {
             group_writer: None,
             pg_stats: Arc::new(write::StatsSchedule::default()),
             commits: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            preparing: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             direct_reads: None,
         };
         store.migrate().await?;
@@ -390,6 +394,13 @@ impl Store {
     pub async fn execute_raw(&self, sql: &str) -> Result<(), StoreError> {
         sqlx::query(sql).execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// SQLite: writes being prepared (index rows extracted) on their way to the writer, which
+    /// waits a moment for them when its batch is small; 0 on PostgreSQL and whenever no write is
+    /// under way.
+    pub fn writes_preparing(&self) -> usize {
+        self.preparing.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// SQLite: the group commits so far (each shared by the requests queued at that moment; 0 on

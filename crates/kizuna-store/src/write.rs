@@ -280,7 +280,14 @@ impl Store {
 
     async fn apply(&self, mut ops: Vec<WriteOp>) -> Result<Vec<Stored>, StoreError> {
         let now = chrono::Utc::now();
-        let Prepared { rows, bodies } = self.prepare(&mut ops, now).await?;
+        let prepared = {
+            let _announced = self
+                .group_writer
+                .as_ref()
+                .map(|_| Preparing::new(&self.preparing));
+            self.prepare(&mut ops, now).await
+        };
+        let Prepared { rows, bodies } = prepared?;
         if let Some(w) = &self.group_writer {
             let (reply, answer) = tokio::sync::oneshot::channel();
             w.send(WriteRequest {
@@ -495,6 +502,7 @@ impl Store {
         loop {
             // When writes pause, the WAL is copied back into the database: readers then find
             // pages in the file's cache instead of looking each one up in a large log.
+            let waiting = std::time::Instant::now();
             let first = match tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv())
                 .await
             {
@@ -518,15 +526,38 @@ impl Store {
                 let _ = lock(&conn).execute_batch("PRAGMA optimize");
                 slow_upkeep("optimize", t);
             }
+            // A bulk load the writer holds up (its next write was queued before the writer
+            // asked for it): only then is a larger batch worth a moment's wait.
+            let writer_bound = waiting.elapsed() < WRITER_BOUND && first.ops.len() >= GATHER_BULK;
             let mut batch = vec![first];
             let mut ops = batch[0].ops.len();
+            let gathering = std::time::Instant::now();
             while ops < MAX_OPS {
                 match rx.try_recv() {
                     Ok(r) => {
                         ops += r.ops.len();
                         batch.push(r);
                     }
-                    Err(_) => break,
+                    Err(_) => {
+                        // A small batch while other writes are on their way: wait a moment
+                        // for them (see GATHER_WAIT).
+                        let left = GATHER_WAIT.saturating_sub(gathering.elapsed());
+                        if !writer_bound
+                            || ops >= GATHER_OPS
+                            || left.is_zero()
+                            || self.preparing.load(Ordering::Acquire) == 0
+                        {
+                            break;
+                        }
+                        match tokio::time::timeout(left.min(GATHER_POLL), rx.recv()).await {
+                            Ok(Some(r)) => {
+                                ops += r.ops.len();
+                                batch.push(r);
+                            }
+                            Ok(None) => break,
+                            Err(_) => {}
+                        }
+                    }
                 }
             }
             since_stats += ops;
@@ -910,6 +941,40 @@ impl Store {
     }
 }
 
+/// How long the SQLite writer waits for writes still being prepared when its batch holds fewer
+/// than [`GATHER_OPS`] resources. Each commit writes every page it touched once, so resources
+/// sharing a commit share those writes: with 16 clients a batch held 4.5 requests (269
+/// resources) and cost 46 KB written per resource; with 32 clients, 38 KB and a fifth less CPU.
+/// Like PostgreSQL's `commit_delay` it only waits when others are on their way, so a lone
+/// write never waits; and only for bulk loads the writer holds up (transactions of at least
+/// [`GATHER_BULK`] resources, the next one queued before the writer asked for it). Registration's
+/// small bundles, whose validation outlasts a commit, lost throughput to the wait.
+pub(crate) const GATHER_WAIT: std::time::Duration = std::time::Duration::from_millis(4);
+/// A writer that waited less than this for its first write is what writes wait on.
+const WRITER_BOUND: std::time::Duration = std::time::Duration::from_micros(200);
+/// The transaction size from which a write counts as part of a bulk load.
+const GATHER_BULK: usize = 32;
+/// The batch size past which the writer stops waiting.
+const GATHER_OPS: usize = 600;
+/// How often the waiting writer looks again at the writes being prepared.
+const GATHER_POLL: std::time::Duration = std::time::Duration::from_micros(500);
+
+/// Counts a write as being prepared for as long as it lives.
+struct Preparing<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Preparing<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Preparing(n)
+    }
+}
+
+impl Drop for Preparing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// `meta.lastUpdated` of a write at `now`.
 fn stamp_time(now: chrono::DateTime<chrono::Utc>) -> String {
     now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -1123,6 +1188,29 @@ mod chunk_tests {
 #[cfg(test)]
 mod stats_schedule_tests {
     use super::StatsSchedule;
+
+    #[test]
+    fn a_write_is_counted_as_preparing_until_its_guard_goes_even_on_an_early_return() {
+        use super::Preparing;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let n = AtomicUsize::new(0);
+        let a = Preparing::new(&n);
+        let b = Preparing::new(&n);
+        assert_eq!(n.load(Ordering::Acquire), 2);
+        drop(a);
+        assert_eq!(n.load(Ordering::Acquire), 1);
+        let failing = || -> Result<(), ()> {
+            let _g = Preparing::new(&n);
+            assert_eq!(n.load(Ordering::Acquire), 2);
+            let refused: Result<(), ()> = Err(());
+            refused?;
+            Ok(())
+        };
+        assert!(failing().is_err());
+        assert_eq!(n.load(Ordering::Acquire), 1);
+        drop(b);
+        assert_eq!(n.load(Ordering::Acquire), 0);
+    }
 
     #[test]
     fn fires_at_1000_then_at_doubling_intervals_capped_at_200k() {

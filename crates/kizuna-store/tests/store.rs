@@ -876,6 +876,9 @@ async fn concurrent_writers(s: &Store) {
         .collect();
     versions.sort_unstable();
     assert_eq!(versions, (1..=81).collect::<Vec<i64>>());
+    // Every write announced while it was prepared was counted off again: a count left behind
+    // would make the writer wait for writes that never come.
+    assert_eq!(s.writes_preparing(), 0);
     // Leave the store as found: the search oracle below counts everything that is live.
     for id in created {
         s.delete("Observation", &id)
