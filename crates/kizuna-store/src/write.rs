@@ -519,6 +519,10 @@ impl Store {
                 }
             };
             unchecked = true;
+            // A bulk load the writer holds up (its next write was queued before the writer
+            // asked for it): only then is a larger batch worth a moment's wait. Measured before
+            // the upkeep below, which is the writer's own time, not waiting.
+            let writer_bound = waiting.elapsed() < WRITER_BOUND && first.ops.len() >= GATHER_BULK;
             if since_stats >= stats_every {
                 since_stats = 0;
                 stats_every = (stats_every * 2).min(200_000);
@@ -526,9 +530,6 @@ impl Store {
                 let _ = lock(&conn).execute_batch("PRAGMA optimize");
                 slow_upkeep("optimize", t);
             }
-            // A bulk load the writer holds up (its next write was queued before the writer
-            // asked for it): only then is a larger batch worth a moment's wait.
-            let writer_bound = waiting.elapsed() < WRITER_BOUND && first.ops.len() >= GATHER_BULK;
             let mut batch = vec![first];
             let mut ops = batch[0].ops.len();
             let gathering = std::time::Instant::now();
@@ -1190,9 +1191,30 @@ mod stats_schedule_tests {
     use super::StatsSchedule;
 
     #[test]
+    fn fires_at_1000_then_at_doubling_intervals_capped_at_200k() {
+        let s = StatsSchedule::default();
+        let mut fired = Vec::new();
+        let mut total = 0usize;
+        for _ in 0..2_000_000 / 250 {
+            total += 250;
+            if s.due(250) {
+                fired.push(total);
+            }
+        }
+        assert_eq!(&fired[..5], &[1000, 2000, 4000, 8000, 16000]);
+        let gaps: Vec<usize> = fired.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|g| *g <= 200_000), "{gaps:?}");
+        assert_eq!(gaps.last(), Some(&200_000));
+    }
+}
+
+#[cfg(test)]
+mod preparing_tests {
+    use super::Preparing;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
     fn a_write_is_counted_as_preparing_until_its_guard_goes_even_on_an_early_return() {
-        use super::Preparing;
-        use std::sync::atomic::{AtomicUsize, Ordering};
         let n = AtomicUsize::new(0);
         let a = Preparing::new(&n);
         let b = Preparing::new(&n);
@@ -1210,22 +1232,5 @@ mod stats_schedule_tests {
         assert_eq!(n.load(Ordering::Acquire), 1);
         drop(b);
         assert_eq!(n.load(Ordering::Acquire), 0);
-    }
-
-    #[test]
-    fn fires_at_1000_then_at_doubling_intervals_capped_at_200k() {
-        let s = StatsSchedule::default();
-        let mut fired = Vec::new();
-        let mut total = 0usize;
-        for _ in 0..2_000_000 / 250 {
-            total += 250;
-            if s.due(250) {
-                fired.push(total);
-            }
-        }
-        assert_eq!(&fired[..5], &[1000, 2000, 4000, 8000, 16000]);
-        let gaps: Vec<usize> = fired.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!(gaps.iter().all(|g| *g <= 200_000), "{gaps:?}");
-        assert_eq!(gaps.last(), Some(&200_000));
     }
 }
