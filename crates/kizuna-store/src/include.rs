@@ -109,18 +109,17 @@ impl Store {
                         if pids.is_empty() {
                             continue;
                         }
-                        let sql = self.sql(&format!(
-                            "SELECT DISTINCT x.ttype, x.tid FROM idx_reference x WHERE x.pid IN ({}) AND x.rid IN (SELECT r.rid FROM resources r WHERE r.rtype = ? AND r.id IN ({}))",
-                            vec!["?"; pids.len()].join(", "),
-                            vec!["?"; chunk.len()].join(", ")
-                        ));
-                        let mut q = sqlx::query(&sql);
-                        for pid in pids {
-                            q = q.bind(pid);
-                        }
-                        q = q.bind(&inc.source_type);
+                        // From the page's resources to their reference rows, never the other
+                        // way: `CROSS JOIN` fixes that order on SQLite, whose planner without
+                        // statistics (a reader opened during a bulk load) walked every row of the
+                        // parameter instead (7–10 ms against 1.3 ms at 100k resources).
+                        let sql = self.sql(&include_targets_sql(chunk.len(), pids.len()));
+                        let mut q = sqlx::query(&sql).bind(&inc.source_type);
                         for id in chunk {
                             q = q.bind(*id);
+                        }
+                        for pid in pids {
+                            q = q.bind(pid);
                         }
                         for row in q.fetch_all(self.pool()).await? {
                             let t: String = row.try_get(0)?;
@@ -222,4 +221,49 @@ fn group_by_type(keys: &[(String, String)]) -> Vec<(&str, Vec<&str>)> {
         }
     }
     groups
+}
+
+/// The reference targets of some resources of one type under some parameters: binds the type,
+/// `ids` ids, then `pids` parameter ids. `CROSS JOIN` keeps SQLite starting from the resources
+/// whatever its statistics say.
+fn include_targets_sql(ids: usize, pids: usize) -> String {
+    format!(
+        "SELECT DISTINCT x.ttype, x.tid FROM resources r CROSS JOIN idx_reference x \
+         WHERE r.rtype = ? AND r.id IN ({}) AND x.rid = r.rid AND x.pid IN ({})",
+        vec!["?"; ids].join(", "),
+        vec!["?"; pids].join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::include_targets_sql;
+
+    /// The plan's steps as SQLite reports them, in order.
+    fn plan(sql: &str) -> Vec<String> {
+        let c = rusqlite::Connection::open_in_memory().unwrap();
+        for stmt in crate::schema::sqlite_ddl() {
+            c.execute_batch(stmt).unwrap();
+        }
+        let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let unbound = vec![rusqlite::types::Null; st.parameter_count()];
+        st.query_map(rusqlite::params_from_iter(unbound), |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
+    #[test]
+    fn include_starts_from_the_page_resources_without_statistics() {
+        // A store with no `sqlite_stat1`, as a reader opened during a bulk load sees it.
+        for (ids, pids) in [(1, 1), (11, 1), (50, 3)] {
+            let steps = plan(&include_targets_sql(ids, pids));
+            let searches: Vec<&String> = steps.iter().filter(|s| s.starts_with("SEARCH")).collect();
+            assert_eq!(searches.len(), 2, "{steps:?}");
+            assert!(searches[0].starts_with("SEARCH r "), "{steps:?}");
+            assert!(searches[1].contains("(rid=? AND pid=?)"), "{steps:?}");
+        }
+    }
 }

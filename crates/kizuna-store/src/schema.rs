@@ -91,6 +91,12 @@ const LOOKUPS: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS idx_composite_r ON idx_composite (rid, pid)",
 ];
 
+/// The SQLite schema's statements in the order a new store runs them (tests of query plans).
+#[cfg(test)]
+pub(crate) fn sqlite_ddl() -> impl Iterator<Item = &'static str> {
+    COMMON.iter().chain(SQLITE).chain(LOOKUPS).copied()
+}
+
 /// The index tables.
 pub(crate) const INDEX_TABLES: [&str; 8] = [
     "idx_token",
