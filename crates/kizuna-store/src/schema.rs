@@ -91,10 +91,14 @@ const LOOKUPS: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS idx_composite_r ON idx_composite (rid, pid)",
 ];
 
-/// The SQLite schema's statements in the order a new store runs them (tests of query plans).
-#[cfg(test)]
-pub(crate) fn sqlite_ddl() -> impl Iterator<Item = &'static str> {
-    COMMON.iter().chain(SQLITE).chain(LOOKUPS).copied()
+/// A backend's schema statements in the order every open runs them (also what tests of SQLite's
+/// query plans build their empty schema from).
+pub(crate) fn ddl(backend: Backend) -> impl Iterator<Item = &'static str> {
+    let dialect = match backend {
+        Backend::Sqlite => SQLITE,
+        Backend::Postgres => POSTGRES,
+    };
+    COMMON.iter().chain(dialect).chain(LOOKUPS).copied()
 }
 
 /// The index tables.
@@ -169,11 +173,7 @@ impl Store {
                 sqlx::query(&s).execute(&mut *tx).await?;
             }
         }
-        let dialect = match self.backend() {
-            Backend::Sqlite => SQLITE,
-            Backend::Postgres => POSTGRES,
-        };
-        for stmt in COMMON.iter().chain(dialect).chain(LOOKUPS) {
+        for stmt in ddl(self.backend()) {
             sqlx::query(stmt).execute(&mut *tx).await?;
         }
         if old_layout {

@@ -10,8 +10,8 @@
 
 /// How much nicer (lower priority) request threads run than the rest of the process. At +5 the
 /// writer still spent 15 % of a 100k ingest runnable but waiting for a core
-/// (`/proc/<pid>/task/<tid>/schedstat`); +10 took back 5–7 % of ingest throughput and 2–3 % of
-/// registration's in alternated runs, +19 was no better than +10.
+/// (`/proc/<pid>/task/<tid>/schedstat`); +10 took back 5.5 % of ingest throughput (mean of six
+/// alternated pairs) and 2–3 % of registration's, +19 was no better than +10.
 pub const REQUEST_NICENESS: i32 = 10;
 
 /// A multi-threaded runtime whose worker and blocking threads run at [`REQUEST_NICENESS`].
