@@ -309,8 +309,8 @@ async fn broad_criteria(s: &Store) {
         })
         .collect();
     let out = s.transaction(ops).await.unwrap_or_else(|e| panic!("{e}"));
-    // SQLite plans each page from per-criterion counts and leaves broad intersections uncounted.
-    let sqlite = s.backend() == kizuna_store::Backend::Sqlite;
+    // Both backends plan each page from per-criterion counts and leave broad intersections
+    // uncounted.
     let search = |q: String| async move {
         s.search("Observation", &pairs(&q))
             .await
@@ -344,7 +344,7 @@ async fn broad_criteria(s: &Store) {
             .filter(|(i, _)| pred(*i))
             .map(|(_, st)| st.id.as_str())
             .collect();
-        let want_total = if broad && sqlite {
+        let want_total = if broad {
             None
         } else {
             Some(expected.len() as i64).filter(|n| *n <= kizuna_store::search::COUNT_CAP)

@@ -3,11 +3,13 @@
 //! submission of a generated population through `Bundle/$submit` from several institution systems
 //! at once — with full JP-CLINS validation, the policy decision and the audit record on each — and
 //! then answers `$summary` (after consent and in an emergency) and `$my-record`. The report (JSON)
-//! gives bundles/s, resources/s and latencies.
+//! gives bundles/s, resources/s and latencies. `--background-patients` first registers a large
+//! population streamed from the generator, so the same figures can be taken at a national scale.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,7 @@ use crate::bench_server::{
     call, cpu_seconds, cpu_us_per, percentiles, rss_mib, BenchServer, MachineTicks,
 };
 use crate::share_load::{eligibility_bundles, submissions, Submission};
+use kizuna_synth::clinical::BundleKind;
 
 /// Options of `kizuna bench share`.
 #[derive(Args)]
@@ -40,6 +43,12 @@ pub struct ShareBenchArgs {
     /// 乱数の種 / seed
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// 計測前に登録する背景人口 (資格情報と傷病名・アレルギー・処方のみ、生成しながら送信) / people
+    /// registered before the timed part (eligibility plus their condition, allergy and prescription
+    /// submissions, generated while they are sent), so that the timed part runs against a large
+    /// person index and store
+    #[arg(long, default_value_t = 0)]
+    background_patients: u64,
     /// 結果 JSON の出力先 / where to write the JSON report
     #[arg(long, default_value = "kizuna-data/bench/share.json")]
     out: PathBuf,
@@ -90,15 +99,20 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
 
     // Every institution system submits with its own token, as in production.
     let mut tokens: HashMap<String, String> = HashMap::new();
-    for j in &jobs {
-        if !tokens.contains_key(&j.from) {
+    for from in jobs
+        .iter()
+        .map(|j| &j.from)
+        .chain(inst.iter().map(|i| &i.number))
+    {
+        if !tokens.contains_key(from) {
             let mut r = TokenRequest::for_role(Role::Institution);
-            r.institution = Some(j.from.clone());
-            r.subject = format!("system-{}", j.from);
-            r.lifetime = 24 * 3600;
-            tokens.insert(j.from.clone(), srv.token_for(&r)?);
+            r.institution = Some(from.clone());
+            r.subject = format!("system-{from}");
+            r.lifetime = 7 * 24 * 3600;
+            tokens.insert(from.clone(), srv.token_for(&r)?);
         }
     }
+    let background = load_background(a, &srv, &agent, &inst, &tokens)?;
     let queue: Arc<Mutex<Vec<Submission>>> = Arc::new(Mutex::new(jobs));
     let done = Arc::new(Mutex::new(Submitted::default()));
     let bar = indicatif::ProgressBar::new(n_bundles as u64);
@@ -256,6 +270,7 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         "validation": "enforce (JP-CLINS), policy and audit on every submission",
         "patients": a.patients,
         "persons_registered": persons.len(),
+        "background": background,
         "eligibility": {
             "bundles": eligibility.len(),
             "seconds": eligibility_s,
@@ -283,4 +298,118 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         "server_rss_mib": rss.map(|r| r.0),
         "server_peak_rss_mib": rss.map(|r| r.1),
     }))
+}
+
+/// The kinds a background person sends: the items that make up most people's record, without the
+/// documents and lab reports, which give a full record about fourteen times as many resources
+/// (53 against 3.8 a person).
+const BACKGROUND_KINDS: [BundleKind; 3] = [
+    BundleKind::Condition,
+    BundleKind::AllergyIntolerance,
+    BundleKind::MedicationRequest,
+];
+
+/// People registered per eligibility bundle while the background population streams in.
+const BACKGROUND_BATCH: u64 = 100;
+
+/// Registers `--background-patients` people after the timed population's indices, generating each
+/// batch in the client thread that sends it, so the client's memory does not grow with the
+/// population (a million people's submissions would not fit).
+fn load_background(
+    a: &ShareBenchArgs,
+    srv: &BenchServer,
+    agent: &ureq::Agent,
+    inst: &[kizuna_synth::population::Institution],
+    tokens: &HashMap<String, String>,
+) -> anyhow::Result<Value> {
+    if a.background_patients == 0 {
+        return Ok(Value::Null);
+    }
+    eprintln!(
+        "背景人口を登録中 / registering {} background people",
+        a.background_patients
+    );
+    let next = AtomicU64::new(0);
+    let (sent_submissions, resources, failed) =
+        (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let first_error: Mutex<Option<String>> = Mutex::new(None);
+    let bar = indicatif::ProgressBar::new(a.background_patients);
+    let started = Instant::now();
+    let cpu_before = cpu_seconds(srv.child.id());
+    let eligibility_url = format!("{}/Coverage/$import-eligibility", srv.base);
+    std::thread::scope(|sc| {
+        for _ in 0..a.clients.max(1) {
+            sc.spawn(|| loop {
+                let from = next.fetch_add(BACKGROUND_BATCH, Ordering::Relaxed);
+                if from >= a.background_patients {
+                    break;
+                }
+                let to = (from + BACKGROUND_BATCH).min(a.background_patients);
+                let people: Vec<kizuna_synth::PersonOutput> = (from..to)
+                    .map(|i| kizuna_synth::person_output(a.seed, a.patients + i, 2, inst))
+                    .collect();
+                let (mut sent, mut carried) = (0u64, 0u64);
+                for body in eligibility_bundles(&people, BACKGROUND_BATCH as usize) {
+                    if let Err(e) = call(agent, "POST", &eligibility_url, &srv.token, Some(&body)) {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        note_first(&first_error, e);
+                    }
+                }
+                for job in submissions(&people)
+                    .into_iter()
+                    .filter(|j| BACKGROUND_KINDS.contains(&j.kind))
+                {
+                    let token = tokens.get(&job.from).map(String::as_str).unwrap_or("");
+                    let url = format!("{}/Bundle/$submit", srv.base);
+                    match call(agent, "POST", &url, token, Some(&job.body)) {
+                        Ok(_) => {
+                            sent += 1;
+                            carried += job.resources;
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            note_first(&first_error, e);
+                        }
+                    }
+                }
+                sent_submissions.fetch_add(sent, Ordering::Relaxed);
+                resources.fetch_add(carried, Ordering::Relaxed);
+                bar.inc(to - from);
+                if bar.is_hidden() && to % 50_000 < BACKGROUND_BATCH {
+                    eprintln!(
+                        "背景人口 / background: {to} people, {} resources, {:.0} s",
+                        resources.load(Ordering::Relaxed),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let resources = resources.into_inner();
+    let failed = failed.into_inner();
+    let first_error = first_error.into_inner().ok().flatten();
+    eprintln!(
+        "背景人口 / background: {} 件 / submissions, {resources} resources, {failed} failed, {seconds:.0} s",
+        sent_submissions.load(Ordering::Relaxed)
+    );
+    Ok(json!({
+        "people": a.background_patients,
+        "kinds": BACKGROUND_KINDS.iter().map(|k| k.code()).collect::<Vec<_>>(),
+        "submissions": sent_submissions.into_inner(),
+        "resources": resources,
+        "failed": failed,
+        "first_error": first_error,
+        "seconds": seconds,
+        "resources_per_s": resources as f64 / seconds.max(1e-9),
+        "server_cpu_us_per_resource": cpu_us_per(cpu_before, cpu_seconds(srv.child.id()), resources),
+    }))
+}
+
+/// Keeps the first failure's text for the report (later ones are only counted).
+fn note_first(slot: &Mutex<Option<String>>, e: anyhow::Error) {
+    if let Ok(mut s) = slot.lock() {
+        s.get_or_insert_with(|| e.to_string());
+    }
 }

@@ -35,7 +35,16 @@ fn bench_share_registers_everything_and_times_the_views() {
         "6",
         "--clients",
         "2",
+        "--background-patients",
+        "120",
     ]);
+    // The background population streams in first, in two batches, with nothing refused.
+    let bg = &r["background"];
+    assert_eq!(bg["people"], 120, "{bg}");
+    assert_eq!(bg["failed"], 0, "{bg}");
+    let sent = bg["submissions"].as_u64().unwrap_or(0);
+    assert!(sent > 60, "{bg}");
+    assert!(bg["resources"].as_u64().unwrap_or(0) >= sent, "{bg}");
     let s = &r["submit"];
     assert_eq!(s["failed"], 0, "{s}");
     let bundles = s["bundles"].as_u64().unwrap_or(0);
