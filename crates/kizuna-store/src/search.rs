@@ -5,8 +5,8 @@
 //! (`subject:Patient.name=…`, several levels) and reverse chains (`_has:Observation:patient:code=…`,
 //! nested) become nested id sets over the reference index, so one SQL statement answers the whole
 //! query on SQLite and PostgreSQL alike. One set drives the statement (`r.rid IN (…)`); the others
-//! are probed per candidate (`EXISTS`). On SQLite, a page in the default order first counts each
-//! set up to [`COUNT_CAP`] + 1 and picks a plan: collect a small set, read along index rows
+//! are probed per candidate (`EXISTS`). On both backends, a page in the default order first counts
+//! each set up to [`COUNT_CAP`] + 1 and picks a plan: collect a small set, read along index rows
 //! that come in row-id order, or walk the type's rows in row-id order probing each criterion —
 //! the last two stop at the page's end.
 
@@ -1340,13 +1340,6 @@ impl Store {
         Ok((a.where_sql, a.binds, a.driven, ignored))
     }
 
-    /// Picks how a page of a query without `_sort` is read on SQLite, from each set of row ids
-    /// counted up to [`COUNT_CAP`] + 1 (in the order of their likely selectivity): a small set is
-    /// collected; else a set whose index rows come in row-id order is read along that order; else
-    /// the smallest set within the cap is collected; else the type's rows are walked. Reading in
-    /// row-id order stops at the page's end: for broad criteria (a common code, a gender) that
-    /// reads a few hundred rows instead of collecting and sorting tens of thousands of matches.
-    /// Also returns the count of each probed set, by criterion.
     /// The distinct row ids of a set, counted up to [`COUNT_CAP`] + 1 (any larger set counts
     /// as that): what a plan is chosen by, and a bounded total.
     ///
@@ -1354,7 +1347,7 @@ impl Store {
     /// before it limits a `DISTINCT` (86k rows for `gender=female` at 1M resources), so there the
     /// set's first rows are read as they come and their distinct ids counted: the count is exact
     /// when fewer rows than the limit came, and above the cap once that many distinct ids came.
-    /// Only a set whose resources repeat values (names, a dozen rows each) takes a second, longer
+    /// Only a set whose resources repeat values (names, several rows each) takes a second, longer
     /// read, and past that the full count.
     async fn count_to_cap(
         &self,
@@ -1391,6 +1384,13 @@ impl Store {
             .try_get(0)?)
     }
 
+    /// Picks how a page of a query without `_sort` is read, from each set of row ids
+    /// counted up to [`COUNT_CAP`] + 1 (in the order of their likely selectivity): a small set is
+    /// collected; else a set whose index rows come in row-id order is read along that order; else
+    /// the smallest set within the cap is collected; else the type's rows are walked. Reading in
+    /// row-id order stops at the page's end: for broad criteria (a common code, a gender) that
+    /// reads a few hundred rows instead of collecting and sorting tens of thousands of matches.
+    /// Also returns the count of each probed set, by criterion.
     async fn choose_plan(
         &self,
         crits: &[Ranked],
