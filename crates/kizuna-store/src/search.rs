@@ -1356,9 +1356,6 @@ impl Store {
         binds: &[B],
     ) -> Result<i64, StoreError> {
         let cap = COUNT_CAP + 1;
-        let distinct_to_cap = format!(
-            "SELECT COUNT(*) FROM (SELECT DISTINCT {idcol} FROM {from_where} LIMIT {cap}) n"
-        );
         if self.backend() == Backend::Postgres {
             for limit in [cap, 16 * cap] {
                 let sql = format!(
@@ -1377,6 +1374,9 @@ impl Store {
                 }
             }
         }
+        let distinct_to_cap = format!(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT {idcol} FROM {from_where} LIMIT {cap}) n"
+        );
         Ok(self
             .search_statement(&self.sql(&distinct_to_cap), binds)
             .fetch_one(self.pool())

@@ -20,7 +20,8 @@ use kizuna_auth::Role;
 use serde_json::{json, Value};
 
 use crate::bench_server::{
-    call, cpu_seconds, cpu_us_per, percentiles, rss_mib, BenchServer, MachineTicks,
+    call, cpu_seconds, cpu_us_per, import_eligibility, percentiles, rss_mib, BenchServer,
+    MachineTicks,
 };
 use crate::share_load::{eligibility_bundles, submissions, Submission};
 use kizuna_synth::clinical::BundleKind;
@@ -94,7 +95,7 @@ fn bench(a: &ShareBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
         .build();
 
     let t = Instant::now();
-    crate::bench_server::import_eligibility(&agent, &srv, &eligibility)?;
+    import_eligibility(&agent, &srv, &eligibility)?;
     let eligibility_s = t.elapsed().as_secs_f64();
 
     // Every institution system submits with its own token, as in production.
@@ -336,7 +337,7 @@ fn load_background(
     let bar = indicatif::ProgressBar::new(a.background_patients);
     let started = Instant::now();
     let cpu_before = cpu_seconds(srv.child.id());
-    let eligibility_url = format!("{}/Coverage/$import-eligibility", srv.base);
+    let submit_url = format!("{}/Bundle/$submit", srv.base);
     std::thread::scope(|sc| {
         for _ in 0..a.clients.max(1) {
             sc.spawn(|| loop {
@@ -345,23 +346,23 @@ fn load_background(
                     break;
                 }
                 let to = (from + BACKGROUND_BATCH).min(a.background_patients);
+                // The other kinds are dropped before `submissions` parses what is left.
                 let people: Vec<kizuna_synth::PersonOutput> = (from..to)
-                    .map(|i| kizuna_synth::person_output(a.seed, a.patients + i, 2, inst))
+                    .map(|i| {
+                        let mut po = kizuna_synth::person_output(a.seed, a.patients + i, 2, inst);
+                        po.bundles.retain(|(k, _)| BACKGROUND_KINDS.contains(k));
+                        po
+                    })
                     .collect();
                 let (mut sent, mut carried) = (0u64, 0u64);
-                for body in eligibility_bundles(&people, BACKGROUND_BATCH as usize) {
-                    if let Err(e) = call(agent, "POST", &eligibility_url, &srv.token, Some(&body)) {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        note_first(&first_error, e);
-                    }
+                let eligibility = eligibility_bundles(&people, BACKGROUND_BATCH as usize);
+                if let Err(e) = import_eligibility(agent, srv, &eligibility) {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    note_first(&first_error, e);
                 }
-                for job in submissions(&people)
-                    .into_iter()
-                    .filter(|j| BACKGROUND_KINDS.contains(&j.kind))
-                {
+                for job in submissions(&people) {
                     let token = tokens.get(&job.from).map(String::as_str).unwrap_or("");
-                    let url = format!("{}/Bundle/$submit", srv.base);
-                    match call(agent, "POST", &url, token, Some(&job.body)) {
+                    match call(agent, "POST", &submit_url, token, Some(&job.body)) {
                         Ok(_) => {
                             sent += 1;
                             carried += job.resources;
