@@ -91,12 +91,44 @@ pub struct SearchParam {
     /// (`combo-code` = `code` | `component-code`), their codes: it is not indexed itself, and a
     /// search on it reads their rows.
     pub union_of: Vec<String>,
+    /// For a composite over the resource itself (`code-value-quantity` is defined on
+    /// `Observation`): where each component's values are, in component order. The resource is
+    /// the composite's one element, so a tuple matches exactly when every component matches some
+    /// value of the resource: the composite is searched as the conjunction of its components and
+    /// has no tuple rows (they were the widest rows, written at random places of their B-tree:
+    /// a fifth of the pages an ingest wrote). Empty for every other parameter.
+    pub conjunction: Vec<Conjunct>,
+    /// For a string parameter over a HumanName or Address (`name`, `address`): the parts another
+    /// parameter of the type indexes alone (`family`, `given`, `address-city` …), by JSON key.
+    /// Their values are read from that parameter's rows, not written a second time under this
+    /// one: a Patient's `family`, `given` and four address parts were 8 of its 17 string rows.
+    pub part_params: Vec<PartParam>,
     /// The top-level `|` parts of the expression that apply to this type (for union detection).
     parts: Vec<String>,
     /// The resource elements the expression starts from, when it is a plain path: a resource
     /// with none of them has no rows for this parameter, and is not evaluated. Most parameters
     /// of a type find nothing in a given resource (56 % of evaluations on the JP-CLINS data).
     starts: Option<Vec<StartKey>>,
+}
+
+/// A part of a HumanName or Address with a parameter of its own ([`SearchParam::part_params`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartParam {
+    /// The part's JSON key (`family`, `postalCode`).
+    pub key: String,
+    /// The parameter indexing it alone (`family`, `address-postalcode`).
+    pub code: String,
+}
+
+/// Where one component of a conjunctive composite ([`SearchParam::conjunction`]) keeps its values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conjunct {
+    /// The code whose rows hold them: another parameter of the type defined by the same path
+    /// (`code`, `value-concept`), or `{composite}#{i}`.
+    pub code: String,
+    /// True for `{composite}#{i}`: the component's values are indexed under that code. `#` is
+    /// not valid in a SearchParameter code, so no real parameter has it.
+    pub own_rows: bool,
 }
 
 /// A top-level element a parameter's expression starts from, by the JSON keys that hold it.
@@ -165,6 +197,14 @@ impl SearchParam {
             _ => true,
         }
     }
+}
+
+/// A SearchParameter's expression as the index evaluates it: [`without_resolve`], and R4's one
+/// cast to FHIRPath's System `DateTime` (`code-value-date`'s `value.as(DateTime)`, which no FHIR
+/// `dateTime` value is) read as the cast to FHIR's `dateTime` that `value-date` on the same
+/// element makes; as written, the parameter could never match.
+pub fn search_form(expr: &str) -> String {
+    without_resolve(expr).replace("as(DateTime)", "as(dateTime)")
 }
 
 /// Rewrites `where(resolve() is Type)` into a test of the reference text. A stored resource is
@@ -293,7 +333,7 @@ impl Indexer {
     /// Compiles the SearchParameters of a registry.
     pub fn new(reg: &Registry) -> Indexer {
         let mut by_type: HashMap<String, Vec<SearchParam>> = HashMap::new();
-        let parse = |e: &str| FhirPath::parse(&without_resolve(e)).ok().map(Arc::new);
+        let parse = |e: &str| FhirPath::parse(&search_form(e)).ok().map(Arc::new);
         for sp in reg.definitions_of("SearchParameter") {
             let Some(kind) = sp
                 .member("type")
@@ -358,7 +398,7 @@ impl Indexer {
             }
             let targets = strings("target");
             for base in strings("base") {
-                let parts = parts_for(&without_resolve(expr), &base);
+                let parts = parts_for(&search_form(expr), &base);
                 // Shared parameters (`clinical-patient` on 30 types) list every type's path:
                 // each type evaluates only its own parts.
                 let own = restrict_to(expr, &base)
@@ -374,14 +414,18 @@ impl Indexer {
                         targets: targets.clone(),
                         components: components.clone(),
                         union_of: Vec::new(),
+                        conjunction: Vec::new(),
+                        part_params: Vec::new(),
                         parts,
                         starts,
                     });
                 }
             }
         }
-        for list in by_type.values_mut() {
+        for (base, list) in by_type.iter_mut() {
             mark_unions(list);
+            mark_conjunctions(base, list, reg.model());
+            mark_part_params(base, list, reg.model());
         }
         Indexer { by_type }
     }
@@ -391,6 +435,19 @@ impl Indexer {
         ["Resource", "DomainResource", rt]
             .into_iter()
             .flat_map(move |t| self.by_type.get(t).into_iter().flatten())
+    }
+
+    /// The resource types with a composite searched as the conjunction of its components
+    /// ([`SearchParam::conjunction`]), sorted: a store indexed before that needs their rows again.
+    pub fn conjunctive_types(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .by_type
+            .iter()
+            .filter(|(_, list)| list.iter().any(|p| !p.conjunction.is_empty()))
+            .map(|(t, _)| t.clone())
+            .collect();
+        out.sort();
+        out
     }
 
     /// Looks up one parameter of a type.
@@ -427,11 +484,24 @@ impl Indexer {
                 continue;
             };
             for item in &items {
+                if !p.conjunction.is_empty() {
+                    conjunct_rows(p, &ctx, item, model, &mut out);
+                    continue;
+                }
                 if p.kind == ParamType::Composite {
                     for t in tuples(p, &ctx, item, model) {
                         out.push((p.code.clone(), IndexValue::Composite(t)));
                     }
                     continue;
+                }
+                if !p.part_params.is_empty() {
+                    if let Some(v) = name_or_address(item, model) {
+                        let own = |k: &str| !p.part_params.iter().any(|x| x.key == k);
+                        for row in string_rows_where(v, own) {
+                            out.push((p.code.clone(), row));
+                        }
+                        continue;
+                    }
                 }
                 for v in values(p.kind, item, model) {
                     if v.is_contained_reference() {
@@ -577,6 +647,189 @@ fn mark_unions(list: &mut [SearchParam]) {
     for (i, canonical) in aliases {
         list[i].union_of = vec![canonical];
     }
+}
+
+/// Marks the composites over the resource itself and finds where each component's values are:
+/// a parameter of the type whose parts are the component's path (`code` for `code`,
+/// `value-concept` for `value.as(CodeableConcept)`), or rows of the component's own.
+fn mark_conjunctions(rt: &str, list: &mut [SearchParam], model: &TypeModel) {
+    let mut found: Vec<(usize, Vec<Conjunct>)> = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        if p.kind != ParamType::Composite || !p.union_of.is_empty() || p.parts != [rt] {
+            continue;
+        }
+        let conjuncts = p
+            .components
+            .iter()
+            .enumerate()
+            .map(|(n, c)| {
+                let want = component_parts(rt, c.expr.source());
+                let same_path = |q: &&SearchParam| {
+                    q.kind == c.kind && {
+                        let mut have: Vec<String> = q
+                            .parts
+                            .iter()
+                            .map(|x| normal_part(x))
+                            .filter(|x| !gives_no_values(c.kind, x, model))
+                            .collect();
+                        have.sort();
+                        have.dedup();
+                        have == want
+                    }
+                };
+                match list.iter().find(same_path) {
+                    Some(q) => Conjunct {
+                        code: q.code.clone(),
+                        own_rows: false,
+                    },
+                    None => Conjunct {
+                        code: format!("{}#{n}", p.code),
+                        own_rows: true,
+                    },
+                }
+            })
+            .collect();
+        found.push((i, conjuncts));
+    }
+    for (i, conjuncts) in found {
+        list[i].conjunction = conjuncts;
+    }
+}
+
+/// Finds the string parameters over a HumanName or Address element of the type whose parts have
+/// parameters of their own (`Patient.name` and `Patient.name.family`).
+fn mark_part_params(rt: &str, list: &mut [SearchParam], model: &TypeModel) {
+    let mut found: Vec<(usize, Vec<PartParam>)> = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        let [part] = p.parts.as_slice() else { continue };
+        if p.kind != ParamType::String || !p.union_of.is_empty() {
+            continue;
+        }
+        let Some(elem) = part.strip_prefix(&format!("{rt}.")) else {
+            continue;
+        };
+        let named = model.element(rt, elem).is_some_and(|e| {
+            !e.choice && e.types.iter().all(|t| t == "HumanName" || t == "Address")
+        });
+        if !named {
+            continue;
+        }
+        let parts: Vec<PartParam> = STRING_PART_KEYS
+            .iter()
+            .filter_map(|k| {
+                let path = format!("{part}.{k}");
+                list.iter()
+                    .find(|q| {
+                        q.kind == ParamType::String
+                            && q.union_of.is_empty()
+                            && q.part_params.is_empty()
+                            && q.parts == [path.as_str()]
+                    })
+                    .map(|q| PartParam {
+                        key: k.to_string(),
+                        code: q.code.clone(),
+                    })
+            })
+            .collect();
+        if !parts.is_empty() {
+            found.push((i, parts));
+        }
+    }
+    for (i, parts) in found {
+        list[i].part_params = parts;
+    }
+}
+
+/// The value of a HumanName or Address item.
+fn name_or_address<'v>(item: &Item<'v>, model: &TypeModel) -> Option<&'v Value> {
+    let Item::Node(n) = item else { return None };
+    matches!(model.type_name(n.ty), "HumanName" | "Address")
+        .then_some(n.value)
+        .flatten()
+}
+
+/// The rows of a conjunctive composite's components that are kept under its own codes.
+fn conjunct_rows<'a>(
+    p: &SearchParam,
+    ctx: &EvalContext<'a>,
+    item: &Item<'a>,
+    model: &TypeModel,
+    out: &mut Vec<(String, IndexValue)>,
+) {
+    for (c, j) in p.components.iter().zip(&p.conjunction) {
+        if !j.own_rows {
+            continue;
+        }
+        let Ok(items) = c.expr.evaluate(ctx, vec![item.clone()]) else {
+            continue;
+        };
+        for v in items.iter().flat_map(|i| values(c.kind, i, model)) {
+            out.push((j.code.clone(), v));
+        }
+    }
+}
+
+/// A component's expression as parts rooted at the type (`value.as(Quantity)` on Observation
+/// gives `Observation.value.as(Quantity)`), in [`normal_part`] form, sorted.
+fn component_parts(rt: &str, expr: &str) -> Vec<String> {
+    let mut out: Vec<String> = top_level_parts(expr)
+        .into_iter()
+        .map(|p| normal_part(&format!("{rt}.{}", p.trim())))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// One `|` part in a form that compares equal however the definitions spell it: spaces
+/// collapsed, enclosing parentheses dropped, `X as T` written `X.as(T)`.
+fn normal_part(part: &str) -> String {
+    let mut p = part.split_whitespace().collect::<Vec<_>>().join(" ");
+    while p.len() >= 2 && p.starts_with('(') && p.ends_with(')') && encloses(&p) {
+        p = p[1..p.len() - 1].trim().to_string();
+    }
+    if let Some((path, ty)) = p.rsplit_once(" as ") {
+        if !path.contains([' ', '(']) && ty.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return format!("{path}.as({ty})");
+        }
+    }
+    p
+}
+
+/// True when the opening parenthesis at the start closes at the very end.
+fn encloses(p: &str) -> bool {
+    let mut depth = 0i32;
+    for (i, c) in p.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 && i + 1 < p.len() {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    depth == 0
+}
+
+/// A part that cannot give a value of `kind`: a quantity parameter's cast to a type with no
+/// `value` element other than Money (`value.as(SampledData)` in `value-quantity`), which
+/// [`values`] never turns into a row.
+fn gives_no_values(kind: ParamType, part: &str, model: &TypeModel) -> bool {
+    let Some(ty) = part
+        .strip_suffix(')')
+        .and_then(|p| p.rsplit_once(".as("))
+        .map(|(_, t)| t)
+    else {
+        return false;
+    };
+    kind == ParamType::Quantity
+        && ty != "Money"
+        && model.get(ty).is_some()
+        && !model.is_primitive(ty)
+        && model.element(ty, "value").is_none()
 }
 
 /// The value tuples of one element of a composite: the cross product of its components' values.
@@ -845,31 +1098,50 @@ fn token(c: &Value, sys: &str, code: &str) -> IndexValue {
     )
 }
 
+/// How many of [`STRING_PART_KEYS`] hold one text; the rest hold lists.
+const SINGLE_PARTS: usize = 7;
+
+/// The parts of a HumanName or Address a string search matches: one text each, then lists.
+const STRING_PART_KEYS: [&str; 11] = [
+    "text",
+    "family",
+    "city",
+    "district",
+    "state",
+    "postalCode",
+    "country",
+    "given",
+    "prefix",
+    "suffix",
+    "line",
+];
+
 fn string_rows(v: &Value, out: &mut Vec<IndexValue>) {
-    for k in [
-        "text",
-        "family",
-        "city",
-        "district",
-        "state",
-        "postalCode",
-        "country",
-    ] {
-        if let Some(x) = s(v, k) {
+    out.extend(string_rows_where(v, |_| true));
+}
+
+/// The rows of the parts of a HumanName or Address whose key passes `keep`.
+fn string_rows_where(v: &Value, keep: impl Fn(&str) -> bool) -> Vec<IndexValue> {
+    let mut out = Vec::new();
+    for (i, k) in STRING_PART_KEYS.into_iter().enumerate() {
+        if !keep(k) {
+            continue;
+        }
+        let texts: Vec<&str> = if i < SINGLE_PARTS {
+            s(v, k).into_iter().collect()
+        } else {
+            v.get(k)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect()
+        };
+        for x in texts {
             out.push(IndexValue::String(normalise(x), x.to_string()));
         }
     }
-    for k in ["given", "prefix", "suffix", "line"] {
-        for x in v
-            .get(k)
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-        {
-            out.push(IndexValue::String(normalise(x), x.to_string()));
-        }
-    }
+    out
 }
 
 fn range_of(x: &str) -> Option<(i64, i64)> {
@@ -1167,8 +1439,150 @@ mod union_tests {
             &serde_json::json!({"resourceType": "Patient",
                 "name": [{"family": "山田", "given": ["太郎"]}]}),
         );
-        assert!(rows.iter().any(|(c, _)| c == "name"));
-        assert!(!rows.iter().any(|(c, _)| c == "phonetic"));
+        // `name` (and `phonetic`, which reads it) find the family name in `family`'s rows.
+        assert!(rows.iter().any(|(c, _)| c == "family"));
+        assert!(!rows.iter().any(|(c, _)| c == "phonetic" || c == "name"));
+    }
+
+    #[test]
+    fn composites_over_the_resource_use_their_components_rows() {
+        use super::{Conjunct, IndexValue};
+        let reg = kizuna_fhir::Registry::builtin();
+        let idx = Indexer::new(reg);
+        let conj = |code: &str| {
+            idx.param("Observation", code)
+                .map(|p| {
+                    p.conjunction
+                        .iter()
+                        .map(|Conjunct { code, own_rows }| (code.as_str(), *own_rows))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        // Same path as a parameter of the type: its rows (`SampledData` gives no quantity).
+        assert_eq!(
+            conj("code-value-quantity"),
+            vec![("code", false), ("value-quantity", false)]
+        );
+        assert_eq!(
+            conj("code-value-concept"),
+            vec![("code", false), ("value-concept", false)]
+        );
+        assert_eq!(
+            conj("code-value-date"),
+            vec![("code", false), ("value-date", false)]
+        );
+        // `value-string` also reads a CodeableConcept's text: the component keeps rows of its own.
+        assert_eq!(
+            conj("code-value-string"),
+            vec![("code", false), ("code-value-string#1", true)]
+        );
+        // Over an element, or a union: tuples as before.
+        for code in ["component-code-value-quantity", "combo-code-value-quantity"] {
+            assert!(conj(code).is_empty(), "{code}");
+        }
+        assert!(idx
+            .param("Group", "characteristic-value")
+            .is_some_and(|p| p.conjunction.is_empty()));
+        assert_eq!(idx.conjunctive_types(), vec!["Observation".to_string()]);
+        let rows = |value: serde_json::Value| {
+            let mut o = serde_json::json!({"resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": "urn:x", "code": "c"}]},
+                "component": [{"code": {"coding": [{"system": "urn:x", "code": "k"}]},
+                    "valueQuantity": {"value": 1}}]});
+            if let (Some(m), Some(v)) = (o.as_object_mut(), value.as_object()) {
+                m.extend(v.clone());
+            }
+            idx.extract(reg, &o)
+        };
+        let quantity = rows(serde_json::json!({"valueQuantity": {"value": 5}}));
+        let tuples: Vec<&str> = quantity
+            .iter()
+            .filter(|(_, v)| matches!(v, IndexValue::Composite(_)))
+            .map(|(c, _)| c.as_str())
+            .collect();
+        assert_eq!(tuples, vec!["component-code-value-quantity"]);
+        assert!(!quantity.iter().any(|(c, _)| c.contains('#')));
+        let string = rows(serde_json::json!({"valueString": "high"}));
+        assert!(string.contains(&(
+            "code-value-string#1".to_string(),
+            IndexValue::String("high".into(), "high".into())
+        )));
+    }
+
+    #[test]
+    fn names_and_addresses_read_their_parts_rows() {
+        use super::IndexValue;
+        let reg = kizuna_fhir::Registry::builtin();
+        let idx = Indexer::new(reg);
+        let keys = |rt: &str, code: &str| {
+            idx.param(rt, code)
+                .map(|p| {
+                    p.part_params
+                        .iter()
+                        .map(|x| format!("{}={}", x.key, x.code))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            keys("Patient", "name"),
+            vec!["family=family", "given=given"]
+        );
+        assert_eq!(
+            keys("Patient", "address"),
+            vec![
+                "city=address-city",
+                "state=address-state",
+                "postalCode=address-postalcode",
+                "country=address-country"
+            ]
+        );
+        assert_eq!(
+            keys("Practitioner", "name"),
+            vec!["family=family", "given=given"]
+        );
+        assert_eq!(
+            keys("Organization", "address"),
+            vec![
+                "city=address-city",
+                "state=address-state",
+                "postalCode=address-postalcode",
+                "country=address-country"
+            ]
+        );
+        // Parts themselves, and strings over other elements, keep all their rows.
+        for (rt, code) in [
+            ("Patient", "family"),
+            ("Patient", "phonetic"),
+            ("Organization", "name"),
+        ] {
+            assert!(keys(rt, code).is_empty(), "{rt}.{code}");
+        }
+        let rows = idx.extract(
+            reg,
+            &serde_json::json!({"resourceType": "Patient",
+                "name": [{"text": "山田 太郎", "family": "山田", "given": ["太郎"], "prefix": ["Dr"]}],
+                "address": [{"line": ["1-2-3"], "city": "千葉市", "country": "JP"}]}),
+        );
+        let of = |code: &str| {
+            let mut v: Vec<String> = rows
+                .iter()
+                .filter(|(c, _)| c == code)
+                .filter_map(|(_, v)| match v {
+                    IndexValue::String(_, exact) => Some(exact.clone()),
+                    _ => None,
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(of("name"), vec!["Dr", "山田 太郎"]);
+        assert_eq!(of("family"), vec!["山田"]);
+        assert_eq!(of("given"), vec!["太郎"]);
+        assert_eq!(of("address"), vec!["1-2-3"]);
+        assert_eq!(of("address-city"), vec!["千葉市"]);
+        assert_eq!(of("address-country"), vec!["JP"]);
     }
 
     #[test]

@@ -18,8 +18,9 @@ use crate::{Backend, Store, StoreError};
 /// 2 added quantity and composite tables and the `:text`/`:of-type`/`:identifier` rows; 3 keyed the
 /// per-resource lookups by (type, id, parameter); 4 replaced type, id and parameter in the index
 /// tables by `pid` and `rid`; 5 keeps the current version's body once, in `resources` (its history
-/// row has none until the version is replaced). Opening an older store migrates it.
-pub const SCHEMA_VERSION: &str = "5";
+/// row has none until the version is replaced); 6 searches composites over the resource itself
+/// through their components' rows instead of tuple rows. Opening an older store migrates it.
+pub const SCHEMA_VERSION: &str = "6";
 
 const COMMON: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS kz_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -224,6 +225,11 @@ impl Store {
         if old_layout {
             let n = self.reindex().await?;
             tracing::info!(resources = n, from = ?before, "store migrated; search index rebuilt");
+        } else if before.is_some_and(|v| v < 6) {
+            // Their tuple rows go and their components' own rows come.
+            let types = self.indexer().conjunctive_types();
+            let n = self.reindex_types(&types).await?;
+            tracing::info!(resources = n, types = types.len(), "composites reindexed");
         }
         Ok(())
     }
@@ -278,7 +284,8 @@ impl Store {
     }
 
     /// The codes whose rows hold a parameter's values: its own, or for a union parameter its
-    /// members' (themselves resolved the same way).
+    /// members' (themselves resolved the same way), and for a name or address those of its parts
+    /// with parameters of their own.
     pub(crate) fn member_codes(&self, rt: &str, code: &str) -> Vec<String> {
         let mut out = Vec::new();
         self.collect_codes(rt, code, &mut out, 0);
@@ -286,13 +293,22 @@ impl Store {
     }
 
     fn collect_codes(&self, rt: &str, code: &str, out: &mut Vec<String>, depth: u8) {
-        let members = self
+        let (members, parts) = self
             .indexer()
             .param(rt, code)
-            .map(|p| p.union_of.clone())
+            .map(|p| {
+                let parts: Vec<String> = p.part_params.iter().map(|x| x.code.clone()).collect();
+                (p.union_of.clone(), parts)
+            })
             .unwrap_or_default();
         if members.is_empty() || depth > 4 {
             out.push(code.to_string());
+            // A name's or address's parts indexed by their own parameters.
+            for c in parts {
+                if depth <= 4 && !out.contains(&c) {
+                    self.collect_codes(rt, &c, out, depth + 1);
+                }
+            }
         } else {
             for m in members {
                 self.collect_codes(rt, &m, out, depth + 1);

@@ -257,6 +257,18 @@ fn prefix(v: &str) -> (&str, &str) {
     ("eq", v)
 }
 
+/// `IN (?, …)` over parameter ids, with their binds; `IN (?)` bound to -1 (no parameter has it)
+/// when there are none.
+fn pid_list(ids: Vec<i64>) -> (String, Vec<B>) {
+    let marks = vec!["?"; ids.len().max(1)].join(", ");
+    let binds = if ids.is_empty() {
+        vec![B::I(-1)]
+    } else {
+        ids.into_iter().map(B::I).collect()
+    };
+    (format!("IN ({marks})"), binds)
+}
+
 fn bad(p: &str, v: &str) -> StoreError {
     StoreError::BadSearchValue {
         param: p.to_string(),
@@ -453,14 +465,7 @@ impl Compiler<'_> {
     /// `IN (?, …)` over the ids of a parameter (of its members, for a union parameter) and the
     /// binds; a parameter never indexed gets an id no row has.
     fn pids(&self, rt: &str, code: &str, suffix: &str) -> (String, Vec<B>) {
-        let ids = self.store.pids(rt, code, suffix);
-        let marks = vec!["?"; ids.len().max(1)].join(", ");
-        let binds = if ids.is_empty() {
-            vec![B::I(-1)]
-        } else {
-            ids.into_iter().map(B::I).collect()
-        };
-        (format!("IN ({marks})"), binds)
+        pid_list(self.store.pids(rt, code, suffix))
     }
 
     /// Compiles `key=value` on resources of type `rt`; `None` when lenient handling skipped it.
@@ -520,6 +525,9 @@ impl Compiler<'_> {
         let mut ref_type: Option<&str> = None;
         let mut string_mode = modifier;
         match (kind, modifier) {
+            (ParamType::Composite, None | Some("missing")) => {
+                return self.composite_crit(rt, name, key, value, modifier.is_some())
+            }
             (_, Some("missing")) => {
                 let missing = match value {
                     "true" => true,
@@ -583,9 +591,7 @@ impl Compiler<'_> {
         let mut ors = Vec::new();
         let (pids, mut binds) = self.pids(rt, name, suffix);
         for v in split_unescaped(value, ',') {
-            let cond = if kind == ParamType::Composite {
-                self.composite_cond(&a, rt, name, key, &v, &mut binds)?
-            } else if modifier == Some("of-type") {
+            let cond = if modifier == Some("of-type") {
                 let parts = split_unescaped(&v, '|');
                 let [sys, code, val] = parts.as_slice() else {
                     return Err(bad(key, ":of-type takes system|code|value"));
@@ -765,34 +771,185 @@ impl Compiler<'_> {
         )))
     }
 
-    /// `a$b[$c]` against the composite row's component columns, each part by its component's type.
-    fn composite_cond(
+    /// A composite's set. A composite whose rows are tuples (one element's components together)
+    /// is read from `idx_composite`; one over the resource itself ([`SearchParam::conjunction`])
+    /// from its components' rows, joined on the resource. A union of both kinds
+    /// (`combo-code-value-quantity`) is the union of their sets. With `missing`, `value` is
+    /// `true` (no tuple: the complement) or `false`.
+    ///
+    /// [`SearchParam::conjunction`]: crate::index::SearchParam::conjunction
+    fn composite_crit(
         &mut self,
-        a: &str,
         rt: &str,
         name: &str,
         key: &str,
-        v: &str,
-        binds: &mut Vec<B>,
-    ) -> Result<String, StoreError> {
-        let comps: Vec<ParamType> = self
-            .store
-            .indexer()
+        value: &str,
+        missing: bool,
+    ) -> Result<Option<Ranked>, StoreError> {
+        let negate = match (missing, value) {
+            (false, _) => false,
+            (true, "true") => true,
+            (true, "false") => false,
+            _ => return Err(bad(key, ":missing takes true or false")),
+        };
+        let indexer = self.store.indexer();
+        let kinds: Vec<ParamType> = indexer
             .param(rt, name)
             .map(|p| p.components.iter().map(|c| c.kind).collect())
             .unwrap_or_default();
-        let parts = split_unescaped(v, '$');
-        if parts.len() != comps.len() {
-            return Err(bad(
-                key,
-                &format!("a composite value has {} parts joined by $", comps.len()),
-            ));
+        let values: Vec<Vec<String>> = if missing {
+            Vec::new()
+        } else {
+            split_unescaped(value, ',')
+                .iter()
+                .map(|v| {
+                    let parts = split_unescaped(v, '$');
+                    if parts.len() == kinds.len() {
+                        Ok(parts)
+                    } else {
+                        Err(bad(
+                            key,
+                            &format!("a composite value has {} parts joined by $", kinds.len()),
+                        ))
+                    }
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let (mut tuple_pids, mut conjunctions) = (Vec::new(), Vec::new());
+        for m in self.store.member_codes(rt, name) {
+            match indexer.param(rt, &m) {
+                Some(p) if !p.conjunction.is_empty() => conjunctions.push(p.conjunction.clone()),
+                _ => tuple_pids.extend(self.store.pids(rt, &m, "")),
+            }
         }
-        let mut ands = Vec::new();
-        for (i, (part, kind)) in parts.iter().zip(comps).enumerate() {
-            ands.push(self.value_cond(a, COMPONENT_COLS[i], kind, None, None, key, part, binds)?);
+        // One `SELECT rid FROM …` (without the SELECT) per kind of member.
+        let mut selects: Vec<(String, String, Vec<B>)> = Vec::new();
+        if conjunctions.is_empty() || !tuple_pids.is_empty() {
+            let a = self.alias();
+            let (pids, mut binds) = pid_list(tuple_pids);
+            let mut sql = format!("idx_composite {a} WHERE {a}.pid {pids}");
+            if !missing {
+                let mut ors = Vec::new();
+                for parts in &values {
+                    let mut ands = Vec::new();
+                    for (i, (part, kind)) in parts.iter().zip(&kinds).enumerate() {
+                        ands.push(self.value_cond(
+                            &a,
+                            COMPONENT_COLS[i],
+                            *kind,
+                            None,
+                            None,
+                            key,
+                            part,
+                            &mut binds,
+                        )?);
+                    }
+                    ors.push(format!("({})", ands.join(" AND ")));
+                }
+                sql.push_str(&format!(" AND ({})", ors.join(" OR ")));
+            }
+            selects.push((sql, format!("{a}.rid"), binds));
         }
-        Ok(format!("({})", ands.join(" AND ")))
+        for conjuncts in conjunctions {
+            selects.push(self.conjunction_select(rt, key, &conjuncts, &kinds, &values, missing)?);
+        }
+        let (from_where, idcol, binds) = if selects.len() == 1 {
+            selects.remove(0)
+        } else {
+            let a = self.alias();
+            let mut binds = Vec::new();
+            let union: Vec<String> = selects
+                .into_iter()
+                .map(|(fw, idcol, b)| {
+                    binds.extend(b);
+                    format!("SELECT {idcol} FROM {fw}")
+                })
+                .collect();
+            (
+                format!("resources {a} WHERE {a}.rid IN ({})", union.join(" UNION ")),
+                format!("{a}.rid"),
+                binds,
+            )
+        };
+        Ok(Some((
+            Crit::Set {
+                from_where,
+                idcol,
+                kind: IdKind::Rid,
+                binds,
+                negate,
+                ordered: false,
+            },
+            if missing { 5 } else { 2 },
+        )))
+    }
+
+    /// The resources of a conjunctive composite: rows of the first component that match, each with
+    /// a matching row of every other component in the same resource (`EXISTS`). Without values
+    /// (`:missing`), resources with a value of every component.
+    fn conjunction_select(
+        &mut self,
+        rt: &str,
+        key: &str,
+        conjuncts: &[crate::index::Conjunct],
+        kinds: &[ParamType],
+        values: &[Vec<String>],
+        missing: bool,
+    ) -> Result<(String, String, Vec<B>), StoreError> {
+        let aliases: Vec<String> = conjuncts.iter().map(|_| self.alias()).collect();
+        let (Some(first), Some(first_kind)) = (conjuncts.first(), kinds.first()) else {
+            return Err(bad(key, "a composite without components"));
+        };
+        let a = &aliases[0];
+        let (pids, mut binds) = self.pids(rt, &first.code, "");
+        let mut sql = format!("{} {a} WHERE {a}.pid {pids}", table_of(*first_kind).0);
+        // The other components, each `EXISTS` with `cond` (None: any value) on its row.
+        let others = |c: &mut Self, binds: &mut Vec<B>, conds: &[Option<&String>]| {
+            let mut out = String::new();
+            for (i, (j, kind)) in conjuncts.iter().zip(kinds).enumerate().skip(1) {
+                let b = &aliases[i];
+                let (table, cols) = table_of(*kind);
+                let (pids, pb) = c.pids(rt, &j.code, "");
+                binds.extend(pb);
+                out.push_str(&format!(
+                    " AND EXISTS (SELECT 1 FROM {table} {b} WHERE {b}.rid = {a}.rid AND {b}.pid {pids}"
+                ));
+                if let Some(part) = conds[i] {
+                    let cond = c.value_cond(b, cols, *kind, None, None, key, part, binds)?;
+                    out.push_str(&format!(" AND {cond}"));
+                }
+                out.push(')');
+            }
+            Ok::<String, StoreError>(out)
+        };
+        if missing {
+            let none = vec![None; conjuncts.len()];
+            sql.push_str(&others(self, &mut binds, &none)?);
+        } else {
+            let mut ors = Vec::new();
+            for parts in values {
+                let (cols0, conds) = (
+                    table_of(*first_kind).1,
+                    parts.iter().map(Some).collect::<Vec<_>>(),
+                );
+                let first_cond = self.value_cond(
+                    a,
+                    cols0,
+                    *first_kind,
+                    None,
+                    None,
+                    key,
+                    &parts[0],
+                    &mut binds,
+                )?;
+                ors.push(format!(
+                    "({first_cond}{})",
+                    others(self, &mut binds, &conds)?
+                ));
+            }
+            sql.push_str(&format!(" AND ({})", ors.join(" OR ")));
+        }
+        Ok((sql, format!("{a}.rid"), binds))
     }
 
     /// The condition one value (no commas) puts on an index row.

@@ -1044,14 +1044,32 @@ impl Store {
     /// Rebuilds the search index of every current resource from its stored body (after a schema
     /// change or new SearchParameters), a page at a time, each page in its own transaction.
     pub async fn reindex(&self) -> Result<u64, StoreError> {
+        self.reindex_some(None).await
+    }
+
+    /// [`Store::reindex`] for the current resources of some types only.
+    pub async fn reindex_types(&self, types: &[String]) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for t in types {
+            n += self.reindex_some(Some(t)).await?;
+        }
+        Ok(n)
+    }
+
+    async fn reindex_some(&self, rtype: Option<&str>) -> Result<u64, StoreError> {
         use sqlx::Row;
         let mut after = 0i64;
         let mut n = 0u64;
+        let q = self.sql(match rtype {
+            None => "SELECT rid, rtype, id, body FROM resources WHERE deleted = 0 AND rid > ? ORDER BY rid LIMIT 500",
+            Some(_) => "SELECT rid, rtype, id, body FROM resources WHERE rtype = ? AND deleted = 0 AND rid > ? ORDER BY rid LIMIT 500",
+        });
         loop {
-            let q = self.sql(
-                "SELECT rid, rtype, id, body FROM resources WHERE deleted = 0 AND rid > ? ORDER BY rid LIMIT 500",
-            );
-            let rows = sqlx::query(&q).bind(after).fetch_all(self.pool()).await?;
+            let mut query = sqlx::query(&q);
+            if let Some(t) = rtype {
+                query = query.bind(t);
+            }
+            let rows = query.bind(after).fetch_all(self.pool()).await?;
             let Some(last) = rows.last() else {
                 return Ok(n);
             };

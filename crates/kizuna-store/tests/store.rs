@@ -925,6 +925,79 @@ async fn migrates_duplicated_bodies(url: &str) {
     );
 }
 
+/// Schema 5 kept `code-value-*` as tuple rows and no component rows of their own: opening such
+/// a store reindexes the Observations, dropping the tuples and adding the component rows.
+async fn migrates_composites(url: &str) {
+    let s = Store::open(url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let o = s
+        .create(json!({"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "urn:kizuna:test:migrate", "code": "m"}]},
+            "valueString": "migrated"}))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let q = pairs("code-value-string=urn:kizuna:test:migrate|m$migr");
+    let found = |s: Store| {
+        let q = q.clone();
+        async move {
+            s.search("Observation", &q)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .resources
+                .into_iter()
+                .map(|m| m.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(found(s.clone()).await, vec![o.id.clone()]);
+    // The schema-5 layout: a tuple row, no component rows.
+    for sql in [
+        "INSERT INTO kz_param (rtype, code) SELECT 'Observation', 'code-value-string' WHERE NOT EXISTS \
+         (SELECT 1 FROM kz_param WHERE rtype = 'Observation' AND code = 'code-value-string')"
+            .to_string(),
+        format!(
+            "INSERT INTO idx_composite SELECT p.pid, r.rid, '', 'm', '', 0, 0, 'migrated', 'migrated', '', 0, 0, \
+             '', '', '', 0, 0 FROM kz_param p, resources r WHERE p.rtype = 'Observation' AND \
+             p.code = 'code-value-string' AND r.id = '{}'",
+            o.id
+        ),
+        "DELETE FROM idx_string WHERE pid IN (SELECT pid FROM kz_param WHERE code = 'code-value-string#1')"
+            .to_string(),
+        "UPDATE kz_meta SET value = '5' WHERE key = 'schema_version'".to_string(),
+    ] {
+        s.execute_raw(&sql).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(found(s.clone()).await.is_empty(), "the schema-5 layout");
+    drop(s);
+    let s = Store::open(url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(found(s.clone()).await, vec![o.id.clone()]);
+    assert_eq!(
+        composite_rows(url).await,
+        0,
+        "tuple rows of code-value-* are gone"
+    );
+}
+
+/// Rows left in `idx_composite` for the `code-value-*` composites.
+async fn composite_rows(url: &str) -> i64 {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM idx_composite c JOIN kz_param p ON p.pid = c.pid \
+         WHERE p.code LIKE 'code-value-%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    pool.close().await;
+    n
+}
+
 /// Scans (the bulk export's and the retention job's reads): page by page, every current resource
 /// of the type once, with its current body, even when resources change between pages; deleted
 /// ones never; `since` filters by last change.
@@ -1150,6 +1223,149 @@ async fn one_walk_over_types(s: &Store) {
     assert_eq!((none.rows, none.parts.len()), (0, 0));
 }
 
+/// The ids a search finds (one page of up to 1,000), sorted.
+async fn sorted_ids(s: &Store, rt: &str, q: &str) -> Vec<String> {
+    let mut v: Vec<String> = s
+        .search(rt, &pairs(q))
+        .await
+        .unwrap_or_else(|e| panic!("{q}: {e}"))
+        .resources
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    v.sort();
+    v
+}
+
+/// Composites over the resource itself (`code-value-*`) are searched through their components'
+/// rows; those over an element (`component-code-value-quantity`) keep pairing values of one
+/// element; a union of both (`combo-code-value-quantity`) finds either; `:missing` and `_has`
+/// see the same sets.
+async fn composites(s: &Store) {
+    const SYS: &str = "urn:kizuna:test:composite";
+    let tag = json!([{"system": "urn:kizuna:test", "code": "composites"}]);
+    let coded = |code: &str| json!({"coding": [{"system": SYS, "code": code}, {"system": "urn:kizuna:test:local", "code": format!("local-{code}")}]});
+    let patient = s
+        .create(json!({"resourceType": "Patient", "meta": {"tag": tag}}))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .id;
+    let subject = json!({"reference": format!("Patient/{patient}")});
+    let bodies = [
+        json!({"code": coded("cv-1"), "valueQuantity": {"value": 5, "system": "http://unitsofmeasure.org", "code": "mg", "unit": "mg"}, "subject": subject}),
+        json!({"code": coded("cv-1"), "valueCodeableConcept": {"coding": [{"system": SYS, "code": "pos"}]}}),
+        json!({"code": coded("cv-1"), "valueDateTime": "2024-05-01"}),
+        json!({"code": coded("cv-1"), "valueString": "high"}),
+        json!({"code": coded("cv-bp"), "component": [
+            {"code": coded("cv-sys"), "valueQuantity": {"value": 120}},
+            {"code": coded("cv-dia"), "valueQuantity": {"value": 80}}]}),
+        json!({"code": {"text": "no coding"}, "valueQuantity": {"value": 5}}),
+    ];
+    let mut ids = Vec::new();
+    for mut b in bodies {
+        b["resourceType"] = json!("Observation");
+        b["status"] = json!("final");
+        b["meta"] = json!({"tag": tag});
+        ids.push(s.create(b).await.unwrap_or_else(|e| panic!("{e}")).id);
+    }
+    let found = |q: String| async move {
+        sorted_ids(
+            s,
+            "Observation",
+            &format!("_tag=urn:kizuna:test|composites&{q}"),
+        )
+        .await
+    };
+    let expect = |which: &[usize]| {
+        let mut v: Vec<String> = which.iter().map(|i| ids[*i].clone()).collect();
+        v.sort();
+        v
+    };
+    let cases: Vec<(String, Vec<usize>)> = vec![
+        (format!("code-value-quantity={SYS}|cv-1$5"), vec![0]),
+        ("code-value-quantity=local-cv-1$5".into(), vec![0]),
+        (format!("code-value-quantity={SYS}|cv-1$gt5"), vec![]),
+        (
+            format!("code-value-quantity={SYS}|cv-1$ge5|http://unitsofmeasure.org|mg"),
+            vec![0],
+        ),
+        (format!("code-value-quantity={SYS}|cv-1$5||kg"), vec![]),
+        (
+            format!("code-value-quantity={SYS}|cv-1$7,{SYS}|cv-1$5"),
+            vec![0],
+        ),
+        (format!("code-value-quantity={SYS}|cv-bp$120"), vec![]),
+        (format!("code-value-concept={SYS}|cv-1${SYS}|pos"), vec![1]),
+        (format!("code-value-concept={SYS}|cv-1$pos"), vec![1]),
+        (format!("code-value-date={SYS}|cv-1$ge2024-01-01"), vec![2]),
+        (format!("code-value-date={SYS}|cv-1$lt2024-01-01"), vec![]),
+        (format!("code-value-string={SYS}|cv-1$hi"), vec![3]),
+        (
+            format!("component-code-value-quantity={SYS}|cv-sys$120"),
+            vec![4],
+        ),
+        // Pairs come from one component: systolic 80 is no pair.
+        (
+            format!("component-code-value-quantity={SYS}|cv-sys$80"),
+            vec![],
+        ),
+        (
+            format!("combo-code-value-quantity={SYS}|cv-dia$80"),
+            vec![4],
+        ),
+        (format!("combo-code-value-quantity={SYS}|cv-1$5"), vec![0]),
+        (
+            format!("combo-code-value-quantity={SYS}|cv-1$5,{SYS}|cv-sys$120"),
+            vec![0, 4],
+        ),
+        (format!("combo-code-value-concept={SYS}|cv-1$pos"), vec![1]),
+        ("code-value-quantity:missing=false".into(), vec![0]),
+        (
+            "code-value-quantity:missing=true".into(),
+            vec![1, 2, 3, 4, 5],
+        ),
+        ("code-value-concept:missing=false".into(), vec![1]),
+        ("combo-code-value-quantity:missing=false".into(), vec![0, 4]),
+        (
+            "combo-code-value-quantity:missing=true".into(),
+            vec![1, 2, 3, 5],
+        ),
+        (
+            format!("code={SYS}|cv-1&code-value-quantity:missing=true"),
+            vec![1, 2, 3],
+        ),
+    ];
+    for (q, want) in cases {
+        assert_eq!(found(q.clone()).await, expect(&want), "{q}");
+    }
+    // A value with the wrong number of parts is refused, naming the parameter.
+    let err = s
+        .search(
+            "Observation",
+            &pairs(&format!("code-value-quantity={SYS}|cv-1")),
+        )
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("code-value-quantity"), "{err}");
+    // Reverse chains read the same set.
+    let via_has = s
+        .search(
+            "Patient",
+            &pairs(&format!(
+                "_has:Observation:subject:code-value-quantity={SYS}|cv-1$5"
+            )),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .resources
+        .into_iter()
+        .map(|m| m.id)
+        .collect::<Vec<_>>();
+    assert_eq!(via_has, vec![patient]);
+}
+
 /// References to contained resources: not found by a reference search, yet present for
 /// `:missing` (also through a parameter that reads another's rows).
 async fn contained_references(s: &Store) {
@@ -1173,18 +1389,7 @@ async fn contained_references(s: &Store) {
         ids.push(stored.id);
     }
     let (local, real, none) = (&ids[0], &ids[1], &ids[2]);
-    let found = |q: &'static str, rt: &'static str| async move {
-        let mut v: Vec<String> = s
-            .search(rt, &pairs(q))
-            .await
-            .unwrap_or_else(|e| panic!("{q}: {e}"))
-            .resources
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
-        v.sort();
-        v
-    };
+    let found = |q: &'static str, rt: &'static str| sorted_ids(s, rt, q);
     let sorted = |mut v: Vec<&String>| {
         v.sort();
         v.into_iter().cloned().collect::<Vec<_>>()
@@ -1247,6 +1452,8 @@ async fn suite(s: Store, url: &str) {
     large_transaction(&s).await;
     searches(&s).await;
     broad_criteria(&s).await;
+    // Last: its Observations would count in the searches checked against the loaded data.
+    composites(&s).await;
 }
 
 #[tokio::test]
@@ -1258,6 +1465,7 @@ async fn sqlite_suite() {
         .unwrap_or_else(|e| panic!("{e}"));
     suite(s.clone(), &url).await;
     migrates_duplicated_bodies(&url).await;
+    migrates_composites(&url).await;
     // Reopening migrates again without losing anything.
     drop(s);
     let s = Store::open(&url, Registry::builtin())
@@ -1396,6 +1604,7 @@ async fn postgres_suite() {
         .unwrap_or_else(|e| panic!("{e}"));
     suite(s.clone(), &url).await;
     migrates_duplicated_bodies(&url).await;
+    migrates_composites(&url).await;
     for chunk in 0..12 {
         let ops = (0..100)
             .map(|i| kizuna_store::WriteOp::Create {
