@@ -353,60 +353,65 @@ async fn rewrite_references(
     cache: &mut HashMap<String, String>,
     path: &str,
 ) -> Result<(), ApiError> {
-    let mut refs: Vec<String> = Vec::new();
-    collect_refs(v, &mut refs);
-    for r in refs {
-        if map.contains_key(&r) || cache.contains_key(&r) {
-            continue;
+    let model = s.store.registry().model();
+    let conditional = |r: &str| {
+        r.split_once('?')
+            .is_some_and(|(rt, _)| model.is_resource(rt))
+    };
+    let mut pending: Vec<String> = Vec::new();
+    replace_refs(v, &mut |r: &mut String| {
+        if let Some(to) = map.get(r.as_str()).or_else(|| cache.get(r.as_str())) {
+            *r = to.clone();
+        } else if conditional(r) && !pending.contains(r) {
+            pending.push(r.clone());
         }
-        if let Some((rt, q)) = r.split_once('?') {
-            if !s.store.registry().model().is_resource(rt) {
-                continue;
+    });
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut resolved = HashMap::new();
+    for r in pending {
+        let Some((rt, q)) = r.split_once('?') else {
+            continue;
+        };
+        match resolve_condition(s, rt, &query_pairs(Some(q)), path).await? {
+            Some(id) => {
+                resolved.insert(r.clone(), format!("{rt}/{id}"));
             }
-            match resolve_condition(s, rt, &query_pairs(Some(q)), path).await? {
-                Some(id) => {
-                    cache.insert(r.clone(), format!("{rt}/{id}"));
-                }
-                None => {
-                    return Err(ApiError::new(
-                        StatusCode::PRECONDITION_FAILED,
-                        "not-found",
-                        path,
-                        &format!("条件付き参照 {r} に合う資源がありません"),
-                        &format!("the conditional reference {r} matches nothing"),
-                    ))
-                }
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    "not-found",
+                    path,
+                    &format!("条件付き参照 {r} に合う資源がありません"),
+                    &format!("the conditional reference {r} matches nothing"),
+                ))
             }
         }
     }
-    replace_refs(v, map, cache);
+    replace_refs(v, &mut |r: &mut String| {
+        if let Some(to) = resolved.get(r.as_str()) {
+            *r = to.clone();
+        }
+    });
+    cache.extend(resolved);
     Ok(())
 }
 
-fn collect_refs(v: &Value, out: &mut Vec<String>) {
+/// Calls `f` on every `reference` text in a resource. One walk that compares member names instead
+/// of hashing them: it runs over every object of every entry of a transaction.
+fn replace_refs(v: &mut Value, f: &mut impl FnMut(&mut String)) {
     match v {
         Value::Object(o) => {
-            if let Some(Value::String(r)) = o.get("reference") {
-                out.push(r.clone());
-            }
-            o.values().for_each(|x| collect_refs(x, out));
-        }
-        Value::Array(a) => a.iter().for_each(|x| collect_refs(x, out)),
-        _ => {}
-    }
-}
-
-fn replace_refs(v: &mut Value, map: &HashMap<String, String>, cache: &HashMap<String, String>) {
-    match v {
-        Value::Object(o) => {
-            if let Some(Value::String(r)) = o.get_mut("reference") {
-                if let Some(to) = map.get(r.as_str()).or_else(|| cache.get(r.as_str())) {
-                    *r = to.clone();
+            for (k, x) in o.iter_mut() {
+                match x {
+                    Value::String(r) if k == "reference" => f(r),
+                    Value::Object(_) | Value::Array(_) => replace_refs(x, f),
+                    _ => {}
                 }
             }
-            o.values_mut().for_each(|x| replace_refs(x, map, cache));
         }
-        Value::Array(a) => a.iter_mut().for_each(|x| replace_refs(x, map, cache)),
+        Value::Array(a) => a.iter_mut().for_each(|x| replace_refs(x, f)),
         _ => {}
     }
 }
