@@ -135,37 +135,54 @@ fn component_columns(v: IndexValue) -> [Bind; 5] {
     }
 }
 
-/// The table slot and column values of one index row (after `pid, rid`).
-fn index_row(v: IndexValue) -> (usize, Vec<Bind>) {
+/// Appends one index row's column values (after `pid, rid`) to `row`; returns its table slot.
+fn index_row(v: IndexValue, row: &mut Vec<Bind>) -> usize {
     match v {
-        IndexValue::Token(s, c) => (0, vec![Bind::S(s), Bind::S(c)]),
-        IndexValue::String(n, e) => (1, vec![Bind::S(n), Bind::S(e)]),
-        IndexValue::Date(lo, hi) => (2, vec![Bind::I(lo), Bind::I(hi)]),
-        IndexValue::Reference(t, i) => (3, vec![Bind::S(t), Bind::S(i)]),
-        IndexValue::Number(n) => (4, vec![Bind::F(n)]),
-        IndexValue::Uri(u) => (5, vec![Bind::S(u)]),
+        IndexValue::Token(s, c) => {
+            row.extend([Bind::S(s), Bind::S(c)]);
+            0
+        }
+        IndexValue::String(n, e) => {
+            row.extend([Bind::S(n), Bind::S(e)]);
+            1
+        }
+        IndexValue::Date(lo, hi) => {
+            row.extend([Bind::I(lo), Bind::I(hi)]);
+            2
+        }
+        IndexValue::Reference(t, i) => {
+            row.extend([Bind::S(t), Bind::S(i)]);
+            3
+        }
+        IndexValue::Number(n) => {
+            row.push(Bind::F(n));
+            4
+        }
+        IndexValue::Uri(u) => {
+            row.push(Bind::S(u));
+            5
+        }
         IndexValue::Quantity {
             value,
             system,
             code,
             unit,
-        } => (
-            6,
-            vec![
+        } => {
+            row.extend([
                 Bind::F(value),
                 Bind::S(system),
                 Bind::S(code),
                 Bind::S(unit),
-            ],
-        ),
+            ]);
+            6
+        }
         IndexValue::Composite(parts) => {
-            let mut cols = Vec::with_capacity(5 * COMPOSITE_PARTS);
             let mut parts = parts.into_iter();
             for _ in 0..COMPOSITE_PARTS {
                 let c = parts.next().unwrap_or(IndexValue::Composite(Vec::new()));
-                cols.extend(component_columns(c));
+                row.extend(component_columns(c));
             }
-            (7, cols)
+            7
         }
     }
 }
@@ -362,6 +379,25 @@ impl Store {
         Ok(Prepared { rows, bodies })
     }
 
+    /// Each op's index rows as [`Store::prepare`] made them, for a write run a second time (its
+    /// parameters have ids by then).
+    fn rows_again(&self, ops: &[WriteOp]) -> Vec<Vec<(i64, IndexValue)>> {
+        ops.iter()
+            .map(|op| match op {
+                WriteOp::Create { resource, .. }
+                | WriteOp::CreateWithId { resource }
+                | WriteOp::Update { resource, .. } => {
+                    let rt = resource
+                        .get("resourceType")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    self.resolve_rows(rt, self.index_rows_of(resource))
+                }
+                WriteOp::Delete { .. } => Vec::new(),
+            })
+            .collect()
+    }
+
     /// Index rows keyed by parameter id (every id exists: [`Store::ensure_params`] ran), each
     /// (parameter, value) once: the index tables are keyed on them.
     fn resolve_rows(&self, rt: &str, idx: Vec<(String, IndexValue)>) -> Vec<(i64, IndexValue)> {
@@ -412,13 +448,13 @@ impl Store {
         &self,
         tx: &mut WriteTx<'_>,
         mut ops: Vec<WriteOp>,
-        rows: Vec<Vec<(i64, IndexValue)>>,
+        mut rows: Vec<Vec<(i64, IndexValue)>>,
         mut bodies: Vec<Option<String>>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<Stored>, StoreError> {
         let mut pending = PendingRows::default();
         let out = self
-            .apply_ops(tx, &mut pending, &mut ops, &rows, &mut bodies, now)
+            .apply_ops(tx, &mut pending, &mut ops, &mut rows, &mut bodies, now)
             .await?;
         self.flush(tx, pending).await?;
         Ok(attach(ops, out))
@@ -427,18 +463,20 @@ impl Store {
     /// The writes of one request, their rows left in `pending` for a later [`Store::flush`]
     /// (statements run only for what reads the current row: updates and deletes). Resources get
     /// their `meta` in place and stay in `ops`: the group commit may have to run them again, and
-    /// [`attach`] moves them into the answers once committed (no copy of any resource).
+    /// [`attach`] moves them into the answers once committed (no copy of any resource). Index rows
+    /// and prepared bodies move into the writes; a second run makes them again.
     async fn apply_ops(
         &self,
         tx: &mut WriteTx<'_>,
         pending: &mut PendingRows,
         ops: &mut [WriteOp],
-        rows: &[Vec<(i64, IndexValue)>],
+        rows: &mut [Vec<(i64, IndexValue)>],
         bodies: &mut [Option<String>],
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<Stored>, StoreError> {
         let mut out = Vec::with_capacity(ops.len());
-        for ((op, index_rows), body) in ops.iter_mut().zip(rows).zip(bodies.iter_mut()) {
+        for ((op, index_rows), body) in ops.iter_mut().zip(rows.iter_mut()).zip(bodies.iter_mut()) {
+            let index_rows = std::mem::take(index_rows);
             let stored = match op {
                 WriteOp::Create { resource, .. } | WriteOp::CreateWithId { resource } => {
                     self.write(
@@ -604,7 +642,7 @@ impl Store {
                         &mut tx,
                         &mut pending,
                         &mut r.ops,
-                        &r.rows,
+                        &mut r.rows,
                         &mut r.bodies,
                         r.now,
                     )
@@ -644,10 +682,9 @@ impl Store {
                     for r in batch {
                         let result = async {
                             let mut tx = WriteTx::begin_direct(&conn)?;
-                            // Bodies the shared attempt used are serialised again.
-                            let out = self
-                                .apply_in(&mut tx, r.ops, r.rows, r.bodies, r.now)
-                                .await?;
+                            // Bodies and index rows the shared attempt used are made again.
+                            let rows = self.rows_again(&r.ops);
+                            let out = self.apply_in(&mut tx, r.ops, rows, r.bodies, r.now).await?;
                             tx.commit().await?;
                             Ok(out)
                         }
@@ -771,11 +808,11 @@ impl Store {
                 continue;
             };
             for (pid, v) in owner.rows {
-                let (slot, vals) = index_row(v);
-                let mut row = Vec::with_capacity(vals.len() + 2);
+                // Sized for every table but the composites'.
+                let mut row = Vec::with_capacity(6);
                 row.push(Bind::I(pid));
                 row.push(Bind::I(rid));
-                row.extend(vals);
+                let slot = index_row(v, &mut row);
                 tables[slot].push(row);
             }
         }
@@ -799,7 +836,7 @@ impl Store {
         &self,
         tx: &mut WriteTx<'_>,
         pending: &mut PendingRows,
-        index_rows: &[(i64, IndexValue)],
+        index_rows: Vec<(i64, IndexValue)>,
         now: chrono::DateTime<chrono::Utc>,
         (resource, prepared): (&mut Value, Option<String>),
         if_match: Option<i64>,
@@ -927,7 +964,7 @@ impl Store {
                 rt: rt.clone(),
                 id: id.clone(),
                 rid,
-                rows: index_rows.to_vec(),
+                rows: index_rows,
             });
         }
         Ok(Stored {
@@ -1250,5 +1287,103 @@ mod preparing_tests {
         assert_eq!(n.load(Ordering::Acquire), 1);
         drop(b);
         assert_eq!(n.load(Ordering::Acquire), 0);
+    }
+}
+
+#[cfg(test)]
+mod shared_commit_tests {
+    use crate::{Store, StoreError, WriteOp};
+    use serde_json::json;
+
+    /// A batch the SQLite group commit gathered with a failing write in it is run again one
+    /// write at a time: the others are stored with every index row (made again, since the
+    /// shared attempt used them), the failing one changes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_shared_commit_stores_the_others_with_their_rows() {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let url = format!("sqlite://{}", d.path().join("k.db").display());
+        let s = Store::open(&url, kizuna_fhir::Registry::builtin())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let target = s
+            .create(json!({"resourceType": "Patient", "gender": "unknown"}))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The parameters get ids first (that takes the lock too).
+        s.create(json!({"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "urn:x", "code": "first"}]}, "valueQuantity": {"value": 1}}))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // While the lock is held the writer cannot commit: writes queue and are gathered into
+        // one batch when it is released.
+        let held = s.writer_lock().await;
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let s = s.clone();
+            let target = target.id.clone();
+            tasks.push(tokio::spawn(async move {
+                if w == 5 {
+                    // After the others, so the stale write is not alone in the first batch.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let stale = json!({"resourceType": "Patient", "id": target, "gender": "male"});
+                    return s.update(stale, Some(9)).await.map(|_| 0);
+                }
+                let ops = (0..30)
+                    .map(|i| WriteOp::Create {
+                        resource: json!({"resourceType": "Observation", "status": "final",
+                            "code": {"coding": [{"system": "urn:x", "code": format!("w{w}")}]},
+                            "valueQuantity": {"value": i}}),
+                        full_url: None,
+                    })
+                    .collect();
+                s.transaction(ops).await.map(|v| v.len())
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        drop(held);
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap_or_else(|e| panic!("{e}")));
+        }
+        for (w, r) in results.iter().enumerate() {
+            match (w, r) {
+                (5, Err(StoreError::VersionConflict { current: 1 })) => {}
+                (5, other) => panic!("the stale write: {other:?}"),
+                (_, Ok(30)) => {}
+                (_, other) => panic!("write {w}: {other:?}"),
+            }
+        }
+        let count = |q: String| {
+            let s = s.clone();
+            async move {
+                let p: Vec<(String, String)> = q
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                s.search_ids("Observation", &crate::SearchQuery::from_pairs(&p))
+                    .await
+                    .map(|v| v.len())
+                    .unwrap_or_else(|e| panic!("{q}: {e}"))
+            }
+        };
+        for w in (0..8).filter(|w| *w != 5) {
+            assert_eq!(count(format!("code=urn:x|w{w}")).await, 30, "w{w}");
+            assert_eq!(
+                count(format!("code-value-quantity=urn:x|w{w}$lt10")).await,
+                10,
+                "w{w}"
+            );
+        }
+        let p = s
+            .read("Patient", &target.id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .and_then(|x| x.resource)
+            .unwrap_or_default();
+        assert_eq!(
+            (p["gender"].as_str(), p["meta"]["versionId"].as_str()),
+            (Some("unknown"), Some("1"))
+        );
     }
 }
