@@ -324,6 +324,15 @@ fn bench(a: &FhirBenchArgs, tmp: &Path) -> anyhow::Result<Value> {
             Box::new(|i| format!("Observation?code={}&_count=50", enc(&pick(&codes, i)))),
         ),
         (
+            "Observation?code-value-quantity={system|code}$gt5&_count=50",
+            Box::new(|i| {
+                format!(
+                    "Observation?code-value-quantity={}&_count=50",
+                    enc(&format!("{}$gt5", pick(&codes, i)))
+                )
+            }),
+        ),
+        (
             "Observation?patient={patient}&code={one of theirs}&_sort=-date&_count=10",
             Box::new(|i| {
                 format!(
