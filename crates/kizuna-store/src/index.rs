@@ -497,9 +497,9 @@ impl Indexer {
                 if !p.part_params.is_empty() {
                     if let Some(v) = name_or_address(item, model) {
                         let own = |k: &str| !p.part_params.iter().any(|x| x.key == k);
-                        for row in string_rows_where(v, own) {
-                            out.push((p.code.clone(), row));
-                        }
+                        let mut rows = Vec::new();
+                        string_rows_where(v, own, &mut rows);
+                        out.extend(rows.into_iter().map(|row| (p.code.clone(), row)));
                         continue;
                     }
                 }
@@ -1117,31 +1117,26 @@ const STRING_PART_KEYS: [&str; 11] = [
 ];
 
 fn string_rows(v: &Value, out: &mut Vec<IndexValue>) {
-    out.extend(string_rows_where(v, |_| true));
+    string_rows_where(v, |_| true, out);
 }
 
 /// The rows of the parts of a HumanName or Address whose key passes `keep`.
-fn string_rows_where(v: &Value, keep: impl Fn(&str) -> bool) -> Vec<IndexValue> {
-    let mut out = Vec::new();
-    for (i, k) in STRING_PART_KEYS.into_iter().enumerate() {
-        if !keep(k) {
-            continue;
-        }
-        let texts: Vec<&str> = if i < SINGLE_PARTS {
-            s(v, k).into_iter().collect()
-        } else {
-            v.get(k)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect()
-        };
-        for x in texts {
-            out.push(IndexValue::String(normalise(x), x.to_string()));
+fn string_rows_where(v: &Value, keep: impl Fn(&str) -> bool, out: &mut Vec<IndexValue>) {
+    let (single, lists) = STRING_PART_KEYS.split_at(SINGLE_PARTS);
+    let mut push = |x: &str| out.push(IndexValue::String(normalise(x), x.to_string()));
+    for k in single.iter().filter(|k| keep(k)) {
+        if let Some(x) = s(v, k) {
+            push(x);
         }
     }
-    out
+    for k in lists.iter().filter(|k| keep(k)) {
+        v.get(*k)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .for_each(&mut push);
+    }
 }
 
 fn range_of(x: &str) -> Option<(i64, i64)> {
@@ -1529,28 +1524,18 @@ mod union_tests {
             keys("Patient", "name"),
             vec!["family=family", "given=given"]
         );
-        assert_eq!(
-            keys("Patient", "address"),
-            vec![
-                "city=address-city",
-                "state=address-state",
-                "postalCode=address-postalcode",
-                "country=address-country"
-            ]
-        );
+        let address_parts = vec![
+            "city=address-city",
+            "state=address-state",
+            "postalCode=address-postalcode",
+            "country=address-country",
+        ];
+        assert_eq!(keys("Patient", "address"), address_parts);
         assert_eq!(
             keys("Practitioner", "name"),
             vec!["family=family", "given=given"]
         );
-        assert_eq!(
-            keys("Organization", "address"),
-            vec![
-                "city=address-city",
-                "state=address-state",
-                "postalCode=address-postalcode",
-                "country=address-country"
-            ]
-        );
+        assert_eq!(keys("Organization", "address"), address_parts);
         // Parts themselves, and strings over other elements, keep all their rows.
         for (rt, code) in [
             ("Patient", "family"),

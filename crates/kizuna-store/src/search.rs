@@ -901,8 +901,9 @@ impl Compiler<'_> {
             return Err(bad(key, "a composite without components"));
         };
         let a = &aliases[0];
+        let (table0, cols0) = table_of(*first_kind);
         let (pids, mut binds) = self.pids(rt, &first.code, "");
-        let mut sql = format!("{} {a} WHERE {a}.pid {pids}", table_of(*first_kind).0);
+        let mut sql = format!("{table0} {a} WHERE {a}.pid {pids}");
         // The other components, each `EXISTS` with `cond` (None: any value) on its row.
         let others = |c: &mut Self, binds: &mut Vec<B>, conds: &[Option<&String>]| {
             let mut out = String::new();
@@ -928,10 +929,6 @@ impl Compiler<'_> {
         } else {
             let mut ors = Vec::new();
             for parts in values {
-                let (cols0, conds) = (
-                    table_of(*first_kind).1,
-                    parts.iter().map(Some).collect::<Vec<_>>(),
-                );
                 let first_cond = self.value_cond(
                     a,
                     cols0,
@@ -942,10 +939,9 @@ impl Compiler<'_> {
                     &parts[0],
                     &mut binds,
                 )?;
-                ors.push(format!(
-                    "({first_cond}{})",
-                    others(self, &mut binds, &conds)?
-                ));
+                let conds: Vec<Option<&String>> = parts.iter().map(Some).collect();
+                let rest = others(self, &mut binds, &conds)?;
+                ors.push(format!("({first_cond}{rest})"));
             }
             sql.push_str(&format!(" AND ({})", ors.join(" OR ")));
         }

@@ -337,22 +337,8 @@ impl Store {
         ops: &mut [WriteOp],
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Prepared, StoreError> {
-        let extracted: Vec<(String, Vec<(String, IndexValue)>)> = ops
-            .iter()
-            .map(|op| match op {
-                WriteOp::Create { resource, .. }
-                | WriteOp::CreateWithId { resource }
-                | WriteOp::Update { resource, .. } => (
-                    resource
-                        .get("resourceType")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
-                    self.index_rows_of(resource),
-                ),
-                WriteOp::Delete { .. } => (String::new(), Vec::new()),
-            })
-            .collect();
+        let extracted: Vec<(String, Vec<(String, IndexValue)>)> =
+            ops.iter().map(|op| self.extract_op(op)).collect();
         let keys: Vec<(&str, &str)> = extracted
             .iter()
             .flat_map(|(rt, r)| r.iter().map(move |(p, _)| (rt.as_str(), p.as_str())))
@@ -383,19 +369,28 @@ impl Store {
     /// parameters have ids by then).
     fn rows_again(&self, ops: &[WriteOp]) -> Vec<Vec<(i64, IndexValue)>> {
         ops.iter()
-            .map(|op| match op {
-                WriteOp::Create { resource, .. }
-                | WriteOp::CreateWithId { resource }
-                | WriteOp::Update { resource, .. } => {
-                    let rt = resource
-                        .get("resourceType")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    self.resolve_rows(rt, self.index_rows_of(resource))
-                }
-                WriteOp::Delete { .. } => Vec::new(),
+            .map(|op| {
+                let (rt, idx) = self.extract_op(op);
+                self.resolve_rows(&rt, idx)
             })
             .collect()
+    }
+
+    /// An op's resource type and index rows by parameter code (none for a delete).
+    fn extract_op(&self, op: &WriteOp) -> (String, Vec<(String, IndexValue)>) {
+        match op {
+            WriteOp::Create { resource, .. }
+            | WriteOp::CreateWithId { resource }
+            | WriteOp::Update { resource, .. } => (
+                resource
+                    .get("resourceType")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                self.index_rows_of(resource),
+            ),
+            WriteOp::Delete { .. } => (String::new(), Vec::new()),
+        }
     }
 
     /// Index rows keyed by parameter id (every id exists: [`Store::ensure_params`] ran), each
