@@ -103,6 +103,12 @@ pub struct SearchParam {
     /// Their values are read from that parameter's rows, not written a second time under this
     /// one: a Patient's `family`, `given` and four address parts were 8 of its 17 string rows.
     pub part_params: Vec<PartParam>,
+    /// The parameters of the type defined as this one narrowed by a `where` (`patient` is
+    /// `Observation.subject.where(resolve() is Patient)`, `phone` is
+    /// `Patient.telecom.where(system='phone')`): their rows are a subset of this one's, so they
+    /// are written once, under the narrower code, and a search on this one reads them too
+    /// (`patient` was 5 % of a JP-CLINS ingest's rows, each repeating a `subject` row).
+    pub narrowings: Vec<String>,
     /// The top-level `|` parts of the expression that apply to this type (for union detection).
     parts: Vec<String>,
     /// The resource elements the expression starts from, when it is a plain path: a resource
@@ -416,6 +422,7 @@ impl Indexer {
                         union_of: Vec::new(),
                         conjunction: Vec::new(),
                         part_params: Vec::new(),
+                        narrowings: Vec::new(),
                         parts,
                         starts,
                     });
@@ -424,6 +431,7 @@ impl Indexer {
         }
         for (base, list) in by_type.iter_mut() {
             mark_unions(list);
+            mark_narrowings(list);
             mark_conjunctions(base, list, reg.model());
             mark_part_params(base, list, reg.model());
         }
@@ -512,6 +520,9 @@ impl Indexer {
                 }
                 extras(p, item, model, &mut out);
             }
+        }
+        for p in self.params(rt).filter(|p| !p.narrowings.is_empty()) {
+            drop_narrowed_rows(&p.code, &p.narrowings, &mut out);
         }
         if !contained.is_empty() {
             contained.dedup();
@@ -647,6 +658,73 @@ fn mark_unions(list: &mut [SearchParam]) {
     for (i, canonical) in aliases {
         list[i].union_of = vec![canonical];
     }
+}
+
+/// Marks the parameters narrowed by others ([`SearchParam::narrowings`]): `P` narrows `S` when its
+/// one part is `S`'s one part followed by a final `.where(…)`, both of one kind (reference or
+/// token), each an ordinary parameter (no union, composite or name parts).
+fn mark_narrowings(list: &mut [SearchParam]) {
+    let plain = |p: &SearchParam| {
+        matches!(p.kind, ParamType::Reference | ParamType::Token)
+            && p.union_of.is_empty()
+            && p.part_params.is_empty()
+            && p.parts.len() == 1
+    };
+    let mut found: Vec<(usize, Vec<String>)> = Vec::new();
+    for (i, wide) in list.iter().enumerate() {
+        if !plain(wide) {
+            continue;
+        }
+        let prefix = format!("{}.where", wide.parts[0]);
+        let narrower: Vec<String> = list
+            .iter()
+            .filter(|q| plain(q) && q.kind == wide.kind && q.code != wide.code)
+            .filter(|q| {
+                q.parts[0]
+                    .strip_prefix(&prefix)
+                    .is_some_and(|rest| rest.starts_with('(') && encloses(rest))
+            })
+            .map(|q| q.code.clone())
+            .collect();
+        if !narrower.is_empty() {
+            found.push((i, narrower));
+        }
+    }
+    for (i, narrower) in found {
+        list[i].narrowings = narrower;
+    }
+}
+
+/// Drops the rows of `code` (and of its pseudo-parameters, `code:identifier` …) that a narrower
+/// parameter holds too, under its own code with the same suffix: a search on `code` reads those.
+fn drop_narrowed_rows(code: &str, narrowings: &[String], out: &mut Vec<(String, IndexValue)>) {
+    // The suffix of a row of `base` or of one of its pseudo-parameters.
+    fn suffix<'c>(row_code: &'c str, base: &str) -> Option<&'c str> {
+        row_code
+            .strip_prefix(base)
+            .filter(|s| s.is_empty() || s.starts_with(':'))
+    }
+    // Positions of the narrower parameters' rows (none when, say, the subject is a Group).
+    let narrow: Vec<usize> = (0..out.len())
+        .filter(|&i| narrowings.iter().any(|n| suffix(&out[i].0, n).is_some()))
+        .collect();
+    if narrow.is_empty() {
+        return;
+    }
+    let held = |c: &str, v: &IndexValue| {
+        suffix(c, code).is_some_and(|sfx| {
+            narrow.iter().any(|&j| {
+                let (nc, nv) = &out[j];
+                nv == v && narrowings.iter().any(|n| suffix(nc, n) == Some(sfx))
+            })
+        })
+    };
+    let drop: Vec<bool> = out.iter().map(|(c, v)| held(c, v)).collect();
+    let mut i = 0;
+    out.retain(|_| {
+        i += 1;
+        !drop[i - 1]
+    });
 }
 
 /// Marks the composites over the resource itself and finds where each component's values are:
@@ -1257,13 +1335,9 @@ pub(crate) fn values(kind: ParamType, item: &Item<'_>, model: &TypeModel) -> Vec
         },
         ParamType::Uri => {
             if let Value::String(x) = v {
+                // One row, also for a versioned canonical (`url|1`): a search by the bare URL
+                // finds it by prefix (`url|…`), as two rows per profile cost ingest 7 % of its rows.
                 out.push(IndexValue::Uri(x.clone()));
-                // A versioned canonical (`url|1`) is also found by its bare URL.
-                if node_ty == "canonical" {
-                    if let Some((bare, _)) = x.split_once('|') {
-                        out.push(IndexValue::Uri(bare.to_string()));
-                    }
-                }
             }
         }
         ParamType::Composite => {}
@@ -1571,6 +1645,83 @@ mod union_tests {
     }
 
     #[test]
+    fn narrower_parameters_keep_the_rows_they_share() {
+        use super::IndexValue;
+        let reg = kizuna_fhir::Registry::builtin();
+        let idx = Indexer::new(reg);
+        let narrowings = |rt: &str, code: &str| {
+            let mut v = idx
+                .param(rt, code)
+                .map(|p| p.narrowings.clone())
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        assert_eq!(narrowings("Observation", "subject"), vec!["patient"]);
+        assert_eq!(narrowings("Condition", "subject"), vec!["patient"]);
+        assert_eq!(narrowings("Patient", "telecom"), vec!["email", "phone"]);
+        // Not narrowings: another path (`AllergyIntolerance.patient`), the narrow ones themselves,
+        // and parameters defined alike (DeviceUseStatement's `patient` reads `subject`'s rows).
+        for (rt, code) in [
+            ("AllergyIntolerance", "patient"),
+            ("Observation", "patient"),
+            ("Patient", "phone"),
+            ("DeviceUseStatement", "patient"),
+            ("DeviceUseStatement", "subject"),
+        ] {
+            assert!(narrowings(rt, code).is_empty(), "{rt}.{code}");
+        }
+        let rows = idx.extract(
+            reg,
+            &serde_json::json!({"resourceType": "Patient",
+                "telecom": [{"system": "phone", "value": "03-1234"}, {"system": "email", "value": "a@b.jp"},
+                            {"system": "fax", "value": "03-9999"}, {"system": "phone", "value": "03-9999"}]}),
+        );
+        let of = |code: &str| {
+            let mut v: Vec<String> = rows
+                .iter()
+                .filter(|(c, _)| c == code)
+                .filter_map(|(_, v)| match v {
+                    IndexValue::Token(_, c) => Some(c.clone()),
+                    _ => None,
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(of("phone"), vec!["03-1234", "03-9999"]);
+        assert_eq!(of("email"), vec!["a@b.jp"]);
+        // `telecom` keeps only the fax (its rows name the system: the same number as a phone
+        // is another row).
+        assert_eq!(of("telecom"), vec!["03-9999"]);
+        let obs = |subject: &str| {
+            idx.extract(
+                reg,
+                &serde_json::json!({"resourceType": "Observation", "status": "final",
+                    "code": {"text": "x"},
+                    "subject": {"reference": subject, "identifier": {"system": "urn:s", "value": "1"}}}),
+            )
+        };
+        let codes = |rows: Vec<(String, IndexValue)>| {
+            let mut v: Vec<String> = rows
+                .into_iter()
+                .map(|(c, _)| c)
+                .filter(|c| c.starts_with("subject") || c.starts_with("patient"))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            codes(obs("Patient/p1")),
+            vec!["patient", "patient:identifier"]
+        );
+        assert_eq!(
+            codes(obs("Group/g1")),
+            vec!["subject", "subject:identifier"]
+        );
+    }
+
+    #[test]
     fn references_to_contained_resources_are_listed_not_indexed() {
         let reg = kizuna_fhir::Registry::builtin();
         let idx = Indexer::new(reg);
@@ -1602,8 +1753,9 @@ mod union_tests {
         let mut got: Vec<&str> = codes.split(',').filter(|c| !c.is_empty()).collect();
         got.sort_unstable();
         assert_eq!(got, ["encounter", "performer", "specimen"]);
-        // Real references keep their rows, beside a contained one of the same parameter.
-        for (code, ty) in [("subject", "Patient"), ("performer", "Organization")] {
+        // Real references keep their rows, beside a contained one of the same parameter (the
+        // Patient subject's under `patient`, which narrows `subject`).
+        for (code, ty) in [("patient", "Patient"), ("performer", "Organization")] {
             assert!(
                 rows.iter().any(|(c, v)| c == code
                     && matches!(v, super::IndexValue::Reference(t, _) if t == ty)),

@@ -19,8 +19,10 @@ use crate::{Backend, Store, StoreError};
 /// per-resource lookups by (type, id, parameter); 4 replaced type, id and parameter in the index
 /// tables by `pid` and `rid`; 5 keeps the current version's body once, in `resources` (its history
 /// row has none until the version is replaced); 6 searches composites over the resource itself
-/// through their components' rows instead of tuple rows. Opening an older store migrates it.
-pub const SCHEMA_VERSION: &str = "6";
+/// through their components' rows instead of tuple rows; 7 stores a versioned canonical once
+/// (`url|version`, found by its bare URL by prefix; PostgreSQL's `idx_uri_c` compares bytes).
+/// Opening an older store migrates it.
+pub const SCHEMA_VERSION: &str = "7";
 
 const COMMON: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS kz_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -63,7 +65,9 @@ const POSTGRES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS idx_number (pid INTEGER NOT NULL, rid BIGINT NOT NULL, val DOUBLE PRECISION NOT NULL)",
     "CREATE INDEX IF NOT EXISTS idx_number_q ON idx_number (pid, val, rid)",
     "CREATE TABLE IF NOT EXISTS idx_uri (pid INTEGER NOT NULL, rid BIGINT NOT NULL, val TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS idx_uri_q ON idx_uri (pid, val, rid)",
+    // Bytewise, as SQLite compares: a bare canonical finds its versions (`url|…`) by range.
+    "DROP INDEX IF EXISTS idx_uri_q",
+    "CREATE INDEX IF NOT EXISTS idx_uri_c ON idx_uri (pid, (val COLLATE \"C\"), rid)",
     "CREATE TABLE IF NOT EXISTS idx_quantity (pid INTEGER NOT NULL, rid BIGINT NOT NULL, val DOUBLE PRECISION NOT NULL, system TEXT NOT NULL, code TEXT NOT NULL, unit TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS idx_quantity_q ON idx_quantity (pid, val, rid)",
     "CREATE TABLE IF NOT EXISTS idx_composite (pid INTEGER NOT NULL, rid BIGINT NOT NULL, \
@@ -284,8 +288,9 @@ impl Store {
     }
 
     /// The codes whose rows hold a parameter's values: its own, or for a union parameter its
-    /// members' (themselves resolved the same way), and for a name or address those of its parts
-    /// with parameters of their own.
+    /// members' (themselves resolved the same way), for a name or address those of its parts
+    /// with parameters of their own, and those of the parameters narrowing it (`patient` for
+    /// `subject`).
     pub(crate) fn member_codes(&self, rt: &str, code: &str) -> Vec<String> {
         let mut out = Vec::new();
         self.collect_codes(rt, code, &mut out, 0);
@@ -297,13 +302,14 @@ impl Store {
             .indexer()
             .param(rt, code)
             .map(|p| {
-                let parts: Vec<String> = p.part_params.iter().map(|x| x.code.clone()).collect();
+                let parts = p.part_params.iter().map(|x| x.code.clone());
+                let parts: Vec<String> = parts.chain(p.narrowings.iter().cloned()).collect();
                 (p.union_of.clone(), parts)
             })
             .unwrap_or_default();
         if members.is_empty() || depth > 4 {
             out.push(code.to_string());
-            // A name's or address's parts indexed by their own parameters.
+            // A name's or address's parts, and narrower parameters, indexed under their own codes.
             for c in parts {
                 if depth <= 4 && !out.contains(&c) {
                     self.collect_codes(rt, &c, out, depth + 1);

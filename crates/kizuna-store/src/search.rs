@@ -1029,22 +1029,36 @@ impl Compiler<'_> {
                 }
             }
             ParamType::Uri => {
+                // A versioned canonical is one row, `url|version`; a bare URL finds every version
+                // of it too. Bytewise on PostgreSQL, where the index is (`idx_uri_c`).
                 let u = unescape(v);
+                let val = format!("{}{}", col(c.s2), self.bytewise);
                 match modifier {
                     Some("below") => {
                         binds.push(B::S(format!("{}%", like_escape(&u))));
-                        format!("{} LIKE ? ESCAPE '\\'", col(c.s2))
+                        format!("{val} LIKE ? ESCAPE '\\'")
                     }
                     Some("above") => {
+                        // The URL without its version is what must be a prefix of the value.
+                        let bare = match self.store.backend() {
+                            Backend::Sqlite => format!(
+                                "(CASE WHEN instr({0}, '|') > 0 THEN substr({0}, 1, instr({0}, '|') - 1) ELSE {0} END)",
+                                col(c.s2)
+                            ),
+                            Backend::Postgres => format!("split_part({}, '|', 1)", col(c.s2)),
+                        };
                         binds.push(B::S(u));
-                        format!(
-                            "substr(?, 1, length({0})) = {0} AND length({0}) > 0",
-                            col(c.s2)
-                        )
+                        format!("substr(?, 1, length({bare})) = {bare} AND length({bare}) > 0")
+                    }
+                    _ if u.contains('|') => {
+                        binds.push(B::S(u));
+                        format!("{val} = ?")
                     }
                     _ => {
+                        binds.push(B::S(format!("{u}|")));
+                        binds.push(B::S(format!("{u}}}")));
                         binds.push(B::S(u));
-                        format!("{} = ?", col(c.s2))
+                        format!("(({val} >= ? AND {val} < ?) OR {val} = ?)")
                     }
                 }
             }
