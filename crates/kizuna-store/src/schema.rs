@@ -20,9 +20,10 @@ use crate::{Backend, Store, StoreError};
 /// tables by `pid` and `rid`; 5 keeps the current version's body once, in `resources` (its history
 /// row has none until the version is replaced); 6 searches composites over the resource itself
 /// through their components' rows instead of tuple rows; 7 stores a versioned canonical once
-/// (`url|version`, found by its bare URL by prefix; PostgreSQL's `idx_uri_c` compares bytes).
+/// (`url|version`, found by its bare URL by prefix; PostgreSQL's `idx_uri_c` compares bytes);
+/// 8 adds `idx_code_value`, the rows of a composite of a code and a quantity over the resource.
 /// Opening an older store migrates it.
-pub const SCHEMA_VERSION: &str = "7";
+pub const SCHEMA_VERSION: &str = "8";
 
 const COMMON: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS kz_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -46,6 +47,9 @@ const SQLITE: &[&str] = &[
      c1_s1 TEXT NOT NULL, c1_s2 TEXT NOT NULL, c1_s3 TEXT NOT NULL, c1_n1 DOUBLE PRECISION NOT NULL, c1_n2 DOUBLE PRECISION NOT NULL, \
      c2_s1 TEXT NOT NULL, c2_s2 TEXT NOT NULL, c2_s3 TEXT NOT NULL, c2_n1 DOUBLE PRECISION NOT NULL, c2_n2 DOUBLE PRECISION NOT NULL, \
      PRIMARY KEY (pid, c0_s2, c0_s1, c0_s3, c0_n1, c0_n2, c1_s1, c1_s2, c1_s3, c1_n1, c1_n2, c2_s1, c2_s2, c2_s3, c2_n1, c2_n2, rid)) WITHOUT ROWID",
+    // Keyed by code, then row id, the value beside: a code's rows come in row-id order and a new
+    // one is appended to its code's range.
+    "CREATE TABLE IF NOT EXISTS idx_code_value (pid INTEGER NOT NULL, rid INTEGER NOT NULL, system TEXT NOT NULL, code TEXT NOT NULL, val DOUBLE PRECISION NOT NULL, PRIMARY KEY (pid, code, system, rid, val)) WITHOUT ROWID",
 ];
 
 const POSTGRES: &[&str] = &[
@@ -75,6 +79,8 @@ const POSTGRES: &[&str] = &[
      c1_s1 TEXT NOT NULL, c1_s2 TEXT NOT NULL, c1_s3 TEXT NOT NULL, c1_n1 DOUBLE PRECISION NOT NULL, c1_n2 DOUBLE PRECISION NOT NULL, \
      c2_s1 TEXT NOT NULL, c2_s2 TEXT NOT NULL, c2_s3 TEXT NOT NULL, c2_n1 DOUBLE PRECISION NOT NULL, c2_n2 DOUBLE PRECISION NOT NULL)",
     "CREATE INDEX IF NOT EXISTS idx_composite_q ON idx_composite (pid, c0_s2)",
+    "CREATE TABLE IF NOT EXISTS idx_code_value (pid INTEGER NOT NULL, rid BIGINT NOT NULL, system TEXT NOT NULL, code TEXT NOT NULL, val DOUBLE PRECISION NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS idx_code_value_q ON idx_code_value (pid, code, system, rid, val)",
 ];
 
 /// Both backends: the per-resource lookup of every index table (deletes, `EXISTS` probes, sort
@@ -94,6 +100,7 @@ const LOOKUPS: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS idx_uri_r ON idx_uri (rid, pid)",
     "CREATE INDEX IF NOT EXISTS idx_quantity_r ON idx_quantity (rid, pid)",
     "CREATE INDEX IF NOT EXISTS idx_composite_r ON idx_composite (rid, pid)",
+    "CREATE INDEX IF NOT EXISTS idx_code_value_r ON idx_code_value (rid, pid)",
 ];
 
 /// A backend's schema statements in the order every open runs them (also what tests of SQLite's
@@ -107,7 +114,7 @@ pub(crate) fn ddl(backend: Backend) -> impl Iterator<Item = &'static str> {
 }
 
 /// The index tables.
-pub(crate) const INDEX_TABLES: [&str; 8] = [
+pub(crate) const INDEX_TABLES: [&str; 9] = [
     "idx_token",
     "idx_string",
     "idx_date",
@@ -116,6 +123,7 @@ pub(crate) const INDEX_TABLES: [&str; 8] = [
     "idx_uri",
     "idx_quantity",
     "idx_composite",
+    "idx_code_value",
 ];
 
 /// Columns of each index table as rows are inserted (after `pid, rid`), with their SQL types.
@@ -130,6 +138,7 @@ pub(crate) fn index_columns(slot: usize) -> (&'static str, &'static [&'static st
         3 => ("ttype, tid", &[T, T]),
         4 | 5 => ("val", if slot == 4 { &[F] } else { &[T] }),
         6 => ("val, system, code, unit", &[F, T, T, T]),
+        8 => ("system, code, val", &[T, T, F]),
         _ => (
             "c0_s1, c0_s2, c0_s3, c0_n1, c0_n2, c1_s1, c1_s2, c1_s3, c1_n1, c1_n2, c2_s1, c2_s2, c2_s3, c2_n1, c2_n2",
             &[T, T, T, F, F, T, T, T, F, F, T, T, T, F, F],
@@ -229,9 +238,10 @@ impl Store {
         if old_layout {
             let n = self.reindex().await?;
             tracing::info!(resources = n, from = ?before, "store migrated; search index rebuilt");
-        } else if before.is_some_and(|v| v < 6) {
-            // Their tuple rows go and their components' own rows come.
-            let types = self.indexer().conjunctive_types();
+        } else if before.is_some_and(|v| v < 8) {
+            // Schema 6: tuple rows went and components' own rows came; 8: a code with a
+            // quantity has rows in `idx_code_value`.
+            let types = self.indexer().resource_composite_types();
             let n = self.reindex_types(&types).await?;
             tracing::info!(resources = n, types = types.len(), "composites reindexed");
         }

@@ -773,11 +773,14 @@ impl Compiler<'_> {
 
     /// A composite's set. A composite whose rows are tuples (one element's components together)
     /// is read from `idx_composite`; one over the resource itself ([`SearchParam::conjunction`])
-    /// from its components' rows, joined on the resource. A union of both kinds
-    /// (`combo-code-value-quantity`) is the union of their sets. With `missing`, `value` is
-    /// `true` (no tuple: the complement) or `false`.
+    /// from its components' rows, joined on the resource, or, for a code with a quantity and
+    /// values without units, from its own rows in `idx_code_value`
+    /// ([`SearchParam::code_value_rows`]). A union of both kinds (`combo-code-value-quantity`) is
+    /// the union of their sets. With `missing`, `value` is `true` (no tuple: the complement) or
+    /// `false`.
     ///
     /// [`SearchParam::conjunction`]: crate::index::SearchParam::conjunction
+    /// [`SearchParam::code_value_rows`]: crate::index::SearchParam::code_value_rows
     fn composite_crit(
         &mut self,
         rt: &str,
@@ -815,16 +818,56 @@ impl Compiler<'_> {
                 })
                 .collect::<Result<_, _>>()?
         };
-        let (mut tuple_pids, mut conjunctions) = (Vec::new(), Vec::new());
+        // A code with a quantity has rows of its own for values without a unit; `:missing` and a
+        // unit are answered through the components.
+        let code_values_answer = !missing
+            && values
+                .iter()
+                .all(|p| split_unescaped(&p[1], '|').len() == 1);
+        let (mut tuple_pids, mut conjunctions, mut code_value_pids) =
+            (Vec::new(), Vec::new(), Vec::new());
         for m in self.store.member_codes(rt, name) {
             match indexer.param(rt, &m) {
+                Some(p) if p.code_value_rows && code_values_answer => {
+                    code_value_pids.extend(self.store.pids(rt, &m, ""))
+                }
                 Some(p) if !p.conjunction.is_empty() => conjunctions.push(p.conjunction.clone()),
                 _ => tuple_pids.extend(self.store.pids(rt, &m, "")),
             }
         }
         // One `SELECT rid FROM …` (without the SELECT) per kind of member.
         let mut selects: Vec<(String, String, Vec<B>)> = Vec::new();
-        if conjunctions.is_empty() || !tuple_pids.is_empty() {
+        let mut ordered = false;
+        if !code_value_pids.is_empty() {
+            let a = self.alias();
+            let one_pid = code_value_pids.len() == 1;
+            let (pids, mut binds) = pid_list(code_value_pids);
+            let mut ors = Vec::new();
+            for parts in &values {
+                let mut conds = Vec::new();
+                for (c, kind, part) in [
+                    (
+                        cols("system", "code", "", "", ""),
+                        ParamType::Token,
+                        &parts[0],
+                    ),
+                    (cols("", "", "", "val", ""), ParamType::Quantity, &parts[1]),
+                ] {
+                    conds.push(self.value_cond(&a, c, kind, None, None, key, part, &mut binds)?);
+                }
+                // A system and a code bind the key before `rid`: the rows come in row-id order.
+                ordered = one_pid
+                    && values.len() == 1
+                    && conds[0] == format!("({a}.system = ? AND {a}.code = ?)");
+                ors.push(format!("({})", conds.join(" AND ")));
+            }
+            let sql = format!(
+                "idx_code_value {a} WHERE {a}.pid {pids} AND ({})",
+                ors.join(" OR ")
+            );
+            selects.push((sql, format!("{a}.rid"), binds));
+        }
+        if (conjunctions.is_empty() && selects.is_empty()) || !tuple_pids.is_empty() {
             let a = self.alias();
             let (pids, mut binds) = pid_list(tuple_pids);
             let mut sql = format!("idx_composite {a} WHERE {a}.pid {pids}");
@@ -853,6 +896,7 @@ impl Compiler<'_> {
         for conjuncts in conjunctions {
             selects.push(self.conjunction_select(rt, key, &conjuncts, &kinds, &values, missing)?);
         }
+        let n_selects = selects.len();
         let (from_where, idcol, binds) = if selects.len() == 1 {
             selects.remove(0)
         } else {
@@ -878,7 +922,7 @@ impl Compiler<'_> {
                 kind: IdKind::Rid,
                 binds,
                 negate,
-                ordered: false,
+                ordered: ordered && n_selects == 1,
             },
             if missing { 5 } else { 2 },
         )))
@@ -1346,7 +1390,26 @@ impl Store {
                 Some((sql, c.binds))
             }
         };
+        let page_sql = self.sql(&format!(
+            "SELECT r.id, r.version, r.last_updated, r.deleted, r.body FROM {from} WHERE {where_sql} ORDER BY {} LIMIT ? OFFSET ?",
+            order.join(", ")
+        ));
+        binds.extend(order_binds);
+        let limit = q.count.clamp(0, 1000);
+        let offset = q.offset.max(0);
+        let rows = self
+            .search_statement(&page_sql, &binds)
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(self.pool())
+            .await?;
+        // A short page that is not past the end holds the last matches: the total is known
+        // without a count, which would walk the same rows again.
+        let found = rows.len() as i64;
+        let page_ends = limit > 0 && found < limit && (offset == 0 || found > 0);
         let total = match count_sql {
+            _ if q.total == Total::None => None,
+            _ if page_ends => Some(offset + found),
             Some((sql, b)) => {
                 let n: i64 = self
                     .search_statement(&self.sql(&sql), &b)
@@ -1360,17 +1423,6 @@ impl Store {
                 _ => None,
             },
         };
-        let page_sql = self.sql(&format!(
-            "SELECT r.id, r.version, r.last_updated, r.deleted, r.body FROM {from} WHERE {where_sql} ORDER BY {} LIMIT ? OFFSET ?",
-            order.join(", ")
-        ));
-        binds.extend(order_binds);
-        let rows = self
-            .search_statement(&page_sql, &binds)
-            .bind(q.count.clamp(0, 1000))
-            .bind(q.offset.max(0))
-            .fetch_all(self.pool())
-            .await?;
         let mut resources = Vec::with_capacity(rows.len());
         for r in rows {
             let id: String = r.try_get(0)?;

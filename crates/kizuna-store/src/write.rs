@@ -131,7 +131,9 @@ fn component_columns(v: IndexValue) -> [Bind; 5] {
             unit,
         } => [t(system), t(code), t(unit), Bind::F(value), Bind::F(0.0)],
         IndexValue::Uri(u) => [e(), t(u), e(), Bind::F(0.0), Bind::F(0.0)],
-        IndexValue::Composite(_) => [e(), e(), e(), Bind::F(0.0), Bind::F(0.0)],
+        IndexValue::Composite(_) | IndexValue::CodeValue { .. } => {
+            [e(), e(), e(), Bind::F(0.0), Bind::F(0.0)]
+        }
     }
 }
 
@@ -183,6 +185,14 @@ fn index_row(v: IndexValue, row: &mut Vec<Bind>) -> usize {
                 row.extend(component_columns(c));
             }
             7
+        }
+        IndexValue::CodeValue {
+            system,
+            code,
+            value,
+        } => {
+            row.extend([Bind::S(system), Bind::S(code), Bind::F(value)]);
+            8
         }
     }
 }
@@ -794,7 +804,7 @@ impl Store {
             returning: None,
         };
         self.insert_rows(tx, &history, &pending.history).await?;
-        let mut tables: [Vec<Vec<Bind>>; 8] = Default::default();
+        let mut tables: [Vec<Vec<Bind>>; INDEX_TABLES.len()] = Default::default();
         for owner in pending.owners.drain(..) {
             let Some(rid) = owner
                 .rid
