@@ -100,8 +100,7 @@ pub struct SearchParam {
     pub conjunction: Vec<Conjunct>,
     /// For a conjunctive composite of a code and a quantity with one value per resource
     /// (`code-value-quantity`): it also has rows of its own, one per code of the resource with
-    /// the value beside it
-    /// ([`IndexValue::CodeValue`]), keyed by code and then row id. `{code}$gt5` reads one range
+    /// the value beside it ([`IndexValue::CodeValue`]), keyed by code and then row id. `{code}$gt5` reads one range
     /// of them instead of probing every resource with the code for a value (20–40 ms for a code
     /// with 20,000–66,000 resources and few or no matches at 1M), and a new row goes to the end
     /// of its code's range, not to a random page (as a tuple keyed by value did).

@@ -823,7 +823,7 @@ impl Compiler<'_> {
         let code_values_answer = !missing
             && values
                 .iter()
-                .all(|p| split_unescaped(&p[1], '|').len() == 1);
+                .all(|p| p.get(1).is_none_or(|v| split_unescaped(v, '|').len() == 1));
         let (mut tuple_pids, mut conjunctions, mut code_value_pids) =
             (Vec::new(), Vec::new(), Vec::new());
         for m in self.store.member_codes(rt, name) {
@@ -844,23 +844,35 @@ impl Compiler<'_> {
             let (pids, mut binds) = pid_list(code_value_pids);
             let mut ors = Vec::new();
             for parts in &values {
-                let mut conds = Vec::new();
-                for (c, kind, part) in [
-                    (
-                        cols("system", "code", "", "", ""),
-                        ParamType::Token,
-                        &parts[0],
-                    ),
-                    (cols("", "", "", "val", ""), ParamType::Quantity, &parts[1]),
-                ] {
-                    conds.push(self.value_cond(&a, c, kind, None, None, key, part, &mut binds)?);
-                }
-                // A system and a code bind the key before `rid`: the rows come in row-id order.
-                ordered = one_pid
-                    && values.len() == 1
-                    && conds[0] == format!("({a}.system = ? AND {a}.code = ?)");
-                ors.push(format!("({})", conds.join(" AND ")));
+                let [code, value] = parts.as_slice() else {
+                    return Err(bad(key, "a code and a quantity joined by $"));
+                };
+                let code = self.value_cond(
+                    &a,
+                    cols("system", "code", "", "", ""),
+                    ParamType::Token,
+                    None,
+                    None,
+                    key,
+                    code,
+                    &mut binds,
+                )?;
+                let value = self.value_cond(
+                    &a,
+                    cols("", "", "", "val", ""),
+                    ParamType::Quantity,
+                    None,
+                    None,
+                    key,
+                    value,
+                    &mut binds,
+                )?;
+                ors.push(format!("({code} AND {value})"));
             }
+            // A system and a code bind the key before `rid`: the rows come in row-id order.
+            ordered = one_pid
+                && ors.len() == 1
+                && ors[0].starts_with(&format!("(({a}.system = ? AND {a}.code = ?) AND "));
             let sql = format!(
                 "idx_code_value {a} WHERE {a}.pid {pids} AND ({})",
                 ors.join(" OR ")
