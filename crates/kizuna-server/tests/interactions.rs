@@ -353,6 +353,64 @@ async fn transactions_resolve_conditions_and_references() {
     assert_eq!(r["entry"][0]["resource"]["gender"], "other");
 }
 
+/// Each malformed part of a transaction entry is refused with 400 naming its element, and
+/// nothing of the transaction is stored; `ifMatch` on an entry holds a current version and
+/// refuses a stale one.
+#[tokio::test]
+async fn malformed_transaction_entries_name_their_element_and_store_nothing() {
+    let t = setup(None).await;
+    let id = create(&t, &patient("M:1:1:00", "版")).await;
+    let good = json!({"resource": patient("M:2:2:00", "良"), "request": {"method": "POST", "url": "Patient"}});
+    let cases = [
+        (
+            json!({"resource": patient("M:3:3:00", "無"), "request": {"url": "Patient"}}),
+            "Bundle.entry[1].request.method",
+        ),
+        (
+            json!({"resource": patient("M:3:3:00", "誤"), "request": {"method": "FETCH", "url": "Patient"}}),
+            "Bundle.entry[1].request.method",
+        ),
+        (
+            json!({"resource": patient("M:3:3:00", "無"), "request": {"method": "POST"}}),
+            "Bundle.entry[1].request.url",
+        ),
+        (
+            json!({"request": {"method": "POST", "url": "Patient"}}),
+            "Bundle.entry[1].resource",
+        ),
+        (
+            json!({"resource": patient("M:1:1:00", "版"), "request": {"method": "PUT", "url": format!("Patient/{id}"), "ifMatch": "W/\"x\""}}),
+            "Bundle.entry[1].request.ifMatch",
+        ),
+    ];
+    for (bad, path) in cases {
+        let tx =
+            json!({"resourceType": "Bundle", "type": "transaction", "entry": [good.clone(), bad]});
+        let (s, oo, _) = call(&t, "POST", "/fhir", json_body(&tx), &[]).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {oo}");
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        assert_eq!(oo["issue"][0]["expression"][0], path, "{oo}");
+        assert_eq!(
+            count(&t, &format!("Patient?identifier={MEMBER}|M:2:2:00")).await,
+            0,
+            "{path}"
+        );
+    }
+    let update = |if_match: &str| {
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": {"resourceType": "Patient", "id": id, "gender": "male"},
+             "request": {"method": "PUT", "url": format!("Patient/{id}"), "ifMatch": if_match}}]})
+    };
+    let (s, r, _) = call(&t, "POST", "/fhir", json_body(&update("W/\"1\"")), &[]).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["entry"][0]["response"]["status"], "200 OK");
+    assert_eq!(r["entry"][0]["response"]["etag"], "W/\"2\"");
+    let (s, oo, _) = call(&t, "POST", "/fhir", json_body(&update("W/\"1\"")), &[]).await;
+    assert_eq!(s, StatusCode::PRECONDITION_FAILED, "{oo}");
+    let (_, cur, _) = call(&t, "GET", &format!("/fhir/Patient/{id}"), None, &[]).await;
+    assert_eq!(cur["meta"]["versionId"], "2");
+}
+
 #[tokio::test]
 async fn batch_entries_succeed_and_fail_on_their_own() {
     let t = setup(None).await;

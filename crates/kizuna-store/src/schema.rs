@@ -147,10 +147,12 @@ pub(crate) fn index_columns(slot: usize) -> (&'static str, &'static [&'static st
 }
 
 /// Parameter ids by resource type and code, and back. Keyed type first so that a lookup borrows
-/// its two strings instead of building an owned pair (it runs for every index row written).
+/// its two strings instead of building an owned pair (it runs for every index row written). The
+/// FHIR core's hasher, seeded per process, holds only the loaded SearchParameters' names; with
+/// SipHash these lookups were 0.7 % of all instructions while registering.
 #[derive(Debug, Default)]
 pub(crate) struct ParamIds {
-    by_key: HashMap<String, HashMap<String, i64>>,
+    by_key: kizuna_fhir::DefMap<String, kizuna_fhir::DefMap<String, i64>>,
     by_id: HashMap<i64, (String, String)>,
 }
 
