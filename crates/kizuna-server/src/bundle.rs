@@ -90,9 +90,10 @@ fn parse_entry(i: usize, e: &mut Value) -> Result<Entry, ApiError> {
     let if_none_exist = request("ifNoneExist")
         .and_then(Value::as_str)
         .map(str::to_string);
+    // Parsed now, while the entry is borrowed; refused below, after a missing resource.
     let if_match = request("ifMatch")
         .and_then(Value::as_str)
-        .map(str::to_string);
+        .map(parse_version);
     let resource = e.get_mut("resource").map(Value::take);
     if matches!(method, Method::POST | Method::PUT | Method::PATCH) && resource.is_none() {
         return Err(invalid(
@@ -101,16 +102,17 @@ fn parse_entry(i: usize, e: &mut Value) -> Result<Entry, ApiError> {
             "POST, PUT and PATCH entries need a resource",
         ));
     }
-    let if_match = match if_match {
-        Some(v) => Some(parse_version(&v).ok_or_else(|| {
-            invalid(
-                &format!("{path}.request.ifMatch"),
-                "ifMatch が不正です",
-                "malformed ifMatch",
-            )
-        })?),
-        None => None,
-    };
+    let if_match = if_match
+        .map(|v| {
+            v.ok_or_else(|| {
+                invalid(
+                    &format!("{path}.request.ifMatch"),
+                    "ifMatch が不正です",
+                    "malformed ifMatch",
+                )
+            })
+        })
+        .transpose()?;
     Ok(Entry {
         path,
         method,

@@ -22,11 +22,12 @@ use std::sync::OnceLock;
 /// mimalloc as the global allocator, asked the way Rust's `System` allocator asks libc: a plain
 /// `mi_malloc` when every block already has the alignment, the aligned calls only otherwise.
 ///
-/// `mimalloc::MiMalloc` passes every request to `mi_malloc_aligned`. Its fast path checks the
-/// block it would hand out against the alignment and, when the size class has no free block at
-/// hand, falls back to a generic path. For the server's small JSON nodes, whose alignment is at
-/// most a word, that was 53 instructions an allocation against about 20 (callgrind,
-/// `kizuna bench store`): 7 % of all instructions went into the aligned entry points.
+/// The `mimalloc` crate's `MiMalloc`, used before, passed every request to `mi_malloc_aligned`.
+/// Its fast path checks the block it would hand out against the alignment and, when the size
+/// class has no free block at hand, falls back to a generic path. For the server's small JSON
+/// nodes, whose alignment is at most a word, that was 53 instructions an allocation against about
+/// 20 (callgrind, `kizuna bench store`): 7 % of all instructions went into the aligned entry
+/// points.
 pub struct WordAligned;
 
 /// The alignment every mimalloc block has: block sizes are whole words, and pages start aligned.
