@@ -365,7 +365,12 @@ impl Indexer {
     /// Compiles the SearchParameters of a registry.
     pub fn new(reg: &Registry) -> Indexer {
         let mut by_type: HashMap<String, Vec<SearchParam>> = HashMap::new();
-        let parse = |e: &str| FhirPath::parse(&search_form(e)).ok().map(Arc::new);
+        // Casts filter, as R4's parameters need (see `FhirPath::with_casts_as_filters`).
+        let parse = |e: &str| {
+            FhirPath::parse(&search_form(e))
+                .ok()
+                .map(|p| Arc::new(p.with_casts_as_filters()))
+        };
         for sp in reg.definitions_of("SearchParameter") {
             let Some(kind) = sp
                 .member("type")
@@ -480,6 +485,45 @@ impl Indexer {
             .by_type
             .iter()
             .filter(|(t, list)| list.iter().any(|p| over_the_resource(t, p)))
+            .map(|(t, _)| t.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The types with a parameter that casts a repeating element
+    /// (`(Observation.component.value as Quantity)`), sorted: indexed while casts were read
+    /// strictly, their resources lack those rows. `Resource` or `DomainResource` among them
+    /// stands for every type.
+    pub fn repeating_cast_types(&self, model: &TypeModel) -> Vec<String> {
+        let casts =
+            |src: &str, rt: &str| FhirPath::parse(src).is_ok_and(|f| f.casts_may_repeat(model, rt));
+        let mut out: Vec<String> = self
+            .by_type
+            .iter()
+            .filter(|(t, list)| {
+                list.iter().any(|p| {
+                    casts(p.expr.source(), t)
+                        || p.components.iter().any(|c| casts(c.expr.source(), t))
+                })
+            })
+            .map(|(t, _)| t.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The types with a parameter that computes its value rather than finding it in the
+    /// resource (R4's `deceased`: `Patient.deceased.exists() and Patient.deceased != false`),
+    /// sorted: before schema 9 such values gave no rows.
+    pub fn computed_value_types(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .by_type
+            .iter()
+            .filter(|(_, list)| {
+                list.iter()
+                    .any(|p| p.starts.is_none() && p.kind != ParamType::Composite)
+            })
             .map(|(t, _)| t.clone())
             .collect();
         out.sort();
@@ -1341,10 +1385,28 @@ fn number_of(v: Option<&Value>) -> Option<f64> {
 }
 
 /// The index values of one item a parameter's expression selected.
+/// The row of a value the expression computed rather than found in the resource: R4's
+/// `deceased` is `Patient.deceased.exists() and Patient.deceased != false`, a System Boolean.
+fn system_values(kind: ParamType, item: &Item<'_>) -> Vec<IndexValue> {
+    let row = match (kind, item) {
+        (ParamType::Token, Item::Bool(b)) => IndexValue::Token(String::new(), b.to_string()),
+        (ParamType::Token, Item::Str(x)) => IndexValue::Token(String::new(), x.clone()),
+        (ParamType::String, Item::Str(x)) => IndexValue::String(normalise(x), x.clone()),
+        (ParamType::Uri, Item::Str(x)) => IndexValue::Uri(x.clone()),
+        (ParamType::Number, Item::Int(i) | Item::Long(i)) => IndexValue::Number(*i as f64),
+        (ParamType::Number, Item::Dec(d)) => match d.to_string().parse() {
+            Ok(f) => IndexValue::Number(f),
+            Err(_) => return Vec::new(),
+        },
+        _ => return Vec::new(),
+    };
+    vec![row]
+}
+
 pub(crate) fn values(kind: ParamType, item: &Item<'_>, model: &TypeModel) -> Vec<IndexValue> {
     let (node_ty, v) = match item {
         Item::Node(n) => (model.type_name(n.ty), n.value),
-        _ => ("", None),
+        other => return system_values(kind, other),
     };
     let Some(v) = v else {
         return Vec::new();
@@ -2018,5 +2080,131 @@ mod start_key_tests {
         assert_eq!(starts("Patient", "deceased"), None);
         // Composites start from the resource itself.
         assert_eq!(starts("Observation", "code-value-quantity"), None);
+    }
+}
+
+#[cfg(test)]
+mod cast_tests {
+    use super::{IndexValue, Indexer};
+    use serde_json::json;
+
+    #[test]
+    fn casts_of_repeating_elements_index_every_value() {
+        let reg = kizuna_fhir::Registry::builtin();
+        let idx = Indexer::new(reg);
+        let types = idx.repeating_cast_types(reg.model());
+        // `Goal.target.due as date`; JP Core's `jp-kana-sort` casts inside `extension(…)`,
+        // which may repeat.
+        for t in [
+            "Observation",
+            "Group",
+            "ActivityDefinition",
+            "Goal",
+            "Patient",
+        ] {
+            assert!(types.iter().any(|x| x == t), "{t} in {types:?}");
+        }
+        // Casts of single elements read the same either way: no reindex for these.
+        for t in ["Condition", "Encounter", "Procedure"] {
+            assert!(!types.iter().any(|x| x == t), "{t} in {types:?}");
+        }
+        let bp = json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": "血圧"},
+            "component": [
+                {"code": {"text": "収縮期"}, "valueQuantity": {"value": 120}},
+                {"code": {"text": "拡張期"}, "valueQuantity": {"value": 80}},
+                {"code": {"text": "体位"}, "valueCodeableConcept": {"coding": [{"code": "sit"}]}}]});
+        let rows = idx.extract(reg, &bp);
+        let quantities = rows
+            .iter()
+            .filter(|(c, v)| {
+                c == "component-value-quantity" && matches!(v, IndexValue::Quantity { .. })
+            })
+            .count();
+        assert_eq!(quantities, 2, "{rows:?}");
+        assert!(rows.iter().any(|(c, _)| c == "component-value-concept"));
+    }
+}
+
+#[cfg(test)]
+mod evaluation_tests {
+    use super::Indexer;
+    use kizuna_fhir::fhirpath::EvalContext;
+    use serde_json::Value;
+
+    /// The vendored JP-CLINS examples (bundles and their entries) and generated submissions.
+    fn resources() -> Vec<Value> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../kizuna-fhir/data/examples");
+        let mut stack = vec![std::path::PathBuf::from(dir)];
+        let mut out = Vec::new();
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "json") {
+                    let v: Value = std::fs::read(&p)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .unwrap_or_else(|| panic!("{}", p.display()));
+                    out.extend(
+                        v["entry"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|e| e["resource"].clone()),
+                    );
+                    out.push(v);
+                }
+            }
+        }
+        let inst = kizuna_synth::population::institutions(11);
+        for i in 0..100 {
+            for (_, b) in kizuna_synth::sample_submissions(11, i, 2, &inst) {
+                out.extend(
+                    b["entry"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|e| e["resource"].clone()),
+                );
+            }
+        }
+        out
+    }
+
+    /// A parameter whose expression fails on a resource gives it no rows, silently: none may
+    /// fail on the resources this service receives.
+    #[test]
+    fn no_parameter_fails_on_the_examples_or_generated_data() {
+        let reg = kizuna_fhir::Registry::builtin();
+        let idx = Indexer::new(reg);
+        let all = resources();
+        assert!(all.len() > 5_000, "{} resources", all.len());
+        let mut failures = Vec::new();
+        let mut evaluated = 0;
+        for r in &all {
+            let rt = r["resourceType"].as_str().unwrap_or("");
+            let ctx = EvalContext::new(reg.model()).with_resource(r);
+            for p in idx.params(rt) {
+                evaluated += 1;
+                match p.expr.evaluate_resource(&ctx, r) {
+                    Err(e) => failures.push(format!("{rt}.{}: {e}", p.code)),
+                    Ok(items) => {
+                        for c in &p.components {
+                            for it in &items {
+                                if let Err(e) = c.expr.evaluate(&ctx, vec![it.clone()]) {
+                                    failures.push(format!("{rt}.{} component: {e}", p.code));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        failures.sort();
+        failures.dedup();
+        assert!(evaluated > 100_000, "{evaluated} evaluations");
+        assert!(failures.is_empty(), "{failures:#?}");
     }
 }

@@ -21,9 +21,11 @@ use crate::{Backend, Store, StoreError};
 /// row has none until the version is replaced); 6 searches composites over the resource itself
 /// through their components' rows instead of tuple rows; 7 stores a versioned canonical once
 /// (`url|version`, found by its bare URL by prefix; PostgreSQL's `idx_uri_c` compares bytes);
-/// 8 adds `idx_code_value`, the rows of a composite of a code and a quantity over the resource.
-/// Opening an older store migrates it.
-pub const SCHEMA_VERSION: &str = "8";
+/// 8 adds `idx_code_value`, the rows of a composite of a code and a quantity over the resource;
+/// 9 reads a cast of a repeating element as a filter (every component's value quantity is
+/// indexed, not none) and indexes computed values (`deceased`). Opening an older store migrates
+/// it.
+pub const SCHEMA_VERSION: &str = "9";
 
 const COMMON: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS kz_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -240,12 +242,31 @@ impl Store {
         if old_layout {
             let n = self.reindex().await?;
             tracing::info!(resources = n, from = ?before, "store migrated; search index rebuilt");
-        } else if before.is_some_and(|v| v < 8) {
+        } else if let Some(v) = before.filter(|v| *v < 9) {
             // Schema 6: tuple rows went and components' own rows came; 8: a code with a
-            // quantity has rows in `idx_code_value`.
-            let types = self.indexer().resource_composite_types();
-            let n = self.reindex_types(&types).await?;
-            tracing::info!(resources = n, types = types.len(), "composites reindexed");
+            // quantity has rows in `idx_code_value`; 9: casts of repeating elements and computed
+            // values give rows.
+            let mut types = std::collections::BTreeSet::new();
+            if v < 8 {
+                types.extend(self.indexer().resource_composite_types());
+            }
+            types.extend(self.indexer().repeating_cast_types(self.registry().model()));
+            types.extend(self.indexer().computed_value_types());
+            let types: Vec<String> = types.into_iter().collect();
+            let n = if types
+                .iter()
+                .any(|t| t == "Resource" || t == "DomainResource")
+            {
+                self.reindex().await?
+            } else {
+                self.reindex_types(&types).await?
+            };
+            tracing::info!(
+                resources = n,
+                types = types.len(),
+                from = v,
+                "types reindexed"
+            );
         }
         Ok(())
     }

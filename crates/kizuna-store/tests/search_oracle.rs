@@ -115,6 +115,13 @@ fn graph() -> Vec<Value> {
             "identifier": [{"system": "http://jpfhir.jp/fhir/clins/Idsystem/JP_Insurance_memberID",
                 "value": format!("0613801{p}:1:{p}:00"),
                 "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MB"}]}}]});
+        // `deceased` is computed: true for a date or `true`, false for `false` or nothing.
+        match p {
+            5 => pat["deceasedDateTime"] = json!("2023-03-01"),
+            7 => pat["deceasedBoolean"] = json!(true),
+            9 => pat["deceasedBoolean"] = json!(false),
+            _ => {}
+        }
         if p % 4 != 3 {
             pat["managingOrganization"] =
                 json!({"reference": format!("Organization/org-{}", p % 3)});
@@ -412,6 +419,16 @@ impl<'a> Oracle<'a> {
         let model = self.reg.model();
         let mut out = Vec::new();
         for it in items {
+            // A computed value (`deceased`: `… exists() and … != false`) is its text as a code.
+            if let (ParamType::Token, Item::Bool(b)) = (kind, it) {
+                out.push(Atom::Token {
+                    system: String::new(),
+                    code: b.to_string(),
+                    texts: vec![],
+                    of_type: vec![],
+                });
+                continue;
+            }
             let Item::Node(n) = it else { continue };
             let Some(v) = n.value else { continue };
             let ty = model.type_name(n.ty);

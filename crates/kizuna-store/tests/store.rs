@@ -1016,6 +1016,40 @@ async fn migrates_composites(url: &str) {
         2,
         "the rows again"
     );
+    // Schema 8 read `(Observation.component.value as Quantity)` strictly: nothing for two
+    // components.
+    let bp = s
+        .create(json!({"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "urn:kizuna:test:migrate", "code": "bp"}]},
+            "component": [
+                {"code": {"text": "収縮期"}, "valueQuantity": {"value": 131.5}},
+                {"code": {"text": "拡張期"}, "valueQuantity": {"value": 77.5}}]}))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let by_component = |s: Store| async move {
+        sorted_ids(&s, "Observation", "component-value-quantity=77.5").await
+    };
+    assert_eq!(by_component(s.clone()).await, vec![bp.id.clone()]);
+    for sql in [
+        "DELETE FROM idx_quantity WHERE pid IN (SELECT pid FROM kz_param WHERE \
+         code IN ('component-value-quantity', 'combo-value-quantity'))",
+        "UPDATE kz_meta SET value = '8' WHERE key = 'schema_version'",
+    ] {
+        s.execute_raw(sql).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(
+        by_component(s.clone()).await.is_empty(),
+        "the schema-8 rows"
+    );
+    drop(s);
+    let s = Store::open(url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        by_component(s.clone()).await,
+        vec![bp.id.clone()],
+        "reindexed"
+    );
     for (query, hit) in [
         ("urn:kizuna:test:migrate|q$gt7", true),
         ("urn:kizuna:test:local|L1$7.5", true),
@@ -1530,6 +1564,14 @@ async fn composites(s: &Store) {
             vec![0, 4],
         ),
         (format!("combo-code-value-concept={SYS}|cv-1$pos"), vec![1]),
+        // A cast of every component's value (`(Observation.component.value as Quantity)`):
+        // both of the blood pressure's, not none because there are two.
+        ("component-value-quantity=80".into(), vec![4]),
+        ("component-value-quantity=gt100".into(), vec![4]),
+        ("component-value-quantity=5".into(), vec![]),
+        ("component-value-quantity:missing=false".into(), vec![4]),
+        ("combo-value-quantity=80".into(), vec![4]),
+        ("combo-value-quantity=5".into(), vec![0, 5]),
         ("code-value-quantity:missing=false".into(), vec![0]),
         (
             "code-value-quantity:missing=true".into(),

@@ -17,6 +17,7 @@
 //! ```
 
 mod boundary;
+mod casts;
 mod eval;
 mod functions;
 pub mod parse;
