@@ -31,7 +31,7 @@ pub use compartment::PatientCompartment;
 pub use include::Include;
 pub use index::{IndexValue, Indexer, ParamType};
 pub use scan::{CompartmentScope, MixedNdjsonPage, NdjsonPage, ScanCursor, ScanFilter, ScannedRow};
-pub use schema::SCHEMA_VERSION;
+pub use schema::{INDEX_TABLES, SCHEMA_VERSION};
 pub use search::{SearchParamValue, SearchQuery, SearchResult, SortSpec, Total};
 
 /// Why a store operation failed.

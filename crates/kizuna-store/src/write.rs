@@ -278,9 +278,24 @@ impl Store {
 
     /// Deletes a resource's rows from every index table (before its new rows, or for good).
     async fn delete_index_rows(&self, tx: &mut WriteTx<'_>, rid: i64) -> Result<(), StoreError> {
-        for table in INDEX_TABLES {
-            let del = self.sql(&format!("DELETE FROM {table} WHERE rid = ?"));
-            tx.execute(&del, &[Bind::I(rid)]).await?;
+        self.delete_index_rows_of(tx, &[rid]).await
+    }
+
+    /// [`Store::delete_index_rows`] for many resources: a statement per table and 500 resources,
+    /// not per table and resource (a reindex of 88k resources spent most of its time on the
+    /// 9 × 88k single deletes).
+    async fn delete_index_rows_of(
+        &self,
+        tx: &mut WriteTx<'_>,
+        rids: &[i64],
+    ) -> Result<(), StoreError> {
+        for chunk in rids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let binds: Vec<Bind> = chunk.iter().map(|r| Bind::I(*r)).collect();
+            for table in INDEX_TABLES {
+                let del = self.sql(&format!("DELETE FROM {table} WHERE rid IN ({marks})"));
+                tx.execute(&del, &binds).await?;
+            }
         }
         Ok(())
     }
@@ -1145,9 +1160,8 @@ impl Store {
             }
             let _serial = self.writer_lock().await;
             let mut tx = self.begin_write().await?;
-            for o in &pending.owners {
-                self.delete_index_rows(&mut tx, o.rid.unwrap_or(-1)).await?;
-            }
+            let rids: Vec<i64> = pending.owners.iter().filter_map(|o| o.rid).collect();
+            self.delete_index_rows_of(&mut tx, &rids).await?;
             n += pending.owners.len() as u64;
             self.flush(&mut tx, pending).await?;
             tx.commit().await?;

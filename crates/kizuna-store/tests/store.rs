@@ -1030,6 +1030,7 @@ async fn migrates_composites(url: &str) {
         sorted_ids(&s, "Observation", "component-value-quantity=77.5").await
     };
     assert_eq!(by_component(s.clone()).await, vec![bp.id.clone()]);
+    let rows_before = index_rows(url).await;
     for sql in [
         "DELETE FROM idx_quantity WHERE pid IN (SELECT pid FROM kz_param WHERE \
          code IN ('component-value-quantity', 'combo-value-quantity'))",
@@ -1049,6 +1050,14 @@ async fn migrates_composites(url: &str) {
         by_component(s.clone()).await,
         vec![bp.id.clone()],
         "reindexed"
+    );
+    // Every resource of the reindexed types (the suite stored well over 500 Observations, so
+    // several batches of 500) has its rows again,
+    // none twice.
+    assert_eq!(
+        index_rows(url).await,
+        rows_before,
+        "index rows after the reindex"
     );
     for (query, hit) in [
         ("urn:kizuna:test:migrate|q$gt7", true),
@@ -1073,6 +1082,24 @@ async fn migrates_composites(url: &str) {
         let want = if hit { vec![q.id.clone()] } else { Vec::new() };
         assert_eq!(ids, want, "{query}");
     }
+}
+
+/// Rows in all index tables.
+async fn index_rows(url: &str) -> i64 {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut n = 0;
+    for t in kizuna_store::INDEX_TABLES {
+        let c: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {t}"))
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        n += c;
+    }
+    pool.close().await;
+    n
 }
 
 /// Rows in `table` for the composites whose code is `LIKE code`, of the resources whose id is
@@ -1838,19 +1865,10 @@ async fn postgres_suite() {
         .await
         .unwrap_or_else(|e| panic!("{url}: {e}"));
     // A fresh schema each run.
-    for t in [
-        "resources",
-        "history",
-        "idx_token",
-        "idx_string",
-        "idx_date",
-        "idx_reference",
-        "idx_number",
-        "idx_uri",
-        "idx_quantity",
-        "idx_composite",
-        "idx_code_value",
-    ] {
+    for t in ["resources", "history"]
+        .into_iter()
+        .chain(kizuna_store::INDEX_TABLES)
+    {
         let _ = sqlx_truncate(&s, t).await;
     }
     // Planner statistics are gathered as the store grows (the suite writes well over 1,000
