@@ -1075,24 +1075,44 @@ impl Store {
         if keys.is_empty() {
             return Ok(0);
         }
+        // By type and 500 ids: a statement per table and page, not per table and resource.
+        let mut by_type: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for (rt, id) in keys {
+            by_type.entry(*rt).or_default().push(*id);
+        }
         let _serial = self.writer_lock().await;
         let mut tx = self.begin_write().await?;
         let mut n = 0;
-        for (rt, id) in keys {
-            let key = [Bind::S(rt.to_string()), Bind::S(id.to_string())];
-            let found = tx
-                .fetch(
-                    &self.sql("SELECT rid FROM resources WHERE rtype = ? AND id = ?"),
-                    &key,
-                )
-                .await?;
-            let Some(row) = found.first() else { continue };
-            self.delete_index_rows(&mut tx, int(row, 0)?).await?;
-            for table in ["resources", "history"] {
-                let del = self.sql(&format!("DELETE FROM {table} WHERE rtype = ? AND id = ?"));
-                tx.execute(&del, &key).await?;
+        for (rt, ids) in by_type {
+            for chunk in ids.chunks(500) {
+                let marks = vec!["?"; chunk.len()].join(", ");
+                let binds: Vec<Bind> = std::iter::once(Bind::S(rt.to_string()))
+                    .chain(chunk.iter().map(|id| Bind::S(id.to_string())))
+                    .collect();
+                let found = tx
+                    .fetch(
+                        &self.sql(&format!(
+                            "SELECT rid FROM resources WHERE rtype = ? AND id IN ({marks})"
+                        )),
+                        &binds,
+                    )
+                    .await?;
+                let rids = found
+                    .iter()
+                    .map(|r| int(r, 0))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if rids.is_empty() {
+                    continue;
+                }
+                self.delete_index_rows_of(&mut tx, &rids).await?;
+                for table in ["resources", "history"] {
+                    let del = self.sql(&format!(
+                        "DELETE FROM {table} WHERE rtype = ? AND id IN ({marks})"
+                    ));
+                    tx.execute(&del, &binds).await?;
+                }
+                n += rids.len();
             }
-            n += 1;
         }
         tx.commit().await?;
         Ok(n)
