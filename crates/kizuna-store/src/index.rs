@@ -481,10 +481,15 @@ impl Indexer {
     /// components ([`SearchParam::conjunction`]) and, for a code with a quantity, rows of its own,
     /// sorted: a store indexed before either changed needs their rows again.
     pub fn resource_composite_types(&self) -> Vec<String> {
+        self.types_with(over_the_resource)
+    }
+
+    /// The types, sorted, with a parameter for which `has(type, parameter)` holds.
+    fn types_with(&self, has: impl Fn(&str, &SearchParam) -> bool) -> Vec<String> {
         let mut out: Vec<String> = self
             .by_type
             .iter()
-            .filter(|(t, list)| list.iter().any(|p| over_the_resource(t, p)))
+            .filter(|(t, list)| list.iter().any(|p| has(t, p)))
             .map(|(t, _)| t.clone())
             .collect();
         out.sort();
@@ -496,38 +501,19 @@ impl Indexer {
     /// strictly, their resources lack those rows. `Resource` or `DomainResource` among them
     /// stands for every type.
     pub fn repeating_cast_types(&self, model: &TypeModel) -> Vec<String> {
+        // The kept expressions filter already: the casts are in their source text.
         let casts =
             |src: &str, rt: &str| FhirPath::parse(src).is_ok_and(|f| f.casts_may_repeat(model, rt));
-        let mut out: Vec<String> = self
-            .by_type
-            .iter()
-            .filter(|(t, list)| {
-                list.iter().any(|p| {
-                    casts(p.expr.source(), t)
-                        || p.components.iter().any(|c| casts(c.expr.source(), t))
-                })
-            })
-            .map(|(t, _)| t.clone())
-            .collect();
-        out.sort();
-        out
+        self.types_with(|t, p| {
+            casts(p.expr.source(), t) || p.components.iter().any(|c| casts(c.expr.source(), t))
+        })
     }
 
     /// The types with a parameter that computes its value rather than finding it in the
     /// resource (R4's `deceased`: `Patient.deceased.exists() and Patient.deceased != false`),
     /// sorted: before schema 9 such values gave no rows.
     pub fn computed_value_types(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .by_type
-            .iter()
-            .filter(|(_, list)| {
-                list.iter()
-                    .any(|p| p.starts.is_none() && p.kind != ParamType::Composite)
-            })
-            .map(|(t, _)| t.clone())
-            .collect();
-        out.sort();
-        out
+        self.types_with(|_, p| p.starts.is_none() && p.kind != ParamType::Composite)
     }
 
     /// Looks up one parameter of a type.
@@ -1384,7 +1370,6 @@ fn number_of(v: Option<&Value>) -> Option<f64> {
     }
 }
 
-/// The index values of one item a parameter's expression selected.
 /// The row of a value the expression computed rather than found in the resource: R4's
 /// `deceased` is `Patient.deceased.exists() and Patient.deceased != false`, a System Boolean.
 fn system_values(kind: ParamType, item: &Item<'_>) -> Vec<IndexValue> {
@@ -1403,6 +1388,7 @@ fn system_values(kind: ParamType, item: &Item<'_>) -> Vec<IndexValue> {
     vec![row]
 }
 
+/// The index values of one item a parameter's expression selected.
 pub(crate) fn values(kind: ParamType, item: &Item<'_>, model: &TypeModel) -> Vec<IndexValue> {
     let (node_ty, v) = match item {
         Item::Node(n) => (model.type_name(n.ty), n.value),

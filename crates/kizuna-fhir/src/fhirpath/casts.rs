@@ -6,7 +6,7 @@
 //! Servers read these casts as filters (Blaze, IBM FHIR); [`FhirPath::with_casts_as_filters`] does
 //! the same by rewriting them into `ofType(T)`, which is the filter FHIRPath has.
 
-use super::parse::{BinOp, Expr};
+use super::parse::Expr;
 use super::FhirPath;
 use crate::model::TypeModel;
 
@@ -94,7 +94,6 @@ fn path_shape(e: &Expr, model: &TypeModel, base: &str) -> Option<(Option<String>
             let (ty, many) = path_shape(x, model, base)?;
             step(model, &ty?, name, many)
         }
-        Expr::Binary(BinOp::Union, ..) => Some((None, true)),
         _ => None,
     }
 }
