@@ -116,6 +116,13 @@ pub struct SearchParam {
     /// are written once, under the narrower code, and a search on this one reads them too
     /// (`patient` was 5 % of a JP-CLINS ingest's rows, each repeating a `subject` row).
     pub narrowings: Vec<String>,
+    /// For a reference parameter whose values are whole resources inside this one rather than
+    /// references (R4's `Bundle.composition` and `Bundle.message`: `Bundle.entry[0].resource`):
+    /// the embedded resource's own parameters are indexed on this resource under
+    /// `{code}.{parameter}` ([`Indexer::param`] knows them), so `Bundle?composition.type=…` and
+    /// chains onward (`composition.subject.name=…`) are plain lookups. Its own rows name the
+    /// embedded resources by type and id.
+    pub embeds: bool,
     /// The top-level `|` parts of the expression that apply to this type (for union detection).
     parts: Vec<String>,
     /// The resource elements the expression starts from, when it is a plain path: a resource
@@ -359,6 +366,8 @@ const MAX_TUPLES: usize = 64;
 #[derive(Debug, Default)]
 pub struct Indexer {
     by_type: HashMap<String, Vec<SearchParam>>,
+    /// The embedded resources' parameters ([`SearchParam::embeds`]), by embedding type.
+    embedded: HashMap<String, Vec<SearchParam>>,
 }
 
 impl Indexer {
@@ -455,6 +464,7 @@ impl Indexer {
                         code_value_rows: false,
                         part_params: Vec::new(),
                         narrowings: Vec::new(),
+                        embeds: false,
                         parts,
                         starts,
                     });
@@ -462,12 +472,51 @@ impl Indexer {
             }
         }
         for (base, list) in by_type.iter_mut() {
+            for p in list.iter_mut() {
+                p.embeds = embeds_resources(base, p, reg.model());
+            }
             mark_unions(list);
             mark_narrowings(list);
             mark_conjunctions(base, list, reg.model());
             mark_part_params(base, list, reg.model());
         }
-        Indexer { by_type }
+        let mut indexer = Indexer {
+            by_type,
+            embedded: HashMap::new(),
+        };
+        indexer.embedded = indexer.embedded_params();
+        indexer
+    }
+
+    /// The parameters of the resources embedded by [`SearchParam::embeds`] parameters, per
+    /// embedding type, under `{code}.{parameter}`: each a copy of the embedded type's parameter
+    /// with every code it names (unions, narrowings, parts, components' rows) prefixed alike.
+    fn embedded_params(&self) -> HashMap<String, Vec<SearchParam>> {
+        let mut out: HashMap<String, Vec<SearchParam>> = HashMap::new();
+        for (base, list) in &self.by_type {
+            for p in list.iter().filter(|p| p.embeds) {
+                let pre = |c: &str| format!("{}.{c}", p.code);
+                for t in p.targets.iter().filter(|t| *t != base) {
+                    for q in self.params(t).filter(|q| !q.embeds) {
+                        let mut c = q.clone();
+                        c.code = pre(&q.code);
+                        c.union_of = q.union_of.iter().map(|x| pre(x)).collect();
+                        c.narrowings = q.narrowings.iter().map(|x| pre(x)).collect();
+                        for x in &mut c.part_params {
+                            x.code = pre(&x.code);
+                        }
+                        for x in &mut c.conjunction {
+                            x.code = pre(&x.code);
+                        }
+                        let list = out.entry(base.clone()).or_default();
+                        if !list.iter().any(|x| x.code == c.code) {
+                            list.push(c);
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The parameters of a type (including those on `Resource` and `DomainResource`).
@@ -516,13 +565,21 @@ impl Indexer {
         self.types_with(|_, p| p.starts.is_none() && p.kind != ParamType::Composite)
     }
 
-    /// Looks up one parameter of a type.
+    /// The types with a parameter embedding whole resources ([`SearchParam::embeds`]), sorted:
+    /// before schema 10 their embedded resources' parameters had no rows.
+    pub fn embedding_types(&self) -> Vec<String> {
+        self.types_with(|_, p| p.embeds)
+    }
+
+    /// Looks up one parameter of a type, or of a resource it embeds (`composition.type` on
+    /// `Bundle`; see [`SearchParam::embeds`]).
     pub fn param(&self, rt: &str, code: &str) -> Option<&SearchParam> {
         ["Resource", "DomainResource", rt]
             .into_iter()
             .filter_map(|t| self.by_type.get(t))
             .flatten()
             .find(|p| p.code == code)
+            .or_else(|| self.embedded.get(rt)?.iter().find(|p| p.code == code))
     }
 
     /// All index rows of a resource: (parameter code, value). Besides one row per value, tokens
@@ -531,6 +588,17 @@ impl Indexer {
     /// References to the resource's own contained resources get no rows; one
     /// [`CONTAINED_REFERENCES`] row names the parameters that had them.
     pub fn extract(&self, reg: &Registry, resource: &Value) -> Vec<(String, IndexValue)> {
+        self.extract_at(reg, resource, true)
+    }
+
+    /// [`Indexer::extract`]; `embed` is false inside an embedded resource, which embeds nothing
+    /// further (a Bundle in a Bundle in a Bundle … has rows for the first level only).
+    fn extract_at(
+        &self,
+        reg: &Registry,
+        resource: &Value,
+        embed: bool,
+    ) -> Vec<(String, IndexValue)> {
         let rt = resource
             .member("resourceType")
             .and_then(Value::as_str)
@@ -540,7 +608,7 @@ impl Indexer {
         let mut out = Vec::new();
         let mut contained: Vec<&str> = Vec::new();
         for p in self.params(rt) {
-            if matches!(p.code.as_str(), "_id" | "_lastUpdated")
+            if (embed && matches!(p.code.as_str(), "_id" | "_lastUpdated"))
                 || !p.union_of.is_empty()
                 || !p.may_match(resource)
             {
@@ -549,6 +617,12 @@ impl Indexer {
             let Ok(items) = p.expr.evaluate_resource(&ctx, resource) else {
                 continue;
             };
+            if p.embeds {
+                if embed {
+                    self.embedded_rows(reg, rt, p, &items, &mut out);
+                }
+                continue;
+            }
             for item in &items {
                 if !p.conjunction.is_empty() {
                     conjunct_rows(p, &ctx, item, model, &mut out);
@@ -594,6 +668,91 @@ impl Indexer {
         }
         out
     }
+}
+
+impl Indexer {
+    /// The rows of the resources `p` embeds ([`SearchParam::embeds`]), under `{p.code}.{code}`:
+    /// each embedded resource of one of `p`'s target types is indexed as if it were stored, its
+    /// id and `meta.lastUpdated` included (`{p.code}._id`), which a stored resource keeps in its
+    /// own row instead.
+    fn embedded_rows(
+        &self,
+        reg: &Registry,
+        rt: &str,
+        p: &SearchParam,
+        items: &[Item<'_>],
+        out: &mut Vec<(String, IndexValue)>,
+    ) {
+        for item in items {
+            let Item::Node(n) = item else { continue };
+            let Some(sub) = n.value else { continue };
+            let Some(t) = sub.member("resourceType").and_then(Value::as_str) else {
+                continue;
+            };
+            if t == rt || !p.targets.iter().any(|x| x == t) {
+                continue;
+            }
+            // The embedding parameter's own row names the resource (`composition:missing`,
+            // `composition=Composition/{id}`, `_include=Bundle:composition`).
+            let id = sub.member("id").and_then(Value::as_str).unwrap_or("");
+            out.push((
+                p.code.clone(),
+                IndexValue::Reference(t.to_string(), id.to_string()),
+            ));
+            for (code, v) in self.extract_at(reg, sub, false) {
+                let v = match v {
+                    // The listing names the embedded parameters by their codes here.
+                    IndexValue::Reference(ty, listed) if code == CONTAINED_REFERENCES => {
+                        let listed = listed
+                            .split(',')
+                            .map(|c| {
+                                if c.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!("{}.{c}", p.code)
+                                }
+                            })
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        IndexValue::Reference(ty, listed)
+                    }
+                    v => v,
+                };
+                out.push((format!("{}.{code}", p.code), v));
+            }
+        }
+    }
+}
+
+/// Whether a reference parameter's values are whole resources held inside the resource
+/// (`Bundle.entry[0].resource`, `Bundle.entry.first().resource`): every part of its expression is
+/// a path whose last element has the type `Resource`.
+fn embeds_resources(rt: &str, p: &SearchParam, model: &TypeModel) -> bool {
+    p.kind == ParamType::Reference && paths_end_at_resources(rt, &p.parts, model)
+}
+
+/// Whether every part is a path from `rt` whose last element has the type `Resource`.
+fn paths_end_at_resources(rt: &str, parts: &[String], model: &TypeModel) -> bool {
+    let resource_typed = |part: &str| {
+        let path = part.replace(".first()", "").replace("[0]", "");
+        let Some(rest) = path.strip_prefix(rt).and_then(|r| r.strip_prefix('.')) else {
+            return false;
+        };
+        let mut ty = rt.to_string();
+        let mut last: Option<&str> = None;
+        for name in rest.split('.') {
+            let Some(e) = model.element(&ty, name) else {
+                return false;
+            };
+            let Some(next) = e.types.first() else {
+                return false;
+            };
+            last = Some(name);
+            ty = next.clone();
+        }
+        last.is_some() && ty == "Resource"
+    };
+    !parts.is_empty() && parts.iter().all(|x| resource_typed(x))
 }
 
 /// The top-level `|` parts of an expression.
@@ -707,10 +866,11 @@ fn mark_unions(list: &mut [SearchParam]) {
     let aliases: Vec<(usize, String)> = list
         .iter()
         .enumerate()
-        .filter(|(_, p)| p.union_of.is_empty() && !p.parts.is_empty())
+        .filter(|(_, p)| p.union_of.is_empty() && !p.parts.is_empty() && !p.embeds)
         .filter_map(|(i, p)| {
+            // Embedding parameters alike (`composition`, `message`) differ by their targets.
             list.iter()
-                .filter(|q| q.union_of.is_empty() && q.code < p.code && same(q, p))
+                .filter(|q| q.union_of.is_empty() && !q.embeds && q.code < p.code && same(q, p))
                 .map(|q| q.code.clone())
                 .min()
                 .map(|c| (i, c))
@@ -1972,6 +2132,115 @@ mod union_tests {
             .extract(reg, &plain)
             .iter()
             .any(|(c, _)| c == super::CONTAINED_REFERENCES));
+    }
+
+    #[test]
+    fn resource_typed_paths_are_found_from_the_model() {
+        let model = kizuna_fhir::Registry::builtin().model();
+        let ends = |parts: &[&str]| {
+            let parts: Vec<String> = parts.iter().map(|p| p.to_string()).collect();
+            super::paths_end_at_resources("Bundle", &parts, model)
+        };
+        assert!(ends(&["Bundle.entry[0].resource"]));
+        assert!(ends(&["Bundle.entry.first().resource"]));
+        assert!(ends(&["Bundle.entry.resource"]));
+        assert!(!ends(&["Bundle.entry[0]"]));
+        assert!(!ends(&["Bundle.identifier"]));
+        assert!(!ends(&["Bundle.entry[0].resource", "Bundle.identifier"]));
+        assert!(!ends(&["Observation.subject"]));
+        assert!(!ends(&[]));
+    }
+
+    #[test]
+    fn a_bundles_first_resource_is_indexed_under_its_embedding_parameter() {
+        use super::IndexValue::{Reference, Token};
+        let reg = kizuna_fhir::Registry::builtin();
+        let idx = Indexer::new(reg);
+        // Found from the type model, not from a list: R4's two, on Bundle only.
+        let mut embedding: Vec<&str> = reg
+            .model()
+            .resource_types()
+            .into_iter()
+            .flat_map(|t| {
+                idx.params(t)
+                    .filter(|p| p.embeds)
+                    .map(move |p| (t, p.code.as_str()))
+            })
+            .map(|(t, c)| if t == "Bundle" { c } else { "elsewhere" })
+            .collect();
+        embedding.sort_unstable();
+        assert_eq!(embedding, ["composition", "message"]);
+        assert_eq!(idx.embedding_types(), ["Bundle"]);
+        let sub = idx.param("Bundle", "composition.subject");
+        assert!(sub.is_some_and(|p| p.narrowings == ["composition.patient"]));
+        assert!(idx.param("Bundle", "composition.event").is_none());
+        assert!(idx.param("Bundle", "message.event").is_some());
+        let doc = serde_json::json!({"resourceType": "Bundle", "type": "document",
+            "entry": [{"resource": {"resourceType": "Composition", "id": "c1", "status": "final",
+                "type": {"coding": [{"system": "http://loinc.org", "code": "57133-1"}]},
+                "subject": {"reference": "Patient/p1"}, "date": "2026-11-01",
+                "contained": [{"resourceType": "Encounter", "id": "e", "status": "finished"}],
+                "encounter": {"reference": "#e"}, "title": "診療情報提供書"}},
+                {"resource": {"resourceType": "Patient", "id": "p1", "gender": "male"}}]});
+        let rows = idx.extract(reg, &doc);
+        let has = |code: &str, v: &super::IndexValue| rows.iter().any(|(c, x)| c == code && x == v);
+        let tok = |s: &str, c: &str| Token(s.into(), c.into());
+        assert!(
+            has("composition.type", &tok("http://loinc.org", "57133-1")),
+            "{rows:?}"
+        );
+        assert!(has("composition.status", &tok("", "final")), "{rows:?}");
+        assert!(has("composition._id", &tok("", "c1")), "{rows:?}");
+        assert!(
+            has(
+                "composition.patient",
+                &Reference("Patient".into(), "p1".into())
+            ),
+            "{rows:?}"
+        );
+        // Narrowed as a stored Composition's rows are: the Patient subject is `patient`'s row.
+        assert!(
+            !rows.iter().any(|(c, _)| c == "composition.subject"),
+            "{rows:?}"
+        );
+        assert!(
+            has(
+                "composition.#contained",
+                &Reference(String::new(), ",composition.encounter,".into())
+            ),
+            "{rows:?}"
+        );
+        assert!(rows.iter().any(|(c, _)| c == "composition.date"));
+        assert!(rows.iter().any(|(c, _)| c == "composition.title"));
+        // The embedding parameter names the resource; nothing from the second entry, nor
+        // under `message`.
+        let named: Vec<_> = rows.iter().filter(|(c, _)| c == "composition").collect();
+        assert_eq!(named.len(), 1, "{rows:?}");
+        assert_eq!(named[0].1, Reference("Composition".into(), "c1".into()));
+        for (c, _) in &rows {
+            assert!(!c.starts_with("message") && !c.starts_with("gender"), "{c}");
+        }
+        // A message's header is a MessageHeader, not a Composition.
+        let msg = serde_json::json!({"resourceType": "Bundle", "type": "message",
+            "entry": [{"resource": {"resourceType": "MessageHeader",
+                "eventCoding": {"system": "urn:x", "code": "notify"},
+                "source": {"endpoint": "urn:y"}}}]});
+        let rows = idx.extract(reg, &msg);
+        assert!(rows
+            .iter()
+            .any(|(c, v)| c == "message.event" && *v == tok("urn:x", "notify")));
+        assert!(
+            !rows.iter().any(|(c, _)| c.starts_with("composition")),
+            "{rows:?}"
+        );
+        // A Composition inside a Composition's Bundle inside … is not followed further.
+        let nested = serde_json::json!({"resourceType": "Bundle", "type": "collection",
+            "entry": [{"resource": {"resourceType": "Bundle", "type": "document",
+                "entry": [{"resource": {"resourceType": "Composition", "status": "final"}}]}}]});
+        assert!(!idx
+            .extract(reg, &nested)
+            .iter()
+            .any(|(c, _)| c.contains('.')));
     }
 }
 

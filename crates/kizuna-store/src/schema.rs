@@ -23,9 +23,9 @@ use crate::{Backend, Store, StoreError};
 /// (`url|version`, found by its bare URL by prefix; PostgreSQL's `idx_uri_c` compares bytes);
 /// 8 adds `idx_code_value`, the rows of a composite of a code and a quantity over the resource;
 /// 9 reads a cast of a repeating element as a filter (every component's value quantity is
-/// indexed, not none) and indexes computed values (`deceased`). Opening an older store migrates
-/// it.
-pub const SCHEMA_VERSION: &str = "9";
+/// indexed, not none) and indexes computed values (`deceased`); 10 indexes the resource inside a
+/// Bundle (`Bundle?composition.type=…`). Opening an older store migrates it.
+pub const SCHEMA_VERSION: &str = "10";
 
 const COMMON: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS kz_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -242,16 +242,19 @@ impl Store {
         if old_layout {
             let n = self.reindex().await?;
             tracing::info!(resources = n, from = ?before, "store migrated; search index rebuilt");
-        } else if let Some(v) = before.filter(|v| *v < 9) {
+        } else if let Some(v) = before.filter(|v| *v < 10) {
             // Schema 6: tuple rows went and components' own rows came; 8: a code with a
             // quantity has rows in `idx_code_value`; 9: casts of repeating elements and computed
-            // values give rows.
+            // values give rows; 10: resources inside a Bundle (`composition.…`) give rows.
             let mut types = std::collections::BTreeSet::new();
             if v < 8 {
                 types.extend(self.indexer().resource_composite_types());
             }
-            types.extend(self.indexer().repeating_cast_types(self.registry().model()));
-            types.extend(self.indexer().computed_value_types());
+            if v < 9 {
+                types.extend(self.indexer().repeating_cast_types(self.registry().model()));
+                types.extend(self.indexer().computed_value_types());
+            }
+            types.extend(self.indexer().embedding_types());
             let types: Vec<String> = types.into_iter().collect();
             let n = if types
                 .iter()

@@ -513,6 +513,18 @@ impl Compiler<'_> {
                 rank,
             )));
         }
+        self.compile_param(rt, key, name, modifier, value)
+    }
+
+    /// Compiles `name[:modifier]=value`, one parameter of `rt` (`key` as written, for errors).
+    fn compile_param(
+        &mut self,
+        rt: &str,
+        key: &str,
+        name: &str,
+        modifier: Option<&str>,
+        value: &str,
+    ) -> Result<Option<Ranked>, StoreError> {
         let Some(sp) = self.store.indexer().param(rt, name) else {
             return self.unknown(key);
         };
@@ -538,8 +550,13 @@ impl Compiler<'_> {
                 let mut cond = format!("{a}.pid {pids}");
                 if kind == ParamType::Reference {
                     // References to contained resources have no rows of their own; the
-                    // resource's one `#contained` row lists the parameters that had them.
-                    let (listed, b) = self.pids(rt, CONTAINED_REFERENCES, "");
+                    // resource's one `#contained` row lists the parameters that had them (an
+                    // embedded resource's row is `{embedding}.#contained`).
+                    let listing = match name.rsplit_once('.') {
+                        Some((embedding, _)) => format!("{embedding}.{CONTAINED_REFERENCES}"),
+                        None => CONTAINED_REFERENCES.to_string(),
+                    };
+                    let (listed, b) = self.pids(rt, &listing, "");
                     binds.extend(b);
                     let find = match self.store.backend() {
                         Backend::Sqlite => format!("instr({a}.tid, ?) > 0"),
@@ -714,6 +731,9 @@ impl Compiler<'_> {
             return Err(bad(key, &format!("{pname} is not a reference parameter")));
         }
         let next_name = rest.split(['.', ':']).next().unwrap_or(rest).to_string();
+        if sp.embeds {
+            return self.compile_embedded(rt, key, pname, restrict, rest, &next_name, value, depth);
+        }
         let targets: Vec<String> = match restrict {
             Some(t) if self.store.registry().model().is_resource(t) => vec![t.to_string()],
             Some(t) => return Err(bad(key, &format!("unknown resource type {t}"))),
@@ -769,6 +789,80 @@ impl Compiler<'_> {
             },
             3,
         )))
+    }
+
+    /// `{pname}.{rest}` where `pname` embeds whole resources ([`SearchParam::embeds`]:
+    /// `Bundle?composition.type=…`): the embedded resource's parameter `next` is read from its
+    /// rows on this resource (`composition.type`), and a chain goes on from there
+    /// (`composition.subject:Patient.name=…` is the chain `composition.subject:Patient` → `name`).
+    /// `pname`'s own rows name the embedded resources (type and id).
+    ///
+    /// [`SearchParam::embeds`]: crate::index::SearchParam::embeds
+    #[allow(clippy::too_many_arguments)]
+    fn compile_embedded(
+        &mut self,
+        rt: &str,
+        key: &str,
+        pname: &str,
+        restrict: Option<&str>,
+        rest: &str,
+        next: &str,
+        value: &str,
+        depth: usize,
+    ) -> Result<Option<Ranked>, StoreError> {
+        if let Some(t) = restrict {
+            let targets = self
+                .store
+                .indexer()
+                .param(rt, pname)
+                .map(|sp| sp.targets.clone())
+                .unwrap_or_default();
+            if !targets.iter().any(|x| x == t) {
+                return Err(bad(key, &format!("{pname} holds no {t}")));
+            }
+        }
+        let name = format!("{pname}.{next}");
+        let after = &rest[next.len()..];
+        if let Some(dot) = after.find('.') {
+            // `:Type.…` or `.…`: a chain from the embedded resource's reference parameter.
+            let link = format!("{name}{}", &after[..dot]);
+            return self.compile_chain(rt, key, &link, &after[dot + 1..], value, depth + 1);
+        }
+        let modifier = after.strip_prefix(':');
+        let crit = self.compile_param(rt, key, &name, modifier, value)?;
+        match crit {
+            // As in any chain, `:missing=true` asks about the embedded resources there are: a
+            // Bundle with no Composition has no `composition.encounter` to miss.
+            Some((
+                Crit::Set {
+                    from_where,
+                    idcol,
+                    kind: IdKind::Rid,
+                    binds,
+                    negate: true,
+                    ..
+                },
+                rank,
+            )) => {
+                let e = self.alias();
+                let (pids, mut all) = self.pids(rt, pname, "");
+                all.extend(binds);
+                Ok(Some((
+                    Crit::Set {
+                        from_where: format!(
+                            "idx_reference {e} WHERE {e}.pid {pids} AND {e}.rid NOT IN (SELECT {idcol} FROM {from_where})"
+                        ),
+                        idcol: format!("{e}.rid"),
+                        kind: IdKind::Rid,
+                        binds: all,
+                        negate: false,
+                        ordered: false,
+                    },
+                    rank,
+                )))
+            }
+            crit => Ok(crit),
+        }
     }
 
     /// A composite's set. A composite whose rows are tuples (one element's components together)

@@ -162,6 +162,24 @@ fn graph() -> Vec<Value> {
             "prediction": [{"probabilityDecimal": pr}]}),
         );
     }
+    // Documents and a message about the patients, their first entries naming stored resources.
+    for (i, p) in [1, 2, 6].iter().enumerate() {
+        v.push(json!({"resourceType": "Bundle", "id": format!("gdoc-{i}"), "type": "document",
+            "entry": [{"fullUrl": format!("urn:uuid:5b1c0d2e-0000-4000-8000-00000000000{i}"),
+                "resource": {"resourceType": "Composition", "id": format!("gcomp-{i}"),
+                "status": "final", "title": format!("診療情報提供書 {i}"),
+                "type": {"coding": [{"system": "http://loinc.org", "code": (["57133-1", "18842-5"][i % 2])}]},
+                "subject": {"reference": format!("Patient/gp-{p}")},
+                "author": [{"reference": format!("Practitioner/pr-{}", p % 4)}],
+                "date": format!("2024-0{}-01", 1 + i)}}]}));
+    }
+    v.push(
+        json!({"resourceType": "Bundle", "id": "gmsg-1", "type": "message",
+        "entry": [{"resource": {"resourceType": "MessageHeader", "id": "gmh-1",
+            "eventCoding": {"system": "urn:kizuna:test:event", "code": "notify"},
+            "source": {"endpoint": "urn:kizuna:test:source"},
+            "focus": [{"reference": "Patient/gp-3"}]}}]}),
+    );
     v.push(json!({"resourceType": "Group", "id": "grp-1", "type": "person", "actual": true,
         "member": (0..12).step_by(2).map(|p| json!({"entity": {"reference": format!("Patient/gp-{p}")}})).collect::<Vec<_>>()}));
     v
@@ -209,6 +227,9 @@ struct Oracle<'a> {
     reg: &'static Registry,
     store: &'a Store,
     all: &'a BTreeMap<Key, Value>,
+    /// The resources inside stored ones (a Bundle's Composition under `composition`), keyed by
+    /// their type and `{holder id}#{embedding parameter}`.
+    embedded: BTreeMap<Key, Value>,
     /// Extracted values per (resource, param code), computed once.
     cache: AtomCache,
 }
@@ -410,7 +431,45 @@ fn oracle_ref(r: &str) -> (String, String) {
     (String::new(), r.to_string())
 }
 
+/// The resources the embedding parameters (`Bundle.composition`: `Bundle.entry[0].resource`)
+/// find in the stored ones, of the parameters' target types.
+fn embedded_of(reg: &Registry, s: &Store, all: &BTreeMap<Key, Value>) -> BTreeMap<Key, Value> {
+    let mut out = BTreeMap::new();
+    for (k, res) in all {
+        for sp in s.indexer().params(&k.0).filter(|p| p.embeds) {
+            let ctx = EvalContext::new(reg.model()).with_resource(res);
+            for it in sp.expr.evaluate_resource(&ctx, res).unwrap_or_default() {
+                let Item::Node(n) = it else { continue };
+                let Some(v) = n.value else { continue };
+                let t = st(v, "resourceType");
+                if t != k.0 && sp.targets.iter().any(|x| x == t) {
+                    out.insert((t.to_string(), format!("{}#{}", k.1, sp.code)), v.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
 impl<'a> Oracle<'a> {
+    /// A stored or an embedded resource.
+    fn res(&self, key: &Key) -> &Value {
+        match self.all.get(key) {
+            Some(v) => v,
+            None => &self.embedded[key],
+        }
+    }
+
+    /// The embedded resources `key`'s parameter `code` holds.
+    fn embedded_in(&self, key: &Key, code: &str) -> Vec<Key> {
+        let id = format!("{}#{code}", key.1);
+        self.embedded
+            .keys()
+            .filter(|k| k.1 == id)
+            .cloned()
+            .collect()
+    }
+
     fn param(&self, rt: &str, code: &str) -> Option<&'a SearchParam> {
         self.store.indexer().param(rt, code)
     }
@@ -637,9 +696,19 @@ impl<'a> Oracle<'a> {
         if let Some(a) = self.cache.borrow().get(&ck) {
             return a.clone();
         }
-        let res = &self.all[key];
+        let res = self.res(key);
         let mut out = Vec::new();
-        if let Some(sp) = self.param(&key.0, code) {
+        if let Some(sp) = self.param(&key.0, code).filter(|sp| sp.embeds) {
+            // The embedding parameter names each embedded resource by type and id.
+            out = self
+                .embedded_in(key, &sp.code)
+                .into_iter()
+                .map(|k| Atom::Ref {
+                    reference: Some(format!("{}/{}", k.0, st(self.res(&k), "id"))),
+                    identifier: None,
+                })
+                .collect();
+        } else if let Some(sp) = self.param(&key.0, code) {
             let ctx = EvalContext::new(self.reg.model()).with_resource(res);
             if let Ok(items) = sp.expr.evaluate_resource(&ctx, res) {
                 if sp.kind == ParamType::Composite {
@@ -698,6 +767,13 @@ impl<'a> Oracle<'a> {
                 None => (link, None),
             };
             let next = rest.split(['.', ':']).next().unwrap_or(rest);
+            if self.param(rt, pname).is_some_and(|sp| sp.embeds) {
+                // The embedded resources are the chain's targets.
+                return self.embedded_in(key, pname).iter().any(|k| {
+                    restrict.as_ref().is_none_or(|t| *t == k.0)
+                        && self.matches(k, rest, value, depth + 1)
+                });
+            }
             let allowed: Vec<String> = match restrict {
                 Some(t) => vec![t],
                 None => self
@@ -728,11 +804,11 @@ impl<'a> Oracle<'a> {
             Some((n, m)) => (n, Some(m)),
             None => (pkey, None),
         };
-        let res = &self.all[key];
+        let res = self.res(key);
         if name == "_id" {
             return alternatives(value)
                 .iter()
-                .any(|v| parts(v, ',')[0] == key.1);
+                .any(|v| parts(v, ',')[0] == st(res, "id"));
         }
         if name == "_lastUpdated" {
             let lu = res
@@ -1030,22 +1106,53 @@ fn generate(o: &Oracle<'_>) -> Vec<Q> {
     let mut pick = Pick(0x9E37_79B9_7F4A_7C15);
     let mut out = Vec::new();
     let types: BTreeSet<String> = o.all.keys().map(|k| k.0.clone()).collect();
+    // Each type's parameters on its resources, then, asked on the same type, the parameters of
+    // the resources it embeds (`Bundle?composition.type=…` from the Bundles' Compositions):
+    // (type asked, key prefix, resources the values come from, their type).
+    let mut scopes: Vec<(&String, String, Vec<&Key>, String)> = Vec::new();
     for rt in &types {
-        let keys: Vec<&Key> = o.all.keys().filter(|k| &k.0 == rt).collect();
-        let params: Vec<&SearchParam> = o.store.indexer().params(rt).collect();
+        scopes.push((
+            rt,
+            String::new(),
+            o.all.keys().filter(|k| &k.0 == rt).collect(),
+            rt.clone(),
+        ));
+        for sp in o.store.indexer().params(rt).filter(|p| p.embeds) {
+            let held = format!("#{}", sp.code);
+            for t in &sp.targets {
+                let keys: Vec<&Key> = o
+                    .embedded
+                    .keys()
+                    .filter(|k| &k.0 == t && k.1.ends_with(&held))
+                    .collect();
+                scopes.push((rt, format!("{}.", sp.code), keys, t.clone()));
+            }
+        }
+    }
+    // The embedded scopes pick with their own sequence, leaving the others' picks as they were.
+    let mut embedded_pick = Pick(0x2545_F491_4F6C_DD1D);
+    for (rt, prefix, keys, of) in &scopes {
+        let pick = if prefix.is_empty() {
+            &mut pick
+        } else {
+            &mut embedded_pick
+        };
+        let params: Vec<&SearchParam> = o.store.indexer().params(of).collect();
         for sp in params {
-            let code = sp.code.as_str();
-            if matches!(code, "_id" | "_lastUpdated") {
+            if matches!(sp.code.as_str(), "_id" | "_lastUpdated") {
                 continue;
             }
             let atoms: Vec<Atom> = keys
                 .iter()
-                .flat_map(|k| o.atoms(k, code).iter().cloned().collect::<Vec<_>>())
+                .flat_map(|k| o.atoms(k, &sp.code).iter().cloned().collect::<Vec<_>>())
                 .collect();
+            let full = format!("{prefix}{}", sp.code);
+            let code = full.as_str();
             if atoms.is_empty() {
                 continue;
             }
-            let cat = |m: &str| format!("{}:{m}", sp.kind.name());
+            let embedded = if prefix.is_empty() { "" } else { "embedded:" };
+            let cat = |m: &str| format!("{embedded}{}:{m}", sp.kind.name());
             out.push(q(
                 rt,
                 &cat("missing"),
@@ -1300,6 +1407,12 @@ fn generate(o: &Oracle<'_>) -> Vec<Q> {
             "http://jpfhir.jp/fhir/clins/Idsystem/JP_Insurance_memberID|06138013:1:3:00",
         ),
         ("Condition", "subject.organization.active", "true"),
+        // Through the resource inside a Bundle, then on to stored ones.
+        ("Bundle", "composition.subject.name", "sato"),
+        ("Bundle", "composition.subject:Patient.gender", "female"),
+        ("Bundle", "composition.patient.organization.name", "東京"),
+        ("Bundle", "composition.author:Practitioner.family", "suzuki"),
+        ("Bundle", "message.focus:Patient.birthdate", "lt1970"),
         ("Condition", "subject._id", "gp-1,gp-2"),
         ("Condition", "encounter.class", "AMB"),
         (
@@ -1471,8 +1584,14 @@ async fn run(s: &Store) {
         reg: Registry::builtin(),
         store: s,
         all: &all,
+        embedded: embedded_of(Registry::builtin(), s, &all),
         cache: Default::default(),
     };
+    assert!(
+        o.embedded.keys().filter(|k| k.0 == "Composition").count() >= 3,
+        "documents' Compositions: {:?}",
+        o.embedded.keys().collect::<Vec<_>>()
+    );
     let queries = generate(&o);
     assert!(queries.len() > 1500, "{} queries", queries.len());
     let mut failures = Vec::new();
@@ -1615,6 +1734,14 @@ async fn run(s: &Store) {
         "chain",
         "has",
         "and",
+        // A Bundle's Composition's parameters (`composition.type=…`).
+        "embedded:token:code",
+        "embedded:token:not",
+        "embedded:token:missing",
+        "embedded:string:prefix",
+        "embedded:date:ge",
+        "embedded:reference:Type/id",
+        "embedded:reference:missing",
     ];
     let weak: Vec<&str> = must
         .iter()

@@ -1723,6 +1723,151 @@ async fn contained_references(s: &Store) {
     .is_empty());
 }
 
+/// The resource inside a Bundle (`Bundle.entry[0].resource`: R4's `composition` and `message`) is
+/// searched through its own parameters, and chains go on from its references; a store of schema 9
+/// (no such rows) gets them when opened.
+async fn embedded_resources(s: &Store, url: &str) {
+    const TAG: &str = "_tag=urn:kizuna:test|embedded";
+    let meta = json!({"tag": [{"system": "urn:kizuna:test", "code": "embedded"}]});
+    let patient = s
+        .create(
+            json!({"resourceType": "Patient", "name": [{"family": "埋込山田"}],
+            "identifier": [{"system": "urn:kizuna:test:embedded", "value": "E-1"}]}),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .id;
+    let composition = |id: &str, code: &str, subject: &str, date: &str, title: &str| {
+        json!({"resourceType": "Composition", "id": id, "status": "final",
+            "type": {"coding": [{"system": "http://loinc.org", "code": code}]},
+            "subject": {"reference": subject}, "date": date, "title": title,
+            "author": [{"reference": "Practitioner/embedded-1"}]})
+    };
+    let bundle = |kind: &str, first: Value| {
+        json!({"resourceType": "Bundle", "type": kind, "meta": meta,
+            "entry": [{"fullUrl": "urn:uuid:8f0a6b1e-0000-4000-8000-000000000001", "resource": first},
+                      {"fullUrl": "urn:uuid:8f0a6b1e-0000-4000-8000-000000000002",
+                       "resource": {"resourceType": "Patient", "gender": "male"}}]})
+    };
+    let mut d2_composition = composition(
+        "comp-2",
+        "18842-5",
+        "Patient/embedded-other",
+        "2025-05-01",
+        "退院時サマリー",
+    );
+    d2_composition["contained"] =
+        json!([{"resourceType": "Encounter", "id": "e", "status": "finished"}]);
+    d2_composition["encounter"] = json!({"reference": "#e"});
+    let header = json!({"resourceType": "MessageHeader", "id": "mh-1",
+        "eventCoding": {"system": "urn:kizuna:test:event", "code": "notify"},
+        "source": {"endpoint": "urn:kizuna:test:source"},
+        "focus": [{"reference": format!("Patient/{patient}")}]});
+    let mut ids = Vec::new();
+    for b in [
+        bundle(
+            "document",
+            composition(
+                "comp-1",
+                "57133-1",
+                &format!("Patient/{patient}"),
+                "2026-11-01",
+                "診療情報提供書",
+            ),
+        ),
+        bundle("document", d2_composition),
+        bundle("message", header),
+        bundle(
+            "collection",
+            json!({"resourceType": "Patient", "gender": "female"}),
+        ),
+    ] {
+        ids.push(s.create(b).await.unwrap_or_else(|e| panic!("{e}")).id);
+    }
+    let (d1, d2, m, other) = (&ids[0], &ids[1], &ids[2], &ids[3]);
+    let all = {
+        let mut v = ids.clone();
+        v.sort();
+        v
+    };
+    let cases: Vec<(String, Vec<&String>)> = vec![
+        ("composition.type=http://loinc.org|57133-1".into(), vec![d1]),
+        ("composition.type=57133-1,18842-5".into(), vec![d1, d2]),
+        (format!("composition.subject=Patient/{patient}"), vec![d1]),
+        (format!("composition.patient={patient}"), vec![d1]),
+        ("composition.subject.family=埋込山田".into(), vec![d1]),
+        (
+            "composition.subject:Patient.family=埋込山田".into(),
+            vec![d1],
+        ),
+        (
+            "composition.patient.identifier=urn:kizuna:test:embedded|E-1".into(),
+            vec![d1],
+        ),
+        ("composition.date=ge2026-01-01".into(), vec![d1]),
+        ("composition.date=lt2026".into(), vec![d2]),
+        ("composition.title:contains=提供".into(), vec![d1]),
+        ("composition._id=comp-2".into(), vec![d2]),
+        ("composition.encounter:missing=false".into(), vec![d2]),
+        // As in any chain: a Bundle without a Composition has no encounter to miss.
+        ("composition.encounter:missing=true".into(), vec![d1]),
+        ("composition.type:missing=true".into(), vec![]),
+        ("composition:missing=false".into(), vec![d1, d2]),
+        ("composition:missing=true".into(), vec![m, other]),
+        ("message:missing=false".into(), vec![m]),
+        ("composition=Composition/comp-1".into(), vec![d1]),
+        ("message=MessageHeader/mh-1".into(), vec![m]),
+        ("message.event=urn:kizuna:test:event|notify".into(), vec![m]),
+        (format!("message.focus=Patient/{patient}"), vec![m]),
+        // The message's header is no Composition, nor a document's Composition a header.
+        ("composition.type:missing=false".into(), vec![d1, d2]),
+        ("message.event:missing=false".into(), vec![m]),
+        ("type=document".into(), vec![d1, d2]),
+    ];
+    let cases: Vec<(String, Vec<String>)> = cases
+        .into_iter()
+        .map(|(q, want)| {
+            let mut want: Vec<String> = want.into_iter().cloned().collect();
+            want.sort();
+            (q, want)
+        })
+        .collect();
+    let check = |s: Store, cases: Vec<(String, Vec<String>)>| async move {
+        for (q, want) in cases {
+            assert_eq!(
+                sorted_ids(&s, "Bundle", &format!("{TAG}&{q}")).await,
+                want,
+                "Bundle?{q}"
+            );
+        }
+    };
+    check(s.clone(), cases.clone()).await;
+    assert_eq!(sorted_ids(s, "Bundle", TAG).await, all);
+    assert!(matches!(
+        s.search("Bundle", &pairs("composition.no-such=1")).await,
+        Err(StoreError::UnknownParameter(_))
+    ));
+    // Schema 9 had no rows for them.
+    for sql in [
+        "DELETE FROM idx_token WHERE pid IN (SELECT pid FROM kz_param WHERE rtype = 'Bundle' \
+         AND (code LIKE 'composition.%' OR code LIKE 'message.%'))",
+        "DELETE FROM idx_reference WHERE pid IN (SELECT pid FROM kz_param WHERE rtype = 'Bundle' \
+         AND (code LIKE 'composition%' OR code LIKE 'message%'))",
+        "UPDATE kz_meta SET value = '9' WHERE key = 'schema_version'",
+    ] {
+        s.execute_raw(sql).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(
+        sorted_ids(s, "Bundle", &format!("{TAG}&composition.type=57133-1"))
+            .await
+            .is_empty()
+    );
+    let reopened = Store::open(url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    check(reopened, cases).await;
+}
+
 /// Retention's erase: every version, the index rows and the current row of the named resources,
 /// across types and pages of 500; absent and repeated keys count once or not at all; others stay.
 async fn purges(s: &Store) {
@@ -1809,6 +1954,8 @@ async fn suite(s: Store, url: &str) {
     broad_criteria(&s).await;
     versioned_canonicals(&s).await;
     rows_written_before_narrowing(&s).await;
+    // After the searches checked against the loaded data: it stores a Patient.
+    embedded_resources(&s, url).await;
     // Last: its Observations would count in the searches checked against the loaded data.
     composites(&s).await;
 }
