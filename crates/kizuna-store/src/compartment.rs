@@ -69,26 +69,28 @@ impl Store {
         let wanted = |t: &str| types.is_none_or(|ts| ts.iter().any(|x| x == t));
         let comp = self.compartment();
         let mut out: Vec<(String, String)> = Vec::new();
-        let sql = self.sql(
-            "SELECT DISTINCT r.rtype, r.id, x.pid FROM idx_reference x JOIN resources r ON r.rid = x.rid WHERE x.tid = ? AND x.ttype = 'Patient' AND r.deleted = 0",
-        );
-        let rows = sqlx::query(&sql)
-            .bind(patient_id)
-            .fetch_all(self.pool())
-            .await?;
-        for r in rows {
-            let rt: String = r.try_get(0)?;
-            let id: String = r.try_get(1)?;
-            let pid: i64 = r.try_get(2)?;
-            let Some((_, param)) = self.param_of(pid) else {
-                continue;
-            };
-            let listed = comp
-                .params(&rt)
-                .iter()
-                .any(|c| c == &param || self.pids(&rt, c, "").contains(&pid));
-            if wanted(&rt) && listed {
-                out.push((rt, id));
+        // The ids of the parameters linking each wanted type to the patient (with the rows they
+        // read: `subject` holds a Patient under `patient`), so that each is one range of the
+        // reference index's key (pid, tid, ttype): no index by target alone is kept for this.
+        let mut pids: Vec<i64> = comp
+            .types()
+            .filter(|t| wanted(t))
+            .flat_map(|t| comp.params(t).iter().flat_map(move |c| self.pids(t, c, "")))
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        for chunk in pids.chunks(500) {
+            let sql = self.sql(&format!(
+                "SELECT DISTINCT r.rtype, r.id FROM idx_reference x JOIN resources r ON r.rid = x.rid \
+                 WHERE x.pid IN ({}) AND x.tid = ? AND x.ttype = 'Patient' AND r.deleted = 0",
+                vec!["?"; chunk.len()].join(", ")
+            ));
+            let mut q = sqlx::query(&sql);
+            for pid in chunk {
+                q = q.bind(*pid);
+            }
+            for r in q.bind(patient_id).fetch_all(self.pool()).await? {
+                out.push((r.try_get(0)?, r.try_get(1)?));
             }
         }
         if wanted("Patient") {

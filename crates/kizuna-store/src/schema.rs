@@ -5,7 +5,6 @@
 //! and the parameter name in every row and every index key. On SQLite the index tables are
 //! `WITHOUT ROWID`, clustered on the search key, so each row lives in two B-trees, not three.
 
-use std::collections::HashMap;
 use std::sync::RwLock;
 
 use sqlx::Row;
@@ -86,7 +85,7 @@ const POSTGRES: &[&str] = &[
 ];
 
 /// Both backends: the per-resource lookup of every index table (deletes, `EXISTS` probes, sort
-/// keys), and references by target (`_has`, `$everything`, compartment exports).
+/// keys, `_has`, compartment exports).
 const LOOKUPS: &[&str] = &[
     // A type's current resources in the server's default search order, covering what a walk
     // over them tests (`deleted`), so pages, offsets and probing walks read no resource rows.
@@ -97,7 +96,9 @@ const LOOKUPS: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS idx_string_r ON idx_string (rid, pid)",
     "CREATE INDEX IF NOT EXISTS idx_date_r ON idx_date (rid, pid)",
     "CREATE INDEX IF NOT EXISTS idx_reference_r ON idx_reference (rid, pid)",
-    "CREATE INDEX IF NOT EXISTS idx_reference_t ON idx_reference (tid, ttype)",
+    // References by target alone: `$everything` and compartment exports name the parameters
+    // (one range of the table's key each), so this index only cost every reference a write.
+    "DROP INDEX IF EXISTS idx_reference_t",
     "CREATE INDEX IF NOT EXISTS idx_number_r ON idx_number (rid, pid)",
     "CREATE INDEX IF NOT EXISTS idx_uri_r ON idx_uri (rid, pid)",
     "CREATE INDEX IF NOT EXISTS idx_quantity_r ON idx_quantity (rid, pid)",
@@ -148,14 +149,13 @@ pub(crate) fn index_columns(slot: usize) -> (&'static str, &'static [&'static st
     }
 }
 
-/// Parameter ids by resource type and code, and back. Keyed type first so that a lookup borrows
+/// Parameter ids by resource type and code. Keyed type first so that a lookup borrows
 /// its two strings instead of building an owned pair (it runs for every index row written). The
 /// FHIR core's hasher, seeded per process, holds only the loaded SearchParameters' names; with
 /// SipHash these lookups were 0.7 % of all instructions while registering.
 #[derive(Debug, Default)]
 pub(crate) struct ParamIds {
     by_key: kizuna_fhir::DefMap<String, kizuna_fhir::DefMap<String, i64>>,
-    by_id: HashMap<i64, (String, String)>,
 }
 
 impl ParamIds {
@@ -296,12 +296,8 @@ impl Store {
                 Ok(v) => v,
                 Err(_) => r.try_get::<i32, _>(0)? as i64,
             };
-            let key = (r.try_get::<String, _>(1)?, r.try_get::<String, _>(2)?);
-            ids.by_key
-                .entry(key.0.clone())
-                .or_default()
-                .insert(key.1.clone(), pid);
-            ids.by_id.insert(pid, key);
+            let (rt, code) = (r.try_get::<String, _>(1)?, r.try_get::<String, _>(2)?);
+            ids.by_key.entry(rt).or_default().insert(code, pid);
         }
         if let Ok(mut p) = self.params.write() {
             *p = ids;
@@ -356,11 +352,6 @@ impl Store {
                 self.collect_codes(rt, &m, out, depth + 1);
             }
         }
-    }
-
-    /// The (type, code) of a parameter id.
-    pub(crate) fn param_of(&self, pid: i64) -> Option<(String, String)> {
-        self.params.read().ok()?.by_id.get(&pid).cloned()
     }
 
     /// Makes sure every (type, code) has an id, in its own short transaction: a write that rolls

@@ -1723,6 +1723,78 @@ async fn contained_references(s: &Store) {
     .is_empty());
 }
 
+/// A patient's compartment, found through the parameters that link each type to the patient
+/// (`subject`, whose Patient rows are `patient`'s; `performer`; DeviceUseStatement's `subject`,
+/// which reads `patient`'s rows; Basic's `patient`): the patient's own resources, none of
+/// another's nor of a type outside the compartment, `types` and `since` honoured.
+async fn compartment(s: &Store) {
+    let me = s
+        .create(json!({"resourceType": "Patient", "name": [{"family": "区画"}]}))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .id;
+    let other = s
+        .create(json!({"resourceType": "Patient"}))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .id;
+    let mut want = vec![("Patient".to_string(), me.clone())];
+    for (who, body) in [
+        (
+            &me,
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "a"}, "subject": {"reference": format!("Patient/{me}")}}),
+        ),
+        (
+            &me,
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "b"}, "subject": {"reference": format!("Patient/{other}")}, "performer": [{"reference": format!("Patient/{me}")}]}),
+        ),
+        (
+            &me,
+            json!({"resourceType": "DeviceUseStatement", "status": "active", "subject": {"reference": format!("Patient/{me}")}, "device": {"reference": "Device/d"}}),
+        ),
+        (
+            &me,
+            json!({"resourceType": "Condition", "subject": {"reference": format!("Patient/{me}")}}),
+        ),
+        (
+            &other,
+            json!({"resourceType": "Condition", "subject": {"reference": format!("Patient/{other}")}}),
+        ),
+        (
+            &me,
+            json!({"resourceType": "Basic", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{me}")}}),
+        ),
+        // R4's compartment lists no parameter of Device: not a member through its `patient`.
+        (
+            &other,
+            json!({"resourceType": "Device", "patient": {"reference": format!("Patient/{me}")}}),
+        ),
+    ] {
+        let stored = s.create(body).await.unwrap_or_else(|e| panic!("{e}"));
+        if who == &me {
+            want.push((stored.resource_type, stored.id));
+        }
+    }
+    want.sort();
+    let members = s
+        .compartment_members(&me, None, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(members, want);
+    let only: Vec<String> = vec!["Condition".into(), "DeviceUseStatement".into()];
+    let members = s
+        .compartment_members(&me, Some(&only), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let kinds: Vec<&str> = members.iter().map(|m| m.0.as_str()).collect();
+    assert_eq!(kinds, ["Condition", "DeviceUseStatement"]);
+    let later = s
+        .compartment_members(&me, None, Some(i64::MAX))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(later.is_empty(), "{later:?}");
+}
+
 /// The resource inside a Bundle (`Bundle.entry[0].resource`: R4's `composition` and `message`) is
 /// searched through its own parameters, and chains go on from its references; a store of schema 9
 /// (no such rows) gets them when opened.
@@ -1954,8 +2026,9 @@ async fn suite(s: Store, url: &str) {
     broad_criteria(&s).await;
     versioned_canonicals(&s).await;
     rows_written_before_narrowing(&s).await;
-    // After the searches checked against the loaded data: it stores a Patient.
+    // After the searches checked against the loaded data: they store Patients.
     embedded_resources(&s, url).await;
+    compartment(&s).await;
     // Last: its Observations would count in the searches checked against the loaded data.
     composites(&s).await;
 }
