@@ -1089,22 +1089,33 @@ async fn searchset(
         links.push(("previous", page((q.offset - q.count).max(0))));
     }
     let head = bundle("searchset", result.total, Vec::new(), links);
-    if !result.ignored.is_empty() {
-        let oo = kizuna_fhir::outcome::OperationOutcome {
-            issues: result
-                .ignored
-                .iter()
-                .map(|p| {
-                    kizuna_fhir::outcome::Issue::new(
-                        Severity::Warning,
-                        "not-supported",
-                        p,
-                        format!("検索パラメータ {p} は無視されました"),
-                        format!("search parameter {p} was ignored"),
-                    )
-                })
-                .collect(),
-        };
+    if !result.ignored.is_empty() || result.reindexing {
+        let mut issues: Vec<_> = result
+            .ignored
+            .iter()
+            .map(|p| {
+                kizuna_fhir::outcome::Issue::new(
+                    Severity::Warning,
+                    "not-supported",
+                    p,
+                    format!("検索パラメータ {p} は無視されました"),
+                    format!("search parameter {p} was ignored"),
+                )
+            })
+            .collect();
+        if result.reindexing {
+            // After an upgrade the store rebuilds some types' index rows in the background.
+            issues.push(kizuna_fhir::outcome::Issue::new(
+                Severity::Warning,
+                "incomplete",
+                rt,
+                "検索索引を再構築中のため、一致するリソースが欠けている可能性があります"
+                    .to_string(),
+                "the search index is being rebuilt after an upgrade: matches may be missing"
+                    .to_string(),
+            ));
+        }
+        let oo = kizuna_fhir::outcome::OperationOutcome { issues };
         entries.push(PreparedEntry {
             full_url: None,
             resource: EntryResource::Tree(oo.to_fhir()),

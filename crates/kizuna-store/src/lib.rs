@@ -13,6 +13,7 @@ pub mod compartment;
 pub mod include;
 pub mod index;
 pub mod page_cache;
+mod reindex;
 pub mod scan;
 mod schema;
 pub mod search;
@@ -205,6 +206,8 @@ pub struct Store {
     preparing: Arc<std::sync::atomic::AtomicUsize>,
     /// SQLite: read connections called directly, for bulk reads ([`Store::scan_ndjson`]).
     direct_reads: Option<Arc<scan::DirectReads>>,
+    /// The background reindex after an upgrade, if one is under way.
+    reindex: Arc<reindex::ReindexState>,
 }
 
 impl std::fmt::Debug for Store {
@@ -353,6 +356,7 @@ impl Store {
             commits: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             preparing: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             direct_reads: None,
+            reindex: Arc::new(Default::default()),
         };
         store.migrate().await?;
         let mut store = store;
@@ -387,6 +391,7 @@ impl Store {
             let pool = sqlite_pool(1, 1024, 8192).connect(&url).await?;
             tokio::spawn(checkpointer(pool, Arc::downgrade(&store.commits)));
         }
+        store.resume_reindex().await?;
         Ok(store)
     }
 

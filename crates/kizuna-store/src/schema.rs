@@ -212,6 +212,35 @@ impl Store {
             .await?
             .rows_affected();
         }
+        if let Some(v) = before.filter(|v| !old_layout && *v < 10) {
+            // Schema 6: tuple rows went and components' own rows came; 8: a code with a
+            // quantity has rows in `idx_code_value`; 9: casts of repeating elements and computed
+            // values give rows; 10: resources inside a Bundle (`composition.…`) give rows. The
+            // types are reindexed in the background, after the store opens.
+            let mut types = Vec::new();
+            if v < 8 {
+                types.extend(self.indexer().resource_composite_types());
+            }
+            if v < 9 {
+                types.extend(self.indexer().repeating_cast_types(self.registry().model()));
+                types.extend(self.indexer().computed_value_types());
+            }
+            types.extend(self.indexer().embedding_types());
+            if types
+                .iter()
+                .any(|t| t == "Resource" || t == "DomainResource")
+            {
+                types = vec!["*".to_string()];
+            }
+            types.sort();
+            types.dedup();
+            tracing::info!(
+                types = types.len(),
+                from = v,
+                "types to reindex in the background"
+            );
+            self.schedule_reindex(&mut tx, &types).await?;
+        }
         let upsert = self.sql("INSERT INTO kz_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value");
         sqlx::query(&upsert)
             .bind("schema_version")
@@ -242,34 +271,6 @@ impl Store {
         if old_layout {
             let n = self.reindex().await?;
             tracing::info!(resources = n, from = ?before, "store migrated; search index rebuilt");
-        } else if let Some(v) = before.filter(|v| *v < 10) {
-            // Schema 6: tuple rows went and components' own rows came; 8: a code with a
-            // quantity has rows in `idx_code_value`; 9: casts of repeating elements and computed
-            // values give rows; 10: resources inside a Bundle (`composition.…`) give rows.
-            let mut types = std::collections::BTreeSet::new();
-            if v < 8 {
-                types.extend(self.indexer().resource_composite_types());
-            }
-            if v < 9 {
-                types.extend(self.indexer().repeating_cast_types(self.registry().model()));
-                types.extend(self.indexer().computed_value_types());
-            }
-            types.extend(self.indexer().embedding_types());
-            let types: Vec<String> = types.into_iter().collect();
-            let n = if types
-                .iter()
-                .any(|t| t == "Resource" || t == "DomainResource")
-            {
-                self.reindex().await?
-            } else {
-                self.reindex_types(&types).await?
-            };
-            tracing::info!(
-                resources = n,
-                types = types.len(),
-                from = v,
-                "types reindexed"
-            );
         }
         Ok(())
     }

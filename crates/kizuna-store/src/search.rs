@@ -191,6 +191,9 @@ pub struct SearchResult {
     pub ignored: Vec<String>,
     /// Resources brought in by `_include`/`_revinclude` (search mode `include`).
     pub included: Vec<Stored>,
+    /// True while a background reindex after an upgrade may leave matches out of this search
+    /// ([`Store::reindexing`]): the answer is right for what is indexed so far.
+    pub reindexing: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1566,6 +1569,7 @@ impl Store {
             resources,
             ignored,
             included,
+            reindexing: self.search_may_be_incomplete(rt, q),
         })
     }
 

@@ -1134,59 +1134,132 @@ impl Store {
     }
 
     async fn reindex_some(&self, rtype: Option<&str>) -> Result<u64, StoreError> {
-        use sqlx::Row;
-        let mut after = 0i64;
-        let mut n = 0u64;
-        let q = self.sql(match rtype {
-            None => "SELECT rid, rtype, id, body FROM resources WHERE deleted = 0 AND rid > ? ORDER BY rid LIMIT 500",
-            Some(_) => "SELECT rid, rtype, id, body FROM resources WHERE rtype = ? AND deleted = 0 AND rid > ? ORDER BY rid LIMIT 500",
-        });
-        loop {
-            let mut query = sqlx::query(&q);
-            if let Some(t) = rtype {
-                query = query.bind(t);
-            }
-            let rows = query.bind(after).fetch_all(self.pool()).await?;
-            let Some(last) = rows.last() else {
-                return Ok(n);
-            };
-            after = last.try_get(0)?;
-            let mut extracted = Vec::with_capacity(rows.len());
-            for r in &rows {
-                let rid: i64 = r.try_get(0)?;
-                let rt: String = r.try_get(1)?;
-                let id: String = r.try_get(2)?;
-                let body: Option<String> = r.try_get(3)?;
-                let idx = match body {
-                    Some(b) => self.index_rows_of(&serde_json::from_str::<Value>(&b)?),
-                    None => Vec::new(),
-                };
-                extracted.push((rid, rt, id, idx));
-            }
-            let keys: Vec<(&str, &str)> = extracted
-                .iter()
-                .flat_map(|(_, rt, _, idx)| idx.iter().map(move |(p, _)| (rt.as_str(), p.as_str())))
-                .collect();
-            self.ensure_params(&keys).await?;
-            let mut pending = PendingRows::default();
-            for (rid, rt, id, idx) in extracted {
-                let rows = self.resolve_rows(&rt, idx);
-                pending.owners.push(OwnedRows {
-                    rt,
-                    id,
-                    rid: Some(rid),
-                    rows,
-                });
-            }
-            let _serial = self.writer_lock().await;
-            let mut tx = self.begin_write().await?;
-            let rids: Vec<i64> = pending.owners.iter().filter_map(|o| o.rid).collect();
-            self.delete_index_rows_of(&mut tx, &rids).await?;
-            n += pending.owners.len() as u64;
-            self.flush(&mut tx, pending).await?;
-            tx.commit().await?;
+        let (mut after, mut n) = (0i64, 0u64);
+        while let Some(page) = self.reindex_page(rtype, after, false).await? {
+            after = page.last_rid;
+            n += page.reindexed;
         }
+        Ok(n)
     }
+
+    /// Reindexes the next page (500) of current resources (of `rtype`, or all) after row id
+    /// `after`; `None` when there are none. With `progress`, the page's last row id is recorded
+    /// in `kz_meta` in the page's own transaction, so a reindex in the background resumes after
+    /// the last page it finished. A resource written since its body was read (a newer version,
+    /// or deleted) is left alone: that write gave it rows from its own body.
+    pub(crate) async fn reindex_page(
+        &self,
+        rtype: Option<&str>,
+        after: i64,
+        progress: bool,
+    ) -> Result<Option<ReindexedPage>, StoreError> {
+        use sqlx::Row;
+        let q = self.sql(match rtype {
+            None => "SELECT rid, rtype, id, version, body FROM resources WHERE deleted = 0 AND rid > ? ORDER BY rid LIMIT 500",
+            Some(_) => "SELECT rid, rtype, id, version, body FROM resources WHERE rtype = ? AND deleted = 0 AND rid > ? ORDER BY rid LIMIT 500",
+        });
+        let mut query = sqlx::query(&q);
+        if let Some(t) = rtype {
+            query = query.bind(t);
+        }
+        let rows = query.bind(after).fetch_all(self.pool()).await?;
+        let Some(last) = rows.last() else {
+            return Ok(None);
+        };
+        let last_rid: i64 = last.try_get(0)?;
+        let mut extracted = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let rid: i64 = r.try_get(0)?;
+            let rt: String = r.try_get(1)?;
+            let id: String = r.try_get(2)?;
+            let version: i64 = r.try_get(3)?;
+            let body: Option<String> = r.try_get(4)?;
+            let idx = match body {
+                Some(b) => self.index_rows_of(&serde_json::from_str::<Value>(&b)?),
+                None => Vec::new(),
+            };
+            extracted.push((rid, version, rt, id, idx));
+        }
+        let keys: Vec<(&str, &str)> = extracted
+            .iter()
+            .flat_map(|(_, _, rt, _, idx)| idx.iter().map(move |(p, _)| (rt.as_str(), p.as_str())))
+            .collect();
+        self.ensure_params(&keys).await?;
+        let _serial = self.writer_lock().await;
+        let mut tx = self.begin_write().await?;
+        // The versions now, under the write lock (PostgreSQL: locked until the commit).
+        let marks = vec!["?"; extracted.len()].join(", ");
+        let lock_rows = match self.backend() {
+            Backend::Postgres => " FOR UPDATE",
+            Backend::Sqlite => "",
+        };
+        let now: Vec<Vec<Bind>> = tx
+            .fetch(
+                &self.sql(&format!(
+                    "SELECT rid, version FROM resources WHERE deleted = 0 AND rid IN ({marks}){lock_rows}"
+                )),
+                &extracted.iter().map(|e| Bind::I(e.0)).collect::<Vec<_>>(),
+            )
+            .await?;
+        let current: std::collections::HashSet<(i64, i64)> = now
+            .iter()
+            .filter_map(|r| match r.as_slice() {
+                [Bind::I(rid), Bind::I(v)] => Some((*rid, *v)),
+                _ => None,
+            })
+            .collect();
+        let mut pending = PendingRows::default();
+        for (rid, version, rt, id, idx) in extracted {
+            if !current.contains(&(rid, version)) {
+                continue;
+            }
+            let rows = self.resolve_rows(&rt, idx);
+            pending.owners.push(OwnedRows {
+                rt,
+                id,
+                rid: Some(rid),
+                rows,
+            });
+        }
+        let rids: Vec<i64> = pending.owners.iter().filter_map(|o| o.rid).collect();
+        self.delete_index_rows_of(&mut tx, &rids).await?;
+        let reindexed = pending.owners.len() as u64;
+        self.flush(&mut tx, pending).await?;
+        if progress {
+            self.set_meta(&mut tx, crate::reindex::AFTER_KEY, &last_rid.to_string())
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(ReindexedPage {
+            last_rid,
+            reindexed,
+        }))
+    }
+
+    /// Sets a `kz_meta` value inside a write transaction.
+    pub(crate) async fn set_meta(
+        &self,
+        tx: &mut WriteTx<'_>,
+        key: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        let upsert = self.sql("INSERT INTO kz_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value");
+        tx.execute(
+            &upsert,
+            &[Bind::S(key.to_string()), Bind::S(value.to_string())],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// One page of a reindex ([`Store::reindex_page`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReindexedPage {
+    /// The page's last row id: where the next page starts.
+    pub(crate) last_rid: i64,
+    /// Resources given new rows (those written since the page was read are skipped).
+    pub(crate) reindexed: u64,
 }
 
 /// Rows in the next SQLite insert statement: 64 while that many remain, then the largest power of

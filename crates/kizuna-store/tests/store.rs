@@ -925,6 +925,8 @@ async fn migrates_duplicated_bodies(url: &str) {
     let s = Store::open(url, Registry::builtin())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    // The affected types are reindexed in the background; the checks need it done.
+    s.reindexed().await;
     assert_eq!(history_bodies(url, &c.id).await, 1);
     assert_eq!(
         genders(&s, &c.id).await,
@@ -981,6 +983,8 @@ async fn migrates_composites(url: &str) {
     let s = Store::open(url, Registry::builtin())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    // The affected types are reindexed in the background; the checks need it done.
+    s.reindexed().await;
     assert_eq!(found(s.clone()).await, vec![o.id.clone()]);
     assert_eq!(
         composite_rows(url, "idx_composite", "code-value-%", "%").await,
@@ -1011,6 +1015,8 @@ async fn migrates_composites(url: &str) {
     let s = Store::open(url, Registry::builtin())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    // The affected types are reindexed in the background; the checks need it done.
+    s.reindexed().await;
     assert_eq!(
         composite_rows(url, "idx_code_value", "code-value-quantity", &q.id).await,
         2,
@@ -1046,6 +1052,8 @@ async fn migrates_composites(url: &str) {
     let s = Store::open(url, Registry::builtin())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    // The affected types are reindexed in the background; the checks need it done.
+    s.reindexed().await;
     assert_eq!(
         by_component(s.clone()).await,
         vec![bp.id.clone()],
@@ -1937,7 +1945,85 @@ async fn embedded_resources(s: &Store, url: &str) {
     let reopened = Store::open(url, Registry::builtin())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    // The affected types are reindexed in the background; the checks need it done.
+    reopened.reindexed().await;
     check(reopened, cases).await;
+}
+
+/// A background reindex interrupted after some pages resumes, when the store is next opened, after
+/// the last page it recorded, and leaves no record once done.
+async fn resumes_a_background_reindex(s: &Store, url: &str) {
+    let doc = json!({"resourceType": "Bundle", "type": "document",
+        "entry": [{"resource": {"resourceType": "Composition", "status": "final",
+            "type": {"coding": [{"system": "urn:kizuna:test:resume", "code": "doc"}]}}}]});
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            s.create(doc.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .id,
+        );
+    }
+    let q = "composition.type=urn:kizuna:test:resume|doc";
+    let mut all = ids.clone();
+    all.sort();
+    assert_eq!(sorted_ids(s, "Bundle", q).await, all);
+    let list = ids
+        .iter()
+        .map(|i| format!("'{i}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Their rows gone (as before schema 10), and a reindex of Bundle recorded as done up to the
+    // first of them.
+    let mut sql: Vec<String> = ["idx_token", "idx_reference"]
+        .iter()
+        .map(|t| {
+            format!(
+                "DELETE FROM {t} WHERE rid IN (SELECT rid FROM resources WHERE rtype = 'Bundle' \
+                 AND id IN ({list})) AND pid IN (SELECT pid FROM kz_param WHERE rtype = 'Bundle' \
+                 AND code LIKE 'composition%')"
+            )
+        })
+        .collect();
+    sql.push("INSERT INTO kz_meta (key, value) VALUES ('reindex_pending', 'Bundle')".into());
+    sql.push(format!(
+        "INSERT INTO kz_meta (key, value) SELECT 'reindex_after', CAST(rid AS TEXT) FROM resources \
+         WHERE rtype = 'Bundle' AND id = '{}'",
+        ids[0]
+    ));
+    for q in &sql {
+        s.execute_raw(q).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(sorted_ids(s, "Bundle", q).await.is_empty());
+    let reopened = Store::open(url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    reopened.reindexed().await;
+    assert!(reopened.reindexing().is_empty());
+    let mut rest = ids[1..].to_vec();
+    rest.sort();
+    assert_eq!(
+        sorted_ids(&reopened, "Bundle", q).await,
+        rest,
+        "resumed after the first"
+    );
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM kz_meta WHERE key LIKE 'reindex%'")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    pool.close().await;
+    assert_eq!(left, 0, "no record left");
+    // A search after the reindex says nothing is missing.
+    let r = reopened
+        .search("Bundle", &pairs(q))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!r.reindexing);
 }
 
 /// Retention's erase: every version, the index rows and the current row of the named resources,
@@ -2028,6 +2114,7 @@ async fn suite(s: Store, url: &str) {
     rows_written_before_narrowing(&s).await;
     // After the searches checked against the loaded data: they store Patients.
     embedded_resources(&s, url).await;
+    resumes_a_background_reindex(&s, url).await;
     compartment(&s).await;
     // Last: its Observations would count in the searches checked against the loaded data.
     composites(&s).await;
@@ -2128,6 +2215,8 @@ async fn sqlite_upgrade_gives_back_its_wal() {
     let s = Store::open(&url, Registry::builtin())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    // The background reindex (every type, from schema 4) writes a little WAL of its own.
+    s.reindexed().await;
     // 1,000 history rows of 8 KB were rewritten (about 8 MB of pages).
     assert!(
         size(&wal) < 1 << 20,
