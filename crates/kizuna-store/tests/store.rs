@@ -1923,6 +1923,30 @@ async fn embedded_resources(s: &Store, url: &str) {
     };
     check(s.clone(), cases.clone()).await;
     assert_eq!(sorted_ids(s, "Bundle", TAG).await, all);
+    // `_include=Bundle:composition` brings a stored Composition of the held one's id, if any.
+    let stored = s
+        .update(
+            json!({"resourceType": "Composition", "id": "comp-1", "status": "final",
+                "type": {"text": "stored"}, "date": "2026-11-01", "title": "stored",
+                "author": [{"display": "x"}]}),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = s
+        .search(
+            "Bundle",
+            &pairs(&format!("{TAG}&type=document&_include=Bundle:composition")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.resources.len(), 2);
+    let included: Vec<(&str, &str)> = r
+        .included
+        .iter()
+        .map(|m| (m.resource_type.as_str(), m.id.as_str()))
+        .collect();
+    assert_eq!(included, [("Composition", stored.id.as_str())]);
     assert!(matches!(
         s.search("Bundle", &pairs("composition.no-such=1")).await,
         Err(StoreError::UnknownParameter(_))
