@@ -1174,8 +1174,13 @@ impl Store {
             let id: String = r.try_get(2)?;
             let version: i64 = r.try_get(3)?;
             let body: Option<String> = r.try_get(4)?;
-            let idx = match body {
-                Some(b) => self.index_rows_of(&serde_json::from_str::<Value>(&b)?),
+            let idx = match body.map(|b| serde_json::from_str::<Value>(&b)) {
+                Some(Ok(v)) => self.index_rows_of(&v),
+                // Never written so; a damaged row must not stop the reindex of the others.
+                Some(Err(e)) => {
+                    tracing::error!(rid, error = %e, "stored body is not JSON; its index rows are left as they were");
+                    continue;
+                }
                 None => Vec::new(),
             };
             extracted.push((rid, version, rt, id, idx));
@@ -1193,14 +1198,17 @@ impl Store {
             Backend::Postgres => " FOR UPDATE",
             Backend::Sqlite => "",
         };
-        let now: Vec<Vec<Bind>> = tx
-            .fetch(
+        let now: Vec<Vec<Bind>> = if extracted.is_empty() {
+            Vec::new()
+        } else {
+            tx.fetch(
                 &self.sql(&format!(
                     "SELECT rid, version FROM resources WHERE deleted = 0 AND rid IN ({marks}){lock_rows}"
                 )),
                 &extracted.iter().map(|e| Bind::I(e.0)).collect::<Vec<_>>(),
             )
-            .await?;
+            .await?
+        };
         let current: std::collections::HashSet<(i64, i64)> = now
             .iter()
             .filter_map(|r| match r.as_slice() {

@@ -2050,6 +2050,59 @@ async fn resumes_a_background_reindex(s: &Store, url: &str) {
     assert!(!r.reindexing);
 }
 
+/// A stored body that is not JSON (never written so) does not stop a background reindex: the
+/// others get their rows, the damaged one keeps those it had, and the reindex finishes.
+async fn a_damaged_body_does_not_stop_a_reindex(s: &Store, url: &str) {
+    let basic = json!({"resourceType": "Basic",
+        "code": {"coding": [{"system": "urn:kizuna:test:damaged", "code": "b"}]}});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(
+            s.create(basic.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .id,
+        );
+    }
+    let (damaged, fine) = (&ids[0], &ids[1]);
+    for q in [
+        format!("UPDATE resources SET body = '{{' WHERE rtype = 'Basic' AND id = '{damaged}'"),
+        format!(
+            "DELETE FROM idx_token WHERE rid = (SELECT rid FROM resources WHERE rtype = 'Basic' \
+             AND id = '{fine}')"
+        ),
+        "INSERT INTO kz_meta (key, value) VALUES ('reindex_pending', 'Basic')".into(),
+        "INSERT INTO kz_meta (key, value) VALUES ('reindex_after', '0')".into(),
+    ] {
+        s.execute_raw(&q).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Ids only: a search that returns the damaged body fails on it, as a read does.
+    let ids_of = |s: Store| async move {
+        let mut v = s
+            .search_ids("Basic", &pairs("code=urn:kizuna:test:damaged|b"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        v.sort();
+        v
+    };
+    assert_eq!(ids_of(s.clone()).await, vec![damaged.clone()]);
+    let reopened = Store::open(url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::timeout(std::time::Duration::from_secs(60), reopened.reindexed())
+        .await
+        .unwrap_or_else(|e| panic!("the reindex did not finish: {e}"));
+    assert!(reopened.reindexing().is_empty());
+    let mut both = ids.clone();
+    both.sort();
+    assert_eq!(ids_of(reopened.clone()).await, both);
+    let gone = reopened
+        .purge(&[("Basic", damaged.as_str())])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(gone, 1);
+}
+
 /// Retention's erase: every version, the index rows and the current row of the named resources,
 /// across types and pages of 500; absent and repeated keys count once or not at all; others stay.
 async fn purges(s: &Store) {
@@ -2142,6 +2195,7 @@ async fn suite(s: Store, url: &str) {
     compartment(&s).await;
     // Last: its Observations would count in the searches checked against the loaded data.
     composites(&s).await;
+    a_damaged_body_does_not_stop_a_reindex(&s, url).await;
 }
 
 #[tokio::test]
