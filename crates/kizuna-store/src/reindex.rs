@@ -51,7 +51,7 @@ fn parse_list(v: &str) -> Vec<String> {
 }
 
 /// `old` followed by the types of `new` it lacks; `*` alone if either has it.
-pub(crate) fn merged(old: &[String], new: &[String]) -> Vec<String> {
+fn merged(old: &[String], new: &[String]) -> Vec<String> {
     if old.iter().chain(new).any(|t| t == ALL) {
         return vec![ALL.to_string()];
     }
