@@ -31,6 +31,9 @@ pub(crate) struct ReindexState {
     pending: RwLock<Vec<String>>,
     /// True once nothing is pending (or the task gave up).
     idle: tokio::sync::watch::Sender<bool>,
+    /// Whether this store's task runs. Held while scheduling and while the task decides to end,
+    /// so types recorded as it finishes are not left for the next open.
+    running: tokio::sync::Mutex<bool>,
 }
 
 impl Default for ReindexState {
@@ -38,6 +41,7 @@ impl Default for ReindexState {
         ReindexState {
             pending: RwLock::new(Vec::new()),
             idle: tokio::sync::watch::Sender::new(true),
+            running: tokio::sync::Mutex::new(false),
         }
     }
 }
@@ -156,14 +160,35 @@ impl Store {
 
     /// Starts the background reindex when one is recorded (called by `Store::open`).
     pub(crate) async fn resume_reindex(&self) -> Result<(), StoreError> {
+        let mut running = self.reindex.running.lock().await;
         let (list, after) = self.recorded_reindex().await?;
-        if list.is_empty() {
+        if list.is_empty() || *running {
             return Ok(());
         }
         self.set_pending(list.clone());
         tracing::info!(types = list.len(), after, "background reindex resumed");
+        *running = true;
         let store = self.clone();
         tokio::spawn(async move { store.run_reindex().await });
+        Ok(())
+    }
+
+    /// Rebuilds the search index of some types (`*`: every type) in the background, as after an
+    /// upgrade: for an operator who loaded SearchParameters the stored resources predate. The
+    /// types join any still pending; the work is recorded first, so if the process ends before
+    /// it is done, the next open of the store resumes it. [`Store::reindexed`] waits for it.
+    pub async fn reindex_in_background(&self, types: &[String]) -> Result<(), StoreError> {
+        {
+            let mut tx = self.pool().begin().await?;
+            self.schedule_reindex(&mut tx, types).await?;
+            tx.commit().await?;
+        }
+        self.resume_reindex().await?;
+        // A task already running reads the list before each page; the searches' view follows.
+        let (list, _) = self.recorded_reindex().await?;
+        if !list.is_empty() {
+            self.set_pending(list);
+        }
         Ok(())
     }
 
@@ -186,6 +211,13 @@ impl Store {
                     failures = 0;
                 }
                 Ok(None) => {
+                    // Ends unless types were recorded meanwhile (scheduling holds this lock).
+                    let mut running = self.reindex.running.lock().await;
+                    match self.recorded_reindex().await {
+                        Ok((list, _)) if !list.is_empty() => continue,
+                        _ => {}
+                    }
+                    *running = false;
                     tracing::info!(
                         resources = done,
                         seconds = started.elapsed().as_secs(),
@@ -203,6 +235,7 @@ impl Store {
                             "background reindex stopped; it resumes when the store is next opened"
                         );
                         // Searches keep saying the index may be incomplete; waiters go on.
+                        *self.reindex.running.lock().await = false;
                         self.reindex.idle.send_replace(true);
                         return;
                     }

@@ -2103,6 +2103,32 @@ async fn a_damaged_body_does_not_stop_a_reindex(s: &Store, url: &str) {
     assert_eq!(gone, 1);
 }
 
+/// An operator's reindex of one type rebuilds its rows from the stored bodies and leaves no
+/// record once done.
+async fn operator_reindex(s: &Store) {
+    let id = s
+        .create(json!({"resourceType": "Basic",
+            "code": {"coding": [{"system": "urn:kizuna:test:operator", "code": "x"}]}}))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .id;
+    s.execute_raw(&format!(
+        "DELETE FROM idx_token WHERE rid = (SELECT rid FROM resources WHERE rtype = 'Basic' AND id = '{id}')"
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let q = "code=urn:kizuna:test:operator|x";
+    assert!(sorted_ids(s, "Basic", q).await.is_empty());
+    s.reindex_in_background(&["Basic".to_string()])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::timeout(std::time::Duration::from_secs(60), s.reindexed())
+        .await
+        .unwrap_or_else(|e| panic!("the reindex did not finish: {e}"));
+    assert!(s.reindexing().is_empty());
+    assert_eq!(sorted_ids(s, "Basic", q).await, vec![id]);
+}
+
 /// Retention's erase: every version, the index rows and the current row of the named resources,
 /// across types and pages of 500; absent and repeated keys count once or not at all; others stay.
 async fn purges(s: &Store) {
@@ -2192,6 +2218,7 @@ async fn suite(s: Store, url: &str) {
     // After the searches checked against the loaded data: they store Patients.
     embedded_resources(&s, url).await;
     resumes_a_background_reindex(&s, url).await;
+    operator_reindex(&s).await;
     compartment(&s).await;
     // Last: its Observations would count in the searches checked against the loaded data.
     composites(&s).await;

@@ -20,8 +20,10 @@ mod bench_load;
 mod bench_peers;
 mod bench_server;
 mod bench_share;
+mod database;
 mod demo_cmd;
 mod post;
+mod reindex_cmd;
 mod request_runtime;
 mod retention_cmd;
 mod serve_cmd;
@@ -71,6 +73,8 @@ enum Command {
         #[command(subcommand)]
         cmd: retention_cmd::RetentionCmd,
     },
+    /// 索引の再構築 / Rebuild the search index of some types from the stored resources (after loading new SearchParameters).
+    Reindex(reindex_cmd::ReindexArgs),
     /// 監査ログ / The audit log: verify it, show the checkpoint public key.
     Audit {
         #[command(subcommand)]
@@ -144,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { cmd } => audit_cmd::run(cmd),
         Command::Demo(a) => demo_cmd::run(a),
         Command::Retention { cmd } => retention_cmd::run(cmd),
+        Command::Reindex(a) => reindex_cmd::run(a),
         Command::Bench { cmd } => bench_cmd::run(cmd),
         Command::Packages => {
             let t = std::time::Instant::now();

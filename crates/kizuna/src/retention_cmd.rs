@@ -54,13 +54,7 @@ pub fn run(cmd: RetentionCmd) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let url = a
-            .database
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}", a.data_dir.join("kizuna.db").display()));
-        let store = kizuna_store::Store::open(&url, kizuna_fhir::Registry::builtin())
-            .await
-            .context("データベースを開けません / cannot open the database")?;
+        let store = crate::database::open(&a.data_dir, a.database.as_deref()).await?;
         let clock: Arc<dyn kizuna_share::Clock> = match &a.now {
             Some(t) => Arc::new(kizuna_share::FixedClock::at(
                 chrono::DateTime::parse_from_rfc3339(t)

@@ -135,10 +135,7 @@ pub async fn serve(
             anyhow::bail!("--validation は enforce, warn, off / unknown validation mode {other}")
         }
     };
-    let url = a
-        .database
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", a.data_dir.join("kizuna.db").display()));
+    let url = crate::database::url(&a.data_dir, a.database.as_deref());
     let store = kizuna_store::Store::open(&url, kizuna_fhir::Registry::builtin()).await?;
     let signer = match CheckpointSigner::from_env()? {
         Some(s) => s,

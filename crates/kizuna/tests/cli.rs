@@ -186,3 +186,32 @@ fn synth_writes_a_population_and_its_files_validate() {
     assert_eq!(code, 2);
     assert!(err.contains("patients"));
 }
+
+#[test]
+fn reindex_rebuilds_the_named_types_and_refuses_unknown_ones() {
+    let dir = std::env::temp_dir().join(format!("kizuna-cli-reindex-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.to_str().unwrap_or_default();
+    let (code, out, err) = kizuna(&[
+        "reindex",
+        "--data-dir",
+        d,
+        "--type",
+        "Observation",
+        "--type",
+        "Patient",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["types"], serde_json::json!(["Observation", "Patient"]));
+    assert_eq!(v["complete"], true);
+    let (code, _, err) = kizuna(&["reindex", "--data-dir", d, "--type", "Nope"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown resource type Nope"), "{err}");
+    let (code, _, err) = kizuna(&["reindex", "--data-dir", d]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--all"), "{err}");
+    let (code, out, err) = kizuna(&["reindex", "--data-dir", d, "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
