@@ -703,18 +703,12 @@ impl Indexer {
                 let v = match v {
                     // The listing names the embedded parameters by their codes here.
                     IndexValue::Reference(ty, listed) if code == CONTAINED_REFERENCES => {
-                        let listed = listed
+                        let listed: Vec<String> = listed
                             .split(',')
-                            .map(|c| {
-                                if c.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!("{}.{c}", p.code)
-                                }
-                            })
-                            .collect::<Vec<_>>()
-                            .join(",");
-                        IndexValue::Reference(ty, listed)
+                            .filter(|c| !c.is_empty())
+                            .map(|c| format!("{}.{c}", p.code))
+                            .collect();
+                        IndexValue::Reference(ty, format!(",{},", listed.join(",")))
                     }
                     v => v,
                 };

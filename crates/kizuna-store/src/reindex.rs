@@ -109,7 +109,7 @@ impl Store {
         if types.is_empty() {
             return Ok(());
         }
-        let old = sqlx::query(&self.sql("SELECT value FROM kz_meta WHERE key = ?"))
+        let old = sqlx::query(&self.sql(crate::schema::META_GET))
             .bind(PENDING_KEY)
             .fetch_optional(&mut **tx)
             .await?
@@ -118,7 +118,7 @@ impl Store {
             .map(|v| parse_list(&v))
             .unwrap_or_default();
         let list = merged(&old, types);
-        let upsert = self.sql("INSERT INTO kz_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value");
+        let upsert = self.sql(crate::schema::META_UPSERT);
         // The first type's progress stays unless `*` replaced the list.
         let keep_progress = !old.is_empty() && old.first() == list.first();
         let mut pairs = vec![(PENDING_KEY, list.join(","))];
@@ -138,13 +138,12 @@ impl Store {
     /// The pending list and the first type's progress, as recorded.
     async fn recorded_reindex(&self) -> Result<(Vec<String>, i64), StoreError> {
         let get = |k: &'static str| async move {
-            let v: Option<String> =
-                sqlx::query(&self.sql("SELECT value FROM kz_meta WHERE key = ?"))
-                    .bind(k)
-                    .fetch_optional(self.pool())
-                    .await?
-                    .map(|r| r.try_get::<String, _>(0))
-                    .transpose()?;
+            let v: Option<String> = sqlx::query(&self.sql(crate::schema::META_GET))
+                .bind(k)
+                .fetch_optional(self.pool())
+                .await?
+                .map(|r| r.try_get::<String, _>(0))
+                .transpose()?;
             Ok::<_, StoreError>(v)
         };
         let list = get(PENDING_KEY)
@@ -158,15 +157,21 @@ impl Store {
         Ok((list, after))
     }
 
-    /// Starts the background reindex when one is recorded (called by `Store::open`).
+    /// Starts the background reindex when one is recorded and none runs (called by `Store::open`
+    /// and [`Store::reindex_in_background`]); either way, searches see the recorded list.
     pub(crate) async fn resume_reindex(&self) -> Result<(), StoreError> {
         let mut running = self.reindex.running.lock().await;
         let (list, after) = self.recorded_reindex().await?;
-        if list.is_empty() || *running {
+        if list.is_empty() {
             return Ok(());
         }
-        self.set_pending(list.clone());
-        tracing::info!(types = list.len(), after, "background reindex resumed");
+        let types = list.len();
+        // A task already running reads the list before each page; the searches' view follows.
+        self.set_pending(list);
+        if *running {
+            return Ok(());
+        }
+        tracing::info!(types, after, "background reindex resumed");
         *running = true;
         let store = self.clone();
         tokio::spawn(async move { store.run_reindex().await });
@@ -183,13 +188,7 @@ impl Store {
             self.schedule_reindex(&mut tx, types).await?;
             tx.commit().await?;
         }
-        self.resume_reindex().await?;
-        // A task already running reads the list before each page; the searches' view follows.
-        let (list, _) = self.recorded_reindex().await?;
-        if !list.is_empty() {
-            self.set_pending(list);
-        }
-        Ok(())
+        self.resume_reindex().await
     }
 
     fn set_pending(&self, list: Vec<String>) {

@@ -12,6 +12,11 @@ use sqlx::Row;
 use crate::write::Bind;
 use crate::{Backend, Store, StoreError};
 
+/// Sets a `kz_meta` value (key, value).
+pub(crate) const META_UPSERT: &str = "INSERT INTO kz_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+/// Reads a `kz_meta` value (key).
+pub(crate) const META_GET: &str = "SELECT value FROM kz_meta WHERE key = ?";
+
 /// The current schema version (recorded in `kz_meta`).
 ///
 /// 2 added quantity and composite tables and the `:text`/`:of-type`/`:identifier` rows; 3 keyed the
@@ -241,7 +246,7 @@ impl Store {
             );
             self.schedule_reindex(&mut tx, &types).await?;
         }
-        let upsert = self.sql("INSERT INTO kz_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value");
+        let upsert = self.sql(META_UPSERT);
         sqlx::query(&upsert)
             .bind("schema_version")
             .bind(SCHEMA_VERSION)
@@ -277,7 +282,7 @@ impl Store {
 
     /// The recorded schema version, if the store has one.
     async fn schema_version(&self) -> Option<u32> {
-        sqlx::query(&self.sql("SELECT value FROM kz_meta WHERE key = ?"))
+        sqlx::query(&self.sql(META_GET))
             .bind("schema_version")
             .fetch_optional(self.pool())
             .await

@@ -735,7 +735,10 @@ impl Compiler<'_> {
         }
         let next_name = rest.split(['.', ':']).next().unwrap_or(rest).to_string();
         if sp.embeds {
-            return self.compile_embedded(rt, key, pname, restrict, rest, &next_name, value, depth);
+            if let Some(t) = restrict.filter(|t| !sp.targets.iter().any(|x| x == t)) {
+                return Err(bad(key, &format!("{pname} holds no {t}")));
+            }
+            return self.compile_embedded(rt, key, pname, rest, value, depth);
         }
         let targets: Vec<String> = match restrict {
             Some(t) if self.store.registry().model().is_resource(t) => vec![t.to_string()],
@@ -795,35 +798,22 @@ impl Compiler<'_> {
     }
 
     /// `{pname}.{rest}` where `pname` embeds whole resources ([`SearchParam::embeds`]:
-    /// `Bundle?composition.type=…`): the embedded resource's parameter `next` is read from its
-    /// rows on this resource (`composition.type`), and a chain goes on from there
+    /// `Bundle?composition.type=…`): the embedded resource's parameter `rest` starts with is
+    /// read from its rows on this resource (`composition.type`), and a chain goes on from there
     /// (`composition.subject:Patient.name=…` is the chain `composition.subject:Patient` → `name`).
     /// `pname`'s own rows name the embedded resources (type and id).
     ///
     /// [`SearchParam::embeds`]: crate::index::SearchParam::embeds
-    #[allow(clippy::too_many_arguments)]
     fn compile_embedded(
         &mut self,
         rt: &str,
         key: &str,
         pname: &str,
-        restrict: Option<&str>,
         rest: &str,
-        next: &str,
         value: &str,
         depth: usize,
     ) -> Result<Option<Ranked>, StoreError> {
-        if let Some(t) = restrict {
-            let targets = self
-                .store
-                .indexer()
-                .param(rt, pname)
-                .map(|sp| sp.targets.clone())
-                .unwrap_or_default();
-            if !targets.iter().any(|x| x == t) {
-                return Err(bad(key, &format!("{pname} holds no {t}")));
-            }
-        }
+        let next = rest.split(['.', ':']).next().unwrap_or(rest);
         let name = format!("{pname}.{next}");
         let after = &rest[next.len()..];
         if let Some(dot) = after.find('.') {

@@ -1251,7 +1251,7 @@ impl Store {
         key: &str,
         value: &str,
     ) -> Result<(), StoreError> {
-        let upsert = self.sql("INSERT INTO kz_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value");
+        let upsert = self.sql(crate::schema::META_UPSERT);
         tx.execute(
             &upsert,
             &[Bind::S(key.to_string()), Bind::S(value.to_string())],

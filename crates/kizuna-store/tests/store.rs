@@ -922,11 +922,7 @@ async fn migrates_duplicated_bodies(url: &str) {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(history_bodies(url, &c.id).await, 2, "the schema-4 layout");
     drop(s);
-    let s = Store::open(url, Registry::builtin())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    // The affected types are reindexed in the background; the checks need it done.
-    s.reindexed().await;
+    let s = upgraded(url).await;
     assert_eq!(history_bodies(url, &c.id).await, 1);
     assert_eq!(
         genders(&s, &c.id).await,
@@ -980,11 +976,7 @@ async fn migrates_composites(url: &str) {
     }
     assert!(found(s.clone()).await.is_empty(), "the schema-5 layout");
     drop(s);
-    let s = Store::open(url, Registry::builtin())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    // The affected types are reindexed in the background; the checks need it done.
-    s.reindexed().await;
+    let s = upgraded(url).await;
     assert_eq!(found(s.clone()).await, vec![o.id.clone()]);
     assert_eq!(
         composite_rows(url, "idx_composite", "code-value-%", "%").await,
@@ -1012,11 +1004,7 @@ async fn migrates_composites(url: &str) {
         s.execute_raw(sql).await.unwrap_or_else(|e| panic!("{e}"));
     }
     drop(s);
-    let s = Store::open(url, Registry::builtin())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    // The affected types are reindexed in the background; the checks need it done.
-    s.reindexed().await;
+    let s = upgraded(url).await;
     assert_eq!(
         composite_rows(url, "idx_code_value", "code-value-quantity", &q.id).await,
         2,
@@ -1049,11 +1037,7 @@ async fn migrates_composites(url: &str) {
         "the schema-8 rows"
     );
     drop(s);
-    let s = Store::open(url, Registry::builtin())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    // The affected types are reindexed in the background; the checks need it done.
-    s.reindexed().await;
+    let s = upgraded(url).await;
     assert_eq!(
         by_component(s.clone()).await,
         vec![bp.id.clone()],
@@ -1090,6 +1074,16 @@ async fn migrates_composites(url: &str) {
         let want = if hit { vec![q.id.clone()] } else { Vec::new() };
         assert_eq!(ids, want, "{query}");
     }
+}
+
+/// The store opened again after a test set it back to an older schema, once the background
+/// reindex that opening started is done (the checks need its rows).
+async fn upgraded(url: &str) -> Store {
+    let s = Store::open(url, Registry::builtin())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.reindexed().await;
+    s
 }
 
 /// Rows in all index tables.
@@ -1966,11 +1960,7 @@ async fn embedded_resources(s: &Store, url: &str) {
             .await
             .is_empty()
     );
-    let reopened = Store::open(url, Registry::builtin())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    // The affected types are reindexed in the background; the checks need it done.
-    reopened.reindexed().await;
+    let reopened = upgraded(url).await;
     check(reopened, cases).await;
 }
 
@@ -2020,10 +2010,7 @@ async fn resumes_a_background_reindex(s: &Store, url: &str) {
         s.execute_raw(q).await.unwrap_or_else(|e| panic!("{e}"));
     }
     assert!(sorted_ids(s, "Bundle", q).await.is_empty());
-    let reopened = Store::open(url, Registry::builtin())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    reopened.reindexed().await;
+    let reopened = upgraded(url).await;
     assert!(reopened.reindexing().is_empty());
     let mut rest = ids[1..].to_vec();
     rest.sort();
