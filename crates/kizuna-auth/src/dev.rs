@@ -69,6 +69,21 @@ impl TokenRequest {
             lifetime: 3600,
         }
     }
+
+    /// [`TokenRequest::for_role`] with every identifying claim filled with a valid sample value
+    /// (a role ignores those it does not need), so a test can ask the same of every role.
+    pub fn with_sample_claims(role: Role) -> TokenRequest {
+        TokenRequest {
+            subject: format!("sample-{role:?}").to_lowercase(),
+            institution: Some("1318814790".into()),
+            qualification: Some("nurse".into()),
+            person: Some("person-1".into()),
+            insurer: Some("06139991".into()),
+            organization: Some("university".into()),
+            researcher_category: Some("academic".into()),
+            ..TokenRequest::for_role(role)
+        }
+    }
 }
 
 /// Issues development tokens with a key kept in a private file.

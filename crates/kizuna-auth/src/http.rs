@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::jwt::TokenVerifier;
-use crate::principal::Principal;
+use crate::principal::{Principal, Role};
 use crate::scope::{Grant, Interaction, ScopeSet};
 use crate::AuthError;
 
@@ -35,6 +35,10 @@ const READ_ONLY_OPERATIONS: &[&str] = &[
     "checkup-reports",
     "identifiers",
 ];
+
+/// Operations on the store as a whole, the operator's alone whatever the scopes: rebuilding the
+/// search index reads and rewrites every resource of a type.
+const OPERATOR_OPERATIONS: &[&str] = &["reindex"];
 
 /// A request classified as a FHIR interaction on a resource type (and id).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,9 +145,13 @@ pub struct Authorized {
     pub grant: Grant,
 }
 
-/// Checks a principal's scopes for an interaction (for handlers checking each entry of a transaction).
+/// Checks a principal's scopes (and, for the operator's operations, role) for an interaction: the
+/// middleware asks it for every request, handlers for each entry of a transaction.
 pub fn check_scope(p: &Principal, r: &FhirRequest) -> Result<Grant, AuthError> {
     if let Interaction::Operation { name, .. } = &r.interaction {
+        if OPERATOR_OPERATIONS.contains(&name.as_str()) && p.role != Role::Operator {
+            return Err(AuthError::OperatorOnly(name.clone()));
+        }
         // Bulk export: any read scope lets the request in; the handler exports only the types the
         // token may read and refuses a `_type` it may not.
         if matches!(name.as_str(), "export" | "export-status" | "export-file") {
@@ -186,6 +194,10 @@ pub fn error_response(e: &AuthError) -> Response {
         AuthError::MissingToken => "Bearer realm=\"kizuna\"".to_string(),
         AuthError::InsufficientScope(s) => {
             format!("Bearer realm=\"kizuna\", error=\"insufficient_scope\", scope=\"{s}\"")
+        }
+        // A good token whose role lacks the privilege (RFC 6750 §3.1).
+        AuthError::OperatorOnly(_) => {
+            "Bearer realm=\"kizuna\", error=\"insufficient_scope\"".to_string()
         }
         other => format!(
             "Bearer realm=\"kizuna\", error=\"invalid_token\", error_description=\"{}\"",

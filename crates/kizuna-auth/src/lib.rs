@@ -68,13 +68,16 @@ pub enum AuthError {
     /// The token lacks the scope the interaction needs.
     #[error("スコープが不足しています (必要: {0}) / insufficient scope (needs {0})")]
     InsufficientScope(String),
+    /// An operation on the whole store (`$reindex`) asked for by a role other than the operator.
+    #[error("運営者のみが実行できる操作です / only the operator may run ${0}")]
+    OperatorOnly(String),
 }
 
 impl AuthError {
     /// HTTP status: 403 for a good token without the needed scope, 401 for everything else.
     pub fn status(&self) -> u16 {
         match self {
-            AuthError::InsufficientScope(_) => 403,
+            AuthError::InsufficientScope(_) | AuthError::OperatorOnly(_) => 403,
             AuthError::Jwks(_) | AuthError::Key(_) => 503,
             _ => 401,
         }
@@ -96,6 +99,7 @@ impl AuthError {
             AuthError::Jwks(_) => "jwks-unavailable",
             AuthError::Key(_) => "key-error",
             AuthError::InsufficientScope(_) => "scope-insufficient",
+            AuthError::OperatorOnly(_) => "operator-only",
         }
     }
 }

@@ -142,6 +142,57 @@ fn every_role_against_every_claim_combination() {
     assert_eq!(cells, 7 * 64);
 }
 
+/// Every role, with every scope shape on every resource, against the operator's operation
+/// (`$reindex`, system and type level) and two ordinary ones: the operation needs the operator
+/// role and `c`+`u` on the type; the others are decided by scope alone, whatever the role.
+#[test]
+fn every_role_against_the_operators_operation() {
+    use kizuna_auth::http::check_scope;
+    let dev = DevIssuer::ephemeral("aud").unwrap_or_else(|e| panic!("{e}"));
+    let verifier = TokenVerifier::new(vec![dev.trusted()]);
+    let requests: &[(&str, &str, &str, bool)] = &[
+        // (method, path, letters needed, operator only)
+        ("POST", "/$reindex", "cu", true),
+        ("POST", "/Observation/$reindex", "cu", true),
+        ("GET", "/Observation/$lastn", "r", false),
+        ("GET", "/Observation", "s", false),
+    ];
+    let mut cells = 0;
+    for role in Role::ALL {
+        for res in ["Observation", "Condition", "*"] {
+            for perms in ["cruds", "cu", "r", "s", "c"] {
+                let mut r = TokenRequest::with_sample_claims(role);
+                r.scope = format!("system/{res}.{perms}");
+                let token = dev.issue(&r, 1_000).unwrap_or_else(|e| panic!("{e}"));
+                let p = verifier
+                    .verify(&token, 1_000)
+                    .unwrap_or_else(|e| panic!("{role:?}: {e}"));
+                for (m, path, needs, operator_only) in requests {
+                    let method = axum::http::Method::from_bytes(m.as_bytes()).unwrap_or_default();
+                    let req = classify(&method, path).unwrap_or_else(|| panic!("{m} {path}"));
+                    let answer = check_scope(&p, &req);
+                    let scope_ok = (res == "*" || (res == "Observation" && *path != "/$reindex"))
+                        && needs.chars().all(|c| perms.contains(c));
+                    let expected = scope_ok && (!operator_only || role == Role::Operator);
+                    assert_eq!(
+                        answer.is_ok(),
+                        expected,
+                        "{role:?} system/{res}.{perms} {m} {path}: {answer:?}"
+                    );
+                    if *operator_only && role != Role::Operator {
+                        assert_eq!(
+                            answer.err().map(|e| (e.rule(), e.status())),
+                            Some(("operator-only", 403))
+                        );
+                    }
+                    cells += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(cells, 7 * 3 * 5 * requests.len());
+}
+
 #[test]
 fn identifier_formats() {
     use kizuna_auth::{InstitutionNumber, InsurerNumber};

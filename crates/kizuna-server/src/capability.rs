@@ -118,6 +118,19 @@ pub(crate) async fn metadata(State(s): St) -> Response {
             r
         })
         .collect();
+    // Bulk export, the operator's `$reindex`, and the sharing service's system operations.
+    let system_ops: Vec<Value> = [
+        json!({"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}),
+        json!({"name": "reindex", "definition": crate::reindex::definition_url()}),
+    ]
+    .into_iter()
+    .chain(
+        share_ops
+            .iter()
+            .filter(|(rt, _, _)| rt.is_none())
+            .map(|(_, name, def)| json!({"name": name, "definition": def})),
+    )
+    .collect();
     let cs = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -142,9 +155,7 @@ pub(crate) async fn metadata(State(s): St) -> Response {
                 {"name": "_summary", "type": "special"},
                 {"name": "_elements", "type": "special"}
             ],
-            "operation": std::iter::once(json!({"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}))
-                .chain(share_ops.iter().filter(|(rt, _, _)| rt.is_none()).map(|(_, name, def)| json!({"name": name, "definition": def})))
-                .collect::<Vec<_>>(),
+            "operation": system_ops,
             "resource": resources
         }]
     });

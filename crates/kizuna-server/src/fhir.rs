@@ -46,6 +46,10 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .patch(conditional_patch),
         )
         .route("/fhir/$retention-run", post(retention_run))
+        .route(
+            "/fhir/$reindex",
+            post(crate::reindex::system).get(crate::reindex::status),
+        )
         .route("/fhir/{rt}/_search", post(search_post))
         .route("/fhir/{rt}/_history", get(history_type))
         .route(
@@ -103,16 +107,18 @@ pub(crate) fn parse_body(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    // Checked once for the whole body: parsing from `&str` then skips the check serde_json makes
+    // on every string of a byte slice (a tenth of the parse of a transaction Bundle).
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            "",
+            &format!("本文が UTF-8 ではありません ({} バイト目)", e.valid_up_to()),
+            &format!("body is not UTF-8 (at byte {})", e.valid_up_to()),
+        )
+    })?;
     if ct.contains("xml") {
-        let text = std::str::from_utf8(body).map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "structure",
-                "",
-                "UTF-8 ではありません",
-                "body is not UTF-8",
-            )
-        })?;
         return kizuna_fhir::xml::from_xml(text, s.store.registry().model()).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -123,7 +129,7 @@ pub(crate) fn parse_body(
             )
         });
     }
-    serde_json::from_slice(body).map_err(|e| {
+    serde_json::from_str(text).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "structure",
@@ -355,6 +361,9 @@ async fn type_operation(
     if op == "export" && method == Method::GET {
         return export::kickoff_patients(s, a, rt, query, headers).await;
     }
+    if op == "reindex" && method == Method::POST {
+        return crate::reindex::of_type(s, a, rt).await;
+    }
     match share::type_operation(s, a, &method, rt, op, query, body, headers).await {
         Some(r) => r,
         None => Err(not_found(rt, &format!("${op}"))),
@@ -467,7 +476,9 @@ async fn read(
     }
     check_type(&s, &rt)?;
     if rt == "OperationDefinition" {
-        if let Some(d) = kizuna_share::operations::operation_definition(&id) {
+        if let Some(d) = kizuna_share::operations::operation_definition(&id)
+            .or_else(|| crate::reindex::operation_definition(&id))
+        {
             return Ok(fhir_json(StatusCode::OK, &d));
         }
     }

@@ -15,6 +15,7 @@ mod everything;
 pub mod export;
 mod fhir;
 mod format;
+mod reindex;
 mod share;
 
 use std::collections::HashMap;

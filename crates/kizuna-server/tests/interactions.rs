@@ -411,6 +411,64 @@ async fn malformed_transaction_entries_name_their_element_and_store_nothing() {
     assert_eq!(cur["meta"]["versionId"], "2");
 }
 
+/// A body that is not UTF-8 (here Shift_JIS bytes in a name, as an older system might send) is
+/// refused with 400 and an OperationOutcome by every interaction that takes a resource, JSON or
+/// XML, and nothing is stored; the same resource in UTF-8 is then accepted.
+#[tokio::test]
+async fn a_body_that_is_not_utf8_is_refused_and_nothing_stored() {
+    let t = setup(None).await;
+    let utf8 = patient("U:1:1:00", "SJIS").to_string();
+    // 山田 in Shift_JIS.
+    let sjis = |text: &str| {
+        let (before, after) = text.split_once("SJIS").unwrap_or((text, ""));
+        [
+            before.as_bytes(),
+            &[0x8e, 0x52, 0x93, 0x63],
+            after.as_bytes(),
+        ]
+        .concat()
+    };
+    let tx = format!(
+        r#"{{"resourceType":"Bundle","type":"transaction","entry":[{{"resource":{utf8},"request":{{"method":"POST","url":"Patient"}}}}]}}"#
+    );
+    let xml =
+        r#"<Patient xmlns="http://hl7.org/fhir"><name><family value="SJIS"/></name></Patient>"#;
+    let cases = [
+        (
+            "POST",
+            "/fhir/Patient",
+            "application/fhir+json",
+            sjis(&utf8),
+        ),
+        (
+            "PUT",
+            "/fhir/Patient/u1",
+            "application/fhir+json",
+            sjis(&utf8),
+        ),
+        ("POST", "/fhir", "application/fhir+json", sjis(&tx)),
+        ("POST", "/fhir/Patient", "application/fhir+xml", sjis(xml)),
+    ];
+    for (method, uri, ct, body) in cases {
+        let (s, _, answer) = raw(&t, method, uri, Some((ct, body)), &[]).await;
+        let oo: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{method} {uri} {ct}: {oo}");
+        assert_eq!(oo["resourceType"], "OperationOutcome", "{method} {uri}");
+        assert!(oo.to_string().contains("UTF-8"), "{method} {uri}: {oo}");
+    }
+    assert_eq!(count(&t, "Patient?_lastUpdated=gt2000-01-01").await, 0);
+    let (s, _, _) = raw(
+        &t,
+        "POST",
+        "/fhir/Patient",
+        Some(("application/fhir+json", utf8.into_bytes())),
+        &[],
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(count(&t, "Patient?family=SJIS").await, 1);
+}
+
 #[tokio::test]
 async fn batch_entries_succeed_and_fail_on_their_own() {
     let t = setup(None).await;
